@@ -1,0 +1,1 @@
+"""Data layer: audio I/O and features, shards, tokenizers, task templates and loaders."""

@@ -1,0 +1,1 @@
+"""Starting training ranks on one or many machines."""

@@ -1,0 +1,43 @@
+"""Shared fixtures: a small real corpus spoken by espeak-ng, its tokenizer and shards (built once)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Runs a project command the way a user does, from the repo root; fails the test with its output."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                "WANDB_MODE": "offline", **(env or {})}
+    proc = subprocess.run(list(args), cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
+                             f"\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def espeak_data(tmp_path_factory) -> dict:
+    """24 training and 6 held-out sentences spoken by espeak-ng, a tokenizer, and shards of both."""
+    root = tmp_path_factory.mktemp("espeak")
+    py = sys.executable
+    run_cli(py, "-m", "data.demo", str(root / "corpus"), "--num-train", "24", "--num-heldout", "6")
+    run_cli(py, "-m", "data.tokenizer", "build", "--manifest", str(root / "corpus" / "train.jsonl"),
+            "--out", str(root / "tokenizer"), "--vocab-size", "300", "--num-audio-codes", "16")
+    run_cli(py, "-m", "data.prepare", "manifest", str(root / "corpus" / "train.jsonl"), str(root / "train"),
+            "--shard-size", "6")
+    run_cli(py, "-m", "data.prepare", "manifest", str(root / "corpus" / "heldout.jsonl"),
+            str(root / "heldout"))
+    return {"root": root, "tokenizer": root / "tokenizer", "train": root / "train", "heldout": root / "heldout"}
+
+
+def data_overrides(data: dict) -> list[str]:
+    """Points the demo recipe at the fixture's data."""
+    return [f"data.shards=[{data['train']}]", f"data.tokenizer={data['tokenizer']}",
+            f"eval.shards=[{data['heldout']}]"]

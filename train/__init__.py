@@ -1,0 +1,1 @@
+"""Training: config schema, the DeepSpeed engine seam, the step loop, checkpoints, metrics."""

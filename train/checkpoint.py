@@ -1,0 +1,105 @@
+"""Training checkpoints: engine state + every rank's loader state and RNG + step, written atomically.
+
+Layout: RUN_DIR/checkpoints/step_00000100/ (DeepSpeed files, rank_00000.pt ..., train_state.json,
+config.yaml) and RUN_DIR/checkpoints/latest naming the newest complete one. A save goes to
+`step_N.tmp` and is renamed only when every rank has written its part, so a crash mid-save leaves the
+previous checkpoint as `latest`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from train.config import CheckpointConfig
+
+
+def _rng_state() -> Dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class Checkpointer:
+    def __init__(self, run_dir: str, cfg: CheckpointConfig, rank: int, world_size: int):
+        self.root = Path(run_dir) / "checkpoints"
+        self.cfg = cfg
+        self.rank = rank
+        self.world_size = world_size
+
+    def resume_point(self) -> Optional[Tuple[Path, str]]:
+        """(folder, tag) to resume from per checkpoint.resume, or None to start fresh."""
+        mode = self.cfg.resume
+        if mode == "none":
+            return None
+        if mode == "auto":
+            latest = self.root / "latest"
+            if not latest.is_file():
+                return None
+            tag = latest.read_text(encoding="utf-8").strip()
+            folder = self.root
+        else:
+            path = Path(mode)
+            folder, tag = path.parent, path.name
+        if not (folder / tag / "train_state.json").is_file():
+            raise FileNotFoundError(
+                f"checkpoint.resume: {folder / tag} is not a complete checkpoint (no train_state.json)")
+        return folder, tag
+
+    def save(self, engine, step: int, loader_state: Dict[str, Any], config_yaml: str) -> Path:
+        tag = f"step_{step:08d}"
+        tmp_tag = tag + ".tmp"
+        tmp_dir = self.root / tmp_tag
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp_dir, ignore_errors=True)  # left by a save that crashed
+        dist.barrier()
+        engine.save(str(self.root), tmp_tag, client_state={"step": step})
+        torch.save({"loader": loader_state, "rng": _rng_state(), "step": step},
+                   tmp_dir / f"rank_{self.rank:05d}.pt")
+        dist.barrier()
+        if self.rank == 0:
+            (tmp_dir / "config.yaml").write_text(config_yaml, encoding="utf-8")
+            (tmp_dir / "train_state.json").write_text(
+                json.dumps({"step": step, "world_size": self.world_size}), encoding="utf-8")
+            final = self.root / tag
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp_dir, final)
+            _write_atomic(self.root / "latest", tag)
+            self._prune()
+        dist.barrier()
+        return self.root / tag
+
+    def load(self, engine, folder: Path, tag: str) -> Tuple[int, Dict[str, Any]]:
+        """Restores engine, RNG and this rank's loader state; returns (step, loader_state)."""
+        state = json.loads((folder / tag / "train_state.json").read_text(encoding="utf-8"))
+        if state["world_size"] != self.world_size:
+            raise ValueError(
+                f"checkpoint {folder / tag} was written by {state['world_size']} ranks, this run has "
+                f"{self.world_size}; resuming with another world size is not supported yet")
+        engine.load(str(folder), tag)
+        mine = torch.load(folder / tag / f"rank_{self.rank:05d}.pt", weights_only=False)
+        _set_rng_state(mine["rng"])
+        return int(state["step"]), mine["loader"]
+
+    def _prune(self) -> None:
+        done = sorted(p for p in self.root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+        for old in done[:-self.cfg.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)

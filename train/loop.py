@@ -1,0 +1,135 @@
+"""The training run: build everything from the config, resume, loop over steps, checkpoint, export."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Dict
+
+import torch
+import torch.distributed as dist
+
+from data.loader import build_loader
+from data.tokenizer import load_tokenizer, special_ids
+from model.checkpoint import load_stepfun, save_stepfun
+from model.config import preset_config
+from model.lalm import StepAudio2ForCausalLM
+from train.checkpoint import Checkpointer
+from train.config import TrainConfig, to_yaml
+from train.engine import Engine, init_distributed, model_init_context
+from train.evaluate import evaluate_asr
+from train.metrics import make_sink
+
+
+def build_model(cfg: TrainConfig, tok) -> StepAudio2ForCausalLM:
+    ids = special_ids(tok)
+    if cfg.model.init_from:
+        model = load_stepfun(cfg.model.init_from)
+        if model.config.audio_patch_token_id != ids.audio_patch:
+            raise ValueError(
+                f"model.init_from {cfg.model.init_from} expects <audio_patch> id "
+                f"{model.config.audio_patch_token_id}, the tokenizer {cfg.data.tokenizer} has {ids.audio_patch}")
+        return model
+    vocab_size = cfg.model.vocab_size or -(-len(tok) // 64) * 64
+    if vocab_size < len(tok):
+        raise ValueError(f"model.vocab_size={vocab_size} is smaller than the tokenizer ({len(tok)} tokens)")
+    config = preset_config(cfg.model.preset, vocab_size=vocab_size, audio_patch_token_id=ids.audio_patch)
+    with model_init_context(cfg):
+        return StepAudio2ForCausalLM(config, gradient_checkpointing=cfg.model.gradient_checkpointing)
+
+
+def _mean_over_ranks(values: Dict[str, float]) -> Dict[str, float]:
+    t = torch.tensor(list(values.values()), dtype=torch.float64)
+    dist.all_reduce(t)
+    return dict(zip(values, (t / dist.get_world_size()).tolist()))
+
+
+def _sum_over_ranks(value: float) -> float:
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def run(cfg: TrainConfig) -> Dict[str, Any]:
+    rank, world_size = init_distributed()
+    torch.manual_seed(cfg.seed)
+    tok = load_tokenizer(cfg.data.tokenizer)
+    ids = special_ids(tok)
+    config_yaml = to_yaml(cfg)
+    if rank == 0:
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.run_dir) / "config.yaml").write_text(config_yaml, encoding="utf-8")
+    sink = make_sink(cfg.metrics, cfg.run_dir, rank, run_config=asdict(cfg))
+
+    model = build_model(cfg, tok)
+    engine = Engine(model, cfg)
+    loader = build_loader(cfg.data, rank=rank, world_size=world_size, seed=cfg.seed)
+    ckpt = Checkpointer(cfg.run_dir, cfg.checkpoint, rank, world_size)
+    step = 0
+    resume = ckpt.resume_point()
+    if resume is not None:
+        step, loader_state = ckpt.load(engine, *resume)
+        loader.load_state_dict(loader_state)
+        sink.message(f"resumed from {resume[0] / resume[1]} at step {step}")
+    dtype = torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float32
+
+    def evaluate(tag: str) -> Dict[str, Any]:
+        result = evaluate_asr(engine.module, tok, ids, cfg.eval.shards, cfg.data.asr_instruction,
+                              cfg.eval.max_samples, cfg.eval.max_new_tokens, dtype)
+        sink.log(step, {f"eval/wer_{tag}": result["wer"], "eval/num_samples": result["num_samples"]})
+        sink.message(f"[eval {tag} @ step {step}] WER {100 * result['wer']:.1f}% on {result['num_samples']} "
+                     f"held-out samples; e.g. ref: {result['examples'][0]['ref']!r} "
+                     f"hyp: {result['examples'][0]['hyp']!r}")
+        return result
+
+    results: Dict[str, Any] = {"start_step": step}
+    if cfg.eval.shards and cfg.eval.at_start and step == 0:
+        results["wer_start"] = evaluate("start")["wer"]
+
+    batches = iter(loader)
+    sink.start(step, cfg.max_steps)
+    window = {"loss": 0.0, "tokens": 0, "audio_s": 0.0, "micro": 0, "t0": time.perf_counter()}
+    engine.module.train()
+    while step < cfg.max_steps:
+        for _ in range(cfg.engine.grad_accum_steps):
+            batch = next(batches)
+            out = engine.forward(batch)
+            engine.backward_and_step(out.loss)
+            window["loss"] += out.loss.item()
+            window["tokens"] += int(batch["attention_mask"].sum())
+            window["audio_s"] += float(batch["num_audio_s"])
+            window["micro"] += 1
+        step += 1
+        sink.advance(step, f"loss {out.loss.item():.3f}")
+        if step % cfg.metrics.log_every == 0 or step == cfg.max_steps:
+            elapsed = time.perf_counter() - window["t0"]
+            stats = _mean_over_ranks({"loss": window["loss"] / window["micro"]})
+            tokens = _sum_over_ranks(window["tokens"])
+            audio_s = _sum_over_ranks(window["audio_s"])
+            skipped = sum(loader.stats()["skipped"].values())
+            sink.log(step, {"loss": stats["loss"], "lr": engine.lr(), "grad_norm": engine.grad_norm(),
+                            "tokens_per_s": tokens / elapsed, "audio_s_per_s": audio_s / elapsed,
+                            "skipped_samples": skipped})
+            sink.advance(step, f"loss {stats['loss']:.3f} lr {engine.lr():.2e} {tokens / elapsed:.0f} tok/s")
+            window = {"loss": 0.0, "tokens": 0, "audio_s": 0.0, "micro": 0, "t0": time.perf_counter()}
+        if cfg.eval.shards and cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < cfg.max_steps:
+            evaluate(f"step{step}")
+        if step == cfg.max_steps or (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0):
+            ckpt.save(engine, step, loader.state_dict(), config_yaml)
+    sink.advance(step)
+
+    if cfg.eval.shards and cfg.eval.at_end:
+        results["wer_end"] = evaluate("end")["wer"]
+    if cfg.checkpoint.export:
+        state = engine.full_state_dict()
+        if rank == 0:
+            export_dir = Path(cfg.run_dir) / "export"
+            save_stepfun(state, engine.module.config, str(export_dir), tokenizer=tok)
+            sink.message(f"exported StepFun-layout weights to {export_dir}")
+            results["export_dir"] = str(export_dir)
+        dist.barrier()
+    results["final_step"] = step
+    sink.log(step, {"done": True, **{k: v for k, v in results.items() if isinstance(v, (int, float))}})
+    sink.close()
+    return results
