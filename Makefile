@@ -32,9 +32,10 @@ test: setup
 demo: setup
 	$(PY) -m data.demo $(DEMO)/corpus
 	$(PY) -m data.tokenizer build --manifest $(DEMO)/corpus/train.jsonl --out $(DEMO)/tokenizer
-	$(PY) -m data.prepare manifest $(DEMO)/corpus/train.jsonl $(DEMO)/shards/train
+	$(PY) -m data.prepare manifest $(DEMO)/corpus/train.jsonl $(DEMO)/shards/train --shard-size 100
 	$(PY) -m data.prepare manifest $(DEMO)/corpus/heldout.jsonl $(DEMO)/shards/heldout
-	$(PY) -m train recipes/demo/asr.yaml checkpoint.resume=none
+	rm -rf $(DEMO)/asr
+	$(PY) -m train recipes/demo/asr.yaml
 
 clean-demo:
 	rm -rf $(DEMO)

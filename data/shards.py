@@ -1,0 +1,171 @@
+"""The on-disk shard format shared by every writer and reader: reproducible WebDataset tars, index.json.
+
+A dataset folder holds shard-000000.tar, ... and index.json (counts, durations, checksums, rejects);
+see `ShardWriter`, `read_index` and `shard_paths`.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+from typing import Sequence, Union
+
+import braceexpand
+
+INDEX_NAME = "index.json"
+INDEX_FORMAT = 1
+SHARD_PATTERN = "shard-%06d.tar"
+# WebDataset splits a member name at its first dot into key and extension; a slash would make a folder.
+_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+_EXT_RE = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
+
+
+def is_valid_key(key: str) -> bool:
+    """Whether `key` can name a sample: letters, digits, '_' and '-', not starting with '_' or '-'."""
+    return isinstance(key, str) and _KEY_RE.fullmatch(key) is not None
+
+
+def sanitize_key(text: str) -> str:
+    """`text` made into a valid sample key: every other character becomes '_'."""
+    key = re.sub(r"[^A-Za-z0-9_-]", "_", text)
+    return key if is_valid_key(key) else f"k{key}"
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class ShardWriter:
+    """Writes samples into OUT_DIR/shard-%06d.tar, at most `max_samples` per shard.
+
+    Tar headers carry no time, owner or permissions of this machine, so the same samples always give
+    byte-identical shards. A shard is written under a temporary name and renamed when complete.
+    `close()` returns one stats dict per shard: name, num_samples, duration_s, sha256.
+    """
+
+    def __init__(self, out_dir: str, max_samples: int = 1000):
+        if max_samples < 1:
+            raise ValueError(f"shard size must be at least 1 sample, got {max_samples}")
+        self.out_dir = out_dir
+        self.max_samples = max_samples
+        self.shards: list[dict] = []
+        self._tar: tarfile.TarFile | None = None
+        self._tmp_path = ""
+        os.makedirs(out_dir, exist_ok=True)
+
+    def write(self, key: str, members: dict[str, bytes], duration_s: float = 0.0) -> None:
+        """Add one sample: `members` maps an extension ("flac", "json", "codes.npy") to its bytes."""
+        if not is_valid_key(key):
+            raise ValueError(f"sample key {key!r} is invalid: expected letters, digits, '_' or '-' "
+                             "(no dots, no slashes)")
+        bad = [ext for ext in members if not _EXT_RE.fullmatch(ext)]
+        if bad or not members:
+            raise ValueError(f"sample {key!r}: member extensions {bad or '(none)'} are invalid")
+        if self._tar is None:
+            self._open_next()
+        for ext, data in members.items():
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(data)
+            info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = 0, 0o444, 0, 0, "", ""
+            self._tar.addfile(info, io.BytesIO(data))
+        stats = self.shards[-1]
+        stats["num_samples"] += 1
+        stats["duration_s"] += duration_s
+        if stats["num_samples"] >= self.max_samples:
+            self._finish()
+
+    def close(self) -> list[dict]:
+        if self._tar is not None:
+            self._finish()
+        return self.shards
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        elif self._tar is not None:
+            self._tar.close()
+            os.remove(self._tmp_path)
+
+    def _open_next(self) -> None:
+        name = SHARD_PATTERN % len(self.shards)
+        self._tmp_path = os.path.join(self.out_dir, name + ".tmp")
+        self._tar = tarfile.open(self._tmp_path, "w", format=tarfile.PAX_FORMAT)
+        self.shards.append({"name": name, "num_samples": 0, "duration_s": 0.0, "sha256": ""})
+
+    def _finish(self) -> None:
+        self._tar.close()
+        self._tar = None
+        self.shards[-1]["duration_s"] = round(self.shards[-1]["duration_s"], 6)  # no float-sum noise
+        path = os.path.join(self.out_dir, self.shards[-1]["name"])
+        os.replace(self._tmp_path, path)
+        self.shards[-1]["sha256"] = file_sha256(path)
+
+
+def write_index(out_dir: str, index: dict) -> str:
+    """Write index.json last and atomically, so a folder with an index always has complete shards."""
+    path = os.path.join(out_dir, INDEX_NAME)
+    tmp_path = path + ".tmp"
+    with open(tmp_path, "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+    os.replace(tmp_path, path)
+    return path
+
+
+def read_index(out_dir: str) -> dict:
+    """The index.json of a prepared dataset folder, checked for the fields readers rely on."""
+    path = os.path.join(out_dir, INDEX_NAME)
+    if not os.path.isfile(path):
+        raise ValueError(f"dataset folder {out_dir!r} has no {INDEX_NAME}: expected the output of "
+                         "`python -m data.prepare`")
+    try:
+        with open(path, encoding="utf-8") as f:
+            index = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
+        found = index.get("format") if isinstance(index, dict) else type(index).__name__
+        raise ValueError(f"{path}: format is {found!r}, expected {INDEX_FORMAT}")
+    shards = index.get("shards")
+    if not isinstance(shards, list) or not all(isinstance(s, dict) and "name" in s for s in shards):
+        raise ValueError(f"{path}: 'shards' must be a list of {{'name': ..., ...}}, got {shards!r:.200}")
+    return index
+
+
+def shard_paths(spec: Union[str, Sequence[str]]) -> list[str]:
+    """Shard files named by `spec`: a dataset folder (its index.json), an index.json, a tar file,
+    a glob ("data/*/shard-*.tar"), a brace pattern ("shard-{000000..000009}.tar") or a list of these.
+    """
+    if not isinstance(spec, str):
+        paths = [path for item in spec for path in shard_paths(item)]
+        if not paths:
+            raise ValueError(f"shard spec {spec!r} names no shards")
+        return paths
+    if os.path.isdir(spec) or os.path.basename(spec) == INDEX_NAME:
+        folder = spec if os.path.isdir(spec) else os.path.dirname(spec)
+        paths = [os.path.join(folder, shard["name"]) for shard in read_index(folder)["shards"]]
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise ValueError(f"shard spec {spec!r}: index lists {missing[0]!r}, which does not exist")
+        if not paths:
+            raise ValueError(f"shard spec {spec!r}: the index lists no shards")
+        return paths
+    paths = []
+    for pattern in braceexpand.braceexpand(spec):
+        matches = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+        matches = [p for p in matches if os.path.isfile(p)]
+        if not matches:
+            raise ValueError(f"shard spec {spec!r}: nothing matches {pattern!r}")
+        paths.extend(matches)
+    return paths
