@@ -1,4 +1,4 @@
-"""Audio file I/O: read any soundfile-readable file as 16 kHz mono float32, and the FLAC bytes in shards.
+"""Audio I/O: read any soundfile-readable file or blob as 16 kHz mono float32, and the FLAC bytes in shards.
 
 Every audio problem a user can cause (missing, unreadable, empty, non-finite) is an AudioError naming
 the file, so corpus tools can reject the sample with a reason instead of crashing.
@@ -76,3 +76,11 @@ def decode_audio(data: bytes, name: str = "<audio bytes>") -> tuple[torch.Tensor
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
         raise AudioError(name, f"unreadable audio ({_why(exc)})") from None
     return _to_mono_T(samples_TC, name), sample_rate
+
+
+def read_audio_bytes(data: bytes, name: str = "<audio bytes>") -> torch.Tensor:
+    """An in-memory audio file (e.g. a Hugging Face Audio cell) as float32 mono 16 kHz [T], like read_audio."""
+    wave_T, sample_rate = decode_audio(data, name)
+    if sample_rate != SAMPLE_RATE:
+        wave_T = torchaudio.functional.resample(wave_T, sample_rate, SAMPLE_RATE)
+    return wave_T

@@ -1,191 +1,356 @@
-"""Corpus -> WebDataset shards + index.json: `python -m data.prepare manifest MANIFEST.jsonl OUT_DIR`.
+"""Corpus -> WebDataset shards + index.json: `python -m data.prepare {manifest,kaldi,folder,hf} ... OUT_DIR`.
 
-Bad lines are rejected with a reason in index.json, never fatal; only a corpus with no usable line is.
-Audio is decoded in a process pool but shards are written in manifest order, so output is reproducible.
+Bad samples are rejected with a reason in index.json, never fatal; only a corpus with no usable sample
+is. Audio is decoded in a process pool but shards are written in corpus order, so output is
+reproducible. prepare_state.json records each finished shard (checksum, which candidates it covers), so
+a killed run resumes shard by shard and a re-run with unchanged inputs writes nothing.
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import hashlib
 import json
 import multiprocessing
 import os
 import re
 import sys
-from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, List, Optional, Tuple
 
 from tqdm import tqdm
 
-from data.audio import AudioError, encode_flac, read_audio
+from data.audio import AudioError, encode_flac, read_audio, read_audio_bytes
 from data.features import SAMPLE_RATE
-from data.shards import INDEX_FORMAT, INDEX_NAME, ShardWriter, is_valid_key, sanitize_key, write_index
+from data.formats import (Blob, Candidate, Corpus, PrepareError, Reject, describe, read_folder, read_hf,
+                          read_kaldi, read_manifest)
+from data.shards import INDEX_FORMAT, INDEX_NAME, ShardWriter, file_sha256, write_index
+from data.stats import Counts
+
+STATE_NAME = "prepare_state.json"
+# Bump when the bytes written for the same input change, so old shards are not taken for current ones.
+PREPARE_VERSION = 1
+_SHARD_FILE_RE = re.compile(r"shard-\d{6}\.tar(\.tmp)?")
+
+__all__ = ["PrepareError", "prepare", "prepare_manifest", "main"]
 
 
-class PrepareError(ValueError):
-    """The corpus as a whole cannot be prepared (unreadable manifest, no usable line)."""
-
-
-@dataclass
-class Reject:
-    line: int
-    audio: Optional[str]
-    reason: str
-    kind: str  # the reason without its details, for the summary line
-
-
-@dataclass
-class Candidate:
-    line: int
-    key: str
-    record: dict
-    audio_path: str  # resolved against the manifest's folder
-
-
-def _sample_key(record: dict, line: int) -> str:
-    given = record.get("id")
-    if isinstance(given, int) and not isinstance(given, bool):
-        given = str(given)
-    if is_valid_key(given):
-        return given
-    stem = os.path.splitext(os.path.basename(record["audio"]))[0]
-    return sanitize_key(f"{stem}-{line:08d}")
-
-
-def read_manifest(manifest: str) -> tuple[list[Candidate], list[Reject]]:
-    """Parse a JSONL manifest: the lines worth decoding, and the lines rejected already."""
-    try:
-        with open(manifest, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PrepareError(f"cannot read manifest {manifest!r}: {exc}") from None
-    base_dir = os.path.dirname(os.path.abspath(manifest))
-    candidates, rejects = [], []
-    for line_no, text in enumerate(lines, start=1):
-        if not text.strip():
-            continue
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as exc:
-            rejects.append(Reject(line_no, None, f"invalid JSON: {exc}", "invalid JSON"))
-            continue
-        if not isinstance(record, dict):
-            rejects.append(Reject(line_no, None, f"invalid JSON: expected an object, got "
-                                  f"{type(record).__name__}", "invalid JSON"))
-            continue
-        audio = record.get("audio")
-        problem = next((f"missing field {name!r}" for name in ("audio", "text") if name not in record), None)
-        problem = problem or next((f"field {name!r} must be a string, got {type(record[name]).__name__}"
-                                   for name in ("audio", "text") if not isinstance(record[name], str)), None)
-        if problem:
-            kind = "missing field" if problem.startswith("missing") else "wrong type"
-            rejects.append(Reject(line_no, audio if isinstance(audio, str) else None, problem, kind))
-            continue
-        path = os.path.join(base_dir, os.path.expanduser(audio))
-        candidates.append(Candidate(line_no, _sample_key(record, line_no), record, path))
-    return candidates, rejects
-
+# -------------------------------------------------------------------------------------- decoding
 
 def _init_worker() -> None:
     import torch
     torch.set_num_threads(1)  # the pool already uses the cores; nested threads only contend
 
 
-def _load(path: str) -> tuple:
-    """("ok", flac bytes, num_samples) or ("error", reason, kind); runs in a worker process."""
+def _read(item):
+    """An AudioRef resolved for a worker, a path or (bytes, name), as 16 kHz mono [T]."""
+    if isinstance(item, str):
+        return read_audio(item)
+    if not item[0]:
+        raise AudioError(item[1], "no audio (neither bytes nor a path)")
+    return read_audio_bytes(*item)
+
+
+def _load(job: tuple) -> tuple:
+    """("ok", flac, num_samples, target flac or None, target num_samples) or ("error", reason, kind)."""
+    audio, target = job
     try:
-        wave_T = read_audio(path)
+        wave_T = _read(audio)
     except AudioError as exc:
         return "error", str(exc), exc.reason.split(" (")[0]
-    return "ok", encode_flac(wave_T), len(wave_T)
+    if target is None:
+        return "ok", encode_flac(wave_T), len(wave_T), None, 0
+    try:
+        target_T = _read(target)
+    except AudioError as exc:
+        return "error", f"target audio: {exc}", "target " + exc.reason.split(" (")[0]
+    return "ok", encode_flac(wave_T), len(wave_T), encode_flac(target_T), len(target_T)
 
 
-def _decoded(paths: list[str], workers: int):
-    if workers <= 1 or len(paths) <= 1:
-        yield from map(_load, paths)
+def _job(cand: Candidate) -> tuple:
+    """What a worker needs, picklable; dataset audio is read here, in this process, in corpus order."""
+    def resolve(ref, source):
+        if not isinstance(ref, Blob):
+            return ref
+        data = ref.read()  # bytes, a path, or "" for a cell with neither
+        if data and isinstance(data, str):
+            return data
+        where = describe(cand.where)
+        return data or b"", source if source == where else f"{source} ({where})"
+    return (resolve(cand.audio, cand.source),
+            None if cand.target is None else resolve(cand.target, cand.target_source))
+
+
+def _decoded(jobs: Iterator[tuple], workers: int, total: int) -> Iterator[tuple]:
+    if workers <= 1 or total <= 1:
+        yield from map(_load, jobs)
         return
     # forkserver: a fork of a process that already ran torch (e.g. under pytest) can hang in OpenMP.
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["data.audio"])
-    with ctx.Pool(min(workers, len(paths)), initializer=_init_worker) as pool:
-        yield from pool.imap(_load, paths, chunksize=4)
+    with ctx.Pool(min(workers, total), initializer=_init_worker) as pool:
+        # A bounded window in order: Pool.imap would read every dataset blob into its queue at once.
+        window: collections.deque = collections.deque()
+        for job in jobs:
+            window.append(pool.apply_async(_load, (job,)))
+            if len(window) >= 4 * workers:
+                yield window.popleft().get()
+        while window:
+            yield window.popleft().get()
 
 
-def _remove_stale_shards(out_dir: str, keep: set[str]) -> None:
+# ----------------------------------------------------------------------------------- resume state
+
+def _identity(ref) -> str:
+    if ref is None or isinstance(ref, Blob):
+        return "" if ref is None else ref.identity
+    try:
+        stat = os.stat(ref)
+        return f"{ref}:{stat.st_size}:{stat.st_mtime_ns}"
+    except OSError:
+        return f"{ref}:missing"
+
+
+def _fingerprint(corpus: Corpus, candidates: List[Candidate], shard_size: int) -> str:
+    """Changes whenever the shards could come out different: options, records, audio files' size/mtime."""
+    digest = hashlib.sha256(json.dumps([PREPARE_VERSION, shard_size, corpus.kind, corpus.identity]).encode())
+    for cand in candidates:
+        digest.update(json.dumps([cand.key, cand.record, cand.source, _identity(cand.audio),
+                                  cand.target_source, _identity(cand.target)], ensure_ascii=False).encode())
+    return digest.hexdigest()
+
+
+def _load_state(out_dir: str, fingerprint: str) -> dict:
+    """The previous run's progress if it prepared the same inputs the same way, else a fresh start."""
+    fresh = {"version": PREPARE_VERSION, "inputs": fingerprint, "shards": [], "rejects": [], "processed": 0}
+    state = _read_json(os.path.join(out_dir, STATE_NAME))
+    return state if isinstance(state, dict) and state.get("inputs") == fingerprint else fresh
+
+
+def _save_state(out_dir: str, state: dict) -> None:
+    path = os.path.join(out_dir, STATE_NAME)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(state, f, ensure_ascii=False)
+    os.replace(path + ".tmp", path)
+
+
+def _read_json(path: str):
+    """The JSON in `path`, or None where there is no such file or it is not JSON."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _dedupe(candidates: List[Candidate]) -> Tuple[List[Candidate], List[Reject]]:
+    """Keys decide here, before decoding, so which sample keeps a key never depends on a resume."""
+    first: dict = {}
+    kept, rejects = [], []
+    for cand in candidates:
+        if cand.key in first:
+            rejects.append(Reject(cand.order, cand.where, cand.source, f"duplicate key {cand.key!r} (first "
+                                  f"used on {describe(first[cand.key])})", "duplicate key"))
+        else:
+            first[cand.key] = cand.where
+            kept.append(cand)
+    return kept, rejects
+
+
+# ---------------------------------------------------------------------------------------- writing
+
+def _sample(cand: Candidate, result: tuple) -> Tuple[dict, dict, float]:
+    """(metadata, members, duration_s) of one decoded sample: members are its FLAC(s) and .json."""
+    _, flac, num_samples, target_flac, target_num_samples = result
+    duration_s = num_samples / SAMPLE_RATE
+    meta = {**cand.record, "duration_s": duration_s, "num_samples": num_samples, "sample_rate": SAMPLE_RATE,
+            "source": cand.source}
+    members = {"flac": flac}
+    if target_flac is not None:
+        meta.update(target_duration_s=target_num_samples / SAMPLE_RATE, target_num_samples=target_num_samples,
+                    target_source=cand.target_source)
+        members["target.flac"] = target_flac
+    members["json"] = json.dumps(meta, ensure_ascii=False).encode()
+    return meta, members, duration_s
+
+
+def _record_shard(state: dict, out_dir: str, shard_index: int, entry: dict) -> None:
+    """A new shard goes into the state at once (a kill after this keeps it); a rewritten one must
+    come out as the previous run wrote it."""
+    if shard_index < len(state["shards"]):
+        if entry["sha256"] != state["shards"][shard_index]["sha256"]:
+            raise PrepareError(f"{os.path.join(out_dir, entry['name'])} came out different from the previous "
+                               f"run although its inputs look unchanged; delete "
+                               f"{os.path.join(out_dir, STATE_NAME)} to prepare from scratch")
+        return
+    state["shards"].append(entry)
+    state["processed"] = entry["end"]
+    _save_state(out_dir, state)
+
+
+def _write_segments(candidates: List[Candidate], segments: List[tuple], out_dir: str, shard_size: int,
+                    workers: int, state: dict, progress: bool) -> int:
+    """Write the shards of each (shard index, first candidate, end candidate) segment; returns how many.
+    A segment whose shard the state records already is a lost shard rewritten; the last segment may be
+    the unwritten rest, one shard after another."""
+    total = sum(end - start for _, start, end in segments)
+    jobs = (_job(candidates[pos]) for _, start, end in segments for pos in range(start, end))
+    results = _decoded(jobs, workers, total)
+    written = 0
+    with tqdm(total=total, desc="prepare", unit="utt", file=sys.stderr, disable=not progress) as bar:
+        for shard_index, start, end in segments:
+            is_redo = shard_index < len(state["shards"])
+            shard_start, counts, num_done = start, Counts(), 0
+            with ShardWriter(out_dir, shard_size, first_index=shard_index) as writer:
+                for pos in range(start, end):
+                    result, cand = next(results), candidates[pos]
+                    bar.update(1)
+                    if result[0] == "error":
+                        if not is_redo:  # a rewritten shard's rejects are in the state already
+                            state["rejects"].append({"pos": pos, "order": cand.order, "where": cand.where,
+                                                     "audio": cand.source, "reason": result[1],
+                                                     "kind": result[2]})
+                        continue
+                    meta, members, duration_s = _sample(cand, result)
+                    counts.add(meta, duration_s)
+                    finished = writer.write(cand.key, members, duration_s)
+                    if finished is not None:
+                        entry = {**finished, "start": shard_start, "end": pos + 1, "counts": counts.state()}
+                        _record_shard(state, out_dir, shard_index + num_done, entry)
+                        shard_start, counts, num_done = pos + 1, Counts(), num_done + 1
+            if len(writer.shards) > num_done:  # the last, partial shard, closed on leaving the block
+                entry = {**writer.shards[-1], "start": shard_start, "end": end, "counts": counts.state()}
+                _record_shard(state, out_dir, shard_index + num_done, entry)
+            if is_redo and len(writer.shards) != 1:
+                raise PrepareError(f"shard {shard_index} of {out_dir} could not be rewritten as before; "
+                                   f"delete {os.path.join(out_dir, STATE_NAME)} to prepare from scratch")
+            written += len(writer.shards)
+            if not is_redo and state["processed"] != end:
+                state["processed"] = end  # the rejects after the last shard are done too
+                _save_state(out_dir, state)
+    return written
+
+
+def _build_index(corpus: Corpus, state: dict, early_rejects: List[Reject]) -> Tuple[dict, List[Reject]]:
+    """index.json from the state's shards and rejects plus the rejects found before decoding."""
+    shards = [{k: s[k] for k in ("name", "num_samples", "duration_s", "sha256")} for s in state["shards"]]
+    counts = Counts()
+    for shard in state["shards"]:
+        counts.merge(Counts(shard["counts"]))
+    rejects = early_rejects + [Reject(r["order"], r["where"], r["audio"], r["reason"], r["kind"])
+                               for r in state["rejects"]]
+    rejects.sort(key=lambda r: r.order)
+    return {
+        "format": INDEX_FORMAT,
+        "num_samples": sum(s["num_samples"] for s in shards),
+        "total_duration_s": round(sum(s["duration_s"] for s in shards), 6),
+        "shards": shards,
+        "rejects": [r.to_json() for r in rejects],
+        "source": corpus.source,
+        "input_format": corpus.kind,
+        "counts": counts.to_json(),
+        "created_by": "data.prepare",
+    }, rejects
+
+
+def prepare(corpus: Corpus, out_dir: str, shard_size: int = 1000, workers: int = 2,
+            progress: bool = True) -> dict:
+    """Write the shards and index.json of a corpus read by data.formats; returns the index.
+
+    Shards a previous run of the same inputs and shard size left intact are kept; only missing or
+    damaged shards and the unwritten rest are written.
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard size must be at least 1 sample, got {shard_size}")
+    candidates, duplicates = _dedupe(corpus.candidates)
+    early_rejects = corpus.rejects + duplicates
+    os.makedirs(out_dir, exist_ok=True)
+    state = _load_state(out_dir, _fingerprint(corpus, candidates, shard_size))
+    lost = [i for i, shard in enumerate(state["shards"])
+            if not os.path.isfile(os.path.join(out_dir, shard["name"]))
+            or file_sha256(os.path.join(out_dir, shard["name"])) != shard["sha256"]]
+    segments = [(i, state["shards"][i]["start"], state["shards"][i]["end"]) for i in lost]
+    if state["processed"] < len(candidates):
+        state["rejects"] = [r for r in state["rejects"] if r["pos"] < state["processed"]]
+        segments.append((len(state["shards"]), state["processed"], len(candidates)))
+    index_path = os.path.join(out_dir, INDEX_NAME)
+    written = 0
+    if segments:
+        # A folder whose index is gone is visibly unfinished; readers never see old index + new shards.
+        if os.path.exists(index_path):
+            os.remove(index_path)
+        if not state["shards"]:
+            _save_state(out_dir, state)  # a fresh start: the old state must not outlive its shards
+        written = _write_segments(candidates, segments, out_dir, shard_size, workers, state, progress)
+    index, rejects = _build_index(corpus, state, early_rejects)
+    if not index["shards"]:
+        first = "; ".join(f"{describe(r.where)}: {r.reason}" for r in rejects[:3]) or "it is empty"
+        raise PrepareError(f"{corpus.kind} {corpus.source!r} has no usable {corpus.unit} ({len(rejects)} "
+                           f"rejected); first reasons: {first}")
+    keep = {s["name"] for s in index["shards"]}
     for name in os.listdir(out_dir):
-        if re.fullmatch(r"shard-\d{6}\.tar", name) and name not in keep:
+        if _SHARD_FILE_RE.fullmatch(name) and name not in keep:
             os.remove(os.path.join(out_dir, name))
+    unchanged = _read_json(index_path) == index
+    if not unchanged:
+        write_index(out_dir, index)
+    if written == 0 and unchanged:
+        print(f"data.prepare: {out_dir} is up to date ({len(index['shards'])} shards); nothing written",
+              file=sys.stderr)
+    elif written < len(index["shards"]):
+        print(f"data.prepare: kept {len(index['shards']) - written} shards of the previous run, wrote "
+              f"{written}", file=sys.stderr)
+    kinds = collections.Counter(r.kind for r in rejects)
+    detail = f" ({', '.join(f'{n} {kind}' for kind, n in sorted(kinds.items()))})" if kinds else ""
+    print(f"data.prepare: {index['num_samples']} samples, {index['total_duration_s']:.1f} s "
+          f"({index['total_duration_s'] / 3600:.2f} h) in {len(index['shards'])} shards -> {out_dir}; "
+          f"{len(rejects)} rejected{detail}", file=sys.stderr)
+    return index
 
 
 def prepare_manifest(manifest: str, out_dir: str, shard_size: int = 1000, workers: int = 2,
                      progress: bool = True) -> dict:
     """Write the shards and index.json for a JSONL manifest; returns the index."""
-    candidates, rejects = read_manifest(manifest)
-    os.makedirs(out_dir, exist_ok=True)
-    # A folder whose index is gone is visibly unfinished; readers never see old index + new shards.
-    if os.path.exists(os.path.join(out_dir, INDEX_NAME)):
-        os.remove(os.path.join(out_dir, INDEX_NAME))
-    first_line_of: dict[str, int] = {}
-    results = _decoded([c.audio_path for c in candidates], workers)
-    with ShardWriter(out_dir, shard_size) as writer:
-        for cand, result in tqdm(zip(candidates, results), total=len(candidates), desc="prepare",
-                                 unit="utt", file=sys.stderr, disable=not progress):
-            audio = cand.record["audio"]
-            if result[0] == "error":
-                rejects.append(Reject(cand.line, audio, result[1], result[2]))
-                continue
-            if cand.key in first_line_of:
-                rejects.append(Reject(cand.line, audio, f"duplicate key {cand.key!r} (first used on line "
-                                      f"{first_line_of[cand.key]})", "duplicate key"))
-                continue
-            first_line_of[cand.key] = cand.line
-            _, flac, num_samples = result
-            duration_s = num_samples / SAMPLE_RATE
-            meta = {k: v for k, v in cand.record.items() if k != "audio"}
-            meta.update(duration_s=duration_s, num_samples=num_samples, sample_rate=SAMPLE_RATE,
-                        source=audio)
-            writer.write(cand.key, {"flac": flac, "json": json.dumps(meta, ensure_ascii=False).encode()},
-                         duration_s)
-    shards = writer.shards
-    rejects.sort(key=lambda r: r.line)
-    if not shards:
-        first = "; ".join(f"line {r.line}: {r.reason}" for r in rejects[:3]) or "the file has no lines"
-        raise PrepareError(f"manifest {manifest!r} has no usable line ({len(rejects)} rejected); "
-                           f"first reasons: {first}")
-    _remove_stale_shards(out_dir, {s["name"] for s in shards})
-    index = {
-        "format": INDEX_FORMAT,
-        "num_samples": sum(s["num_samples"] for s in shards),
-        "total_duration_s": round(sum(s["duration_s"] for s in shards), 6),
-        "shards": shards,
-        "rejects": [{"line": r.line, "audio": r.audio, "reason": r.reason} for r in rejects],
-        "source": manifest,
-        "created_by": "data.prepare",
-    }
-    write_index(out_dir, index)
-    kinds = collections.Counter(r.kind for r in rejects)
-    detail = f" ({', '.join(f'{n} {kind}' for kind, n in sorted(kinds.items()))})" if kinds else ""
-    print(f"data.prepare: {index['num_samples']} samples, {index['total_duration_s']:.1f} s "
-          f"({index['total_duration_s'] / 3600:.2f} h) in "
-          f"{len(shards)} shards -> {out_dir}; {len(rejects)} rejected{detail}", file=sys.stderr)
-    return index
+    return prepare(read_manifest(manifest), out_dir, shard_size, workers, progress)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__.splitlines()[0])
     formats = parser.add_subparsers(dest="format", required=True, metavar="FORMAT")
-    p = formats.add_parser("manifest", help="JSONL lines of {'audio': path, 'text': str, ...}")
-    p.add_argument("manifest", help="JSONL file; relative audio paths resolve against its folder")
-    p.add_argument("out_dir", help="folder for shard-*.tar and index.json")
-    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
-    p.add_argument("--workers", type=int, default=2, help="decoding processes")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p_manifest = formats.add_parser("manifest", help="JSONL lines of {'audio': path, 'text': str, ...}")
+    p_manifest.add_argument("manifest", help="JSONL file; relative audio paths resolve against its folder")
+    p_kaldi = formats.add_parser("kaldi", help="Kaldi data folder: wav.scp, text, optional utt2spk, utt2lang")
+    p_kaldi.add_argument("data_dir", help="folder holding wav.scp and text")
+    p_kaldi.add_argument("--root", default=None, help="folder that relative wav.scp paths resolve against "
+                                                      "(default: the current directory, as in Kaldi)")
+    p_folder = formats.add_parser("folder", help="audio files with a .txt or .lab transcript beside each")
+    p_folder.add_argument("dir", help="searched recursively; the speaker is each file's folder name")
+    p_hf = formats.add_parser("hf", help="local Hugging Face dataset: save_to_disk folder or parquet files")
+    p_hf.add_argument("path", help="save_to_disk folder, a parquet file, a folder of them, or a glob")
+    p_hf.add_argument("--audio-column", default="audio", help="column of audio: datasets' Audio "
+                      "({'bytes', 'path'}), bytes or a path")
+    p_hf.add_argument("--text-column", default="text", help="column of transcripts, stored as 'text'")
+    p_hf.add_argument("--target-audio-column", default=None, help="second audio per row (TTS/S2ST target)")
+    p_hf.add_argument("--split", default="train", help="split of a DatasetDict, or the parquet files "
+                      "whose names say it")
+    for p in (p_manifest, p_kaldi, p_folder, p_hf):
+        p.add_argument("out_dir", help="folder for shard-*.tar and index.json")
+        p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+        p.add_argument("--workers", type=int, default=2, help="decoding processes")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.shard_size < 1:
         parser.error(f"--shard-size must be at least 1, got {args.shard_size}")
     try:
-        prepare_manifest(args.manifest, args.out_dir, args.shard_size, args.workers,
-                         progress=not args.no_progress)
+        if args.format == "manifest":
+            corpus = read_manifest(args.manifest)
+        elif args.format == "kaldi":
+            corpus = read_kaldi(args.data_dir, args.root)
+        elif args.format == "folder":
+            corpus = read_folder(args.dir)
+        else:
+            corpus = read_hf(args.path, args.audio_column, args.text_column, args.split,
+                             args.target_audio_column)
+        prepare(corpus, args.out_dir, args.shard_size, args.workers, progress=not args.no_progress)
     except PrepareError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -12,7 +12,7 @@ import json
 import os
 import re
 import tarfile
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import braceexpand
 
@@ -48,21 +48,26 @@ class ShardWriter:
 
     Tar headers carry no time, owner or permissions of this machine, so the same samples always give
     byte-identical shards. A shard is written under a temporary name and renamed when complete.
-    `close()` returns one stats dict per shard: name, num_samples, duration_s, sha256.
+    `close()` returns one stats dict per shard: name, num_samples, duration_s, sha256. Numbering starts
+    at `first_index`, so a resumed preparation can write shard 7 without rewriting 0..6.
     """
 
-    def __init__(self, out_dir: str, max_samples: int = 1000):
+    def __init__(self, out_dir: str, max_samples: int = 1000, first_index: int = 0):
         if max_samples < 1:
             raise ValueError(f"shard size must be at least 1 sample, got {max_samples}")
         self.out_dir = out_dir
         self.max_samples = max_samples
+        self.first_index = first_index
         self.shards: list[dict] = []
         self._tar: tarfile.TarFile | None = None
         self._tmp_path = ""
         os.makedirs(out_dir, exist_ok=True)
 
-    def write(self, key: str, members: dict[str, bytes], duration_s: float = 0.0) -> None:
-        """Add one sample: `members` maps an extension ("flac", "json", "codes.npy") to its bytes."""
+    def write(self, key: str, members: dict[str, bytes], duration_s: float = 0.0) -> Optional[dict]:
+        """Add one sample: `members` maps an extension ("flac", "json", "codes.npy") to its bytes.
+
+        Returns the stats of the shard this sample completed, else None.
+        """
         if not is_valid_key(key):
             raise ValueError(f"sample key {key!r} is invalid: expected letters, digits, '_' or '-' "
                              "(no dots, no slashes)")
@@ -81,6 +86,8 @@ class ShardWriter:
         stats["duration_s"] += duration_s
         if stats["num_samples"] >= self.max_samples:
             self._finish()
+            return stats
+        return None
 
     def close(self) -> list[dict]:
         if self._tar is not None:
@@ -98,7 +105,7 @@ class ShardWriter:
             os.remove(self._tmp_path)
 
     def _open_next(self) -> None:
-        name = SHARD_PATTERN % len(self.shards)
+        name = SHARD_PATTERN % (self.first_index + len(self.shards))
         self._tmp_path = os.path.join(self.out_dir, name + ".tmp")
         self._tar = tarfile.open(self._tmp_path, "w", format=tarfile.PAX_FORMAT)
         self.shards.append({"name": name, "num_samples": 0, "duration_s": 0.0, "sha256": ""})

@@ -113,7 +113,7 @@ def test_same_input_gives_byte_identical_shards(corpus, tmp_path):
         assert (tmp_path / "a" / shard["name"]).read_bytes() == (tmp_path / "b" / shard["name"]).read_bytes()
     # Re-preparing into the same folder with bigger shards leaves no stale shard behind.
     prepare_manifest(manifest, str(tmp_path / "a"), shard_size=10, workers=1, progress=False)
-    assert sorted(p for p in os.listdir(tmp_path / "a")) == ["index.json", "shard-000000.tar"]
+    assert sorted(os.listdir(tmp_path / "a")) == ["index.json", "prepare_state.json", "shard-000000.tar"]
 
 
 def test_bad_lines_are_rejected_with_line_and_reason(tmp_path, capsys):

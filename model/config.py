@@ -1,0 +1,174 @@
+"""Configuration of the Step-Audio 2 model: the dataclasses behind config.json and the named presets.
+
+A loaded config.json keeps every key it had (known or not), so load -> save reproduces it.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, Optional
+
+from transformers.models.qwen2.configuration_qwen2 import Qwen2Config
+
+# The released config has no key for this; its code writes audio features after <audio_start> 151688,
+# i.e. at the <audio_patch> 151690 rows our templates emit.
+REFERENCE_AUDIO_PATCH_TOKEN_ID = 151690
+MODEL_TYPE = "step_audio_2"
+ARCHITECTURES = ["StepAudio2ForCausalLM"]
+# The adapter's hidden width is a literal in the released code, not a config key.
+ADAPTER_HIDDEN = 2048
+# Without these a config.json would silently build a model of the wrong shape from Qwen2's defaults.
+REQUIRED_TEXT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                      "num_attention_heads")
+
+
+def _text_config(vocab_size: int, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int,
+                 max_positions: int, rope_theta: float) -> Dict[str, Any]:
+    return {"model_type": "qwen2", "vocab_size": vocab_size, "hidden_size": hidden,
+            "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads, "hidden_act": "silu", "max_position_embeddings": max_positions,
+            "rope_theta": rope_theta, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+            "use_sliding_window": False, "attention_dropout": 0.0}
+
+
+def _reference_text_config() -> Dict[str, Any]:
+    return _text_config(158720, 3584, 18944, 28, 28, 4, 16384, 1e6)
+
+
+@dataclass
+class AudioEncoderConfig:
+    """Audio encoder (Whisper-large-v3 shape in the release) and adapter sizes."""
+
+    n_mels: int = 128
+    """Mel bins of the input features."""
+    n_audio_ctx: int = 1500
+    """Rows of the positional embedding: the most encoder frames (50 Hz, after conv2) one chunk may have."""
+    n_audio_state: int = 1280
+    """Encoder width."""
+    n_audio_head: int = 20
+    """Encoder attention heads."""
+    n_audio_layer: int = 32
+    """Encoder residual attention blocks."""
+    llm_dim: int = 3584
+    """Adapter output width; must equal the decoder's hidden_size."""
+    kernel_size: int = 3
+    """Kernel of the adapter's downsampling conv (padding is fixed at 1)."""
+    adapter_stride: int = 2
+    """Stride of the adapter's downsampling conv: 25 Hz encoder frames -> 12.5 Hz audio tokens."""
+    extra: Dict[str, Any] = field(default_factory=dict)
+    """Keys of a loaded audio_encoder_config this code does not use, kept so a save writes them back."""
+
+
+@dataclass
+class StepAudio2Config:
+    """The whole model: encoder + adapter sizes, the Qwen2 decoder's kwargs, and the audio patch id."""
+
+    audio_encoder_config: AudioEncoderConfig = field(default_factory=AudioEncoderConfig)
+    """Encoder and adapter sizes."""
+    text_config: Dict[str, Any] = field(default_factory=_reference_text_config)
+    """Keyword arguments of transformers.Qwen2Config, as config.json stores them (default: the release's)."""
+    audio_patch_token_id: int = REFERENCE_AUDIO_PATCH_TOKEN_ID
+    """Token id whose embedding rows receive the adapter outputs, in order."""
+    torch_dtype: str = "bfloat16"
+    """Dtype the weights are stored in (config.json's torch_dtype)."""
+    extra: Dict[str, Any] = field(default_factory=dict)
+    """Top-level config.json keys this code does not use (model_type, architectures, ...), kept verbatim."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError for a config that cannot build a working model."""
+        missing = [k for k in REQUIRED_TEXT_KEYS if k not in self.text_config]
+        if missing:
+            raise ValueError(f"text_config is missing required key(s) {missing}")
+        hidden = self.text_config["hidden_size"]
+        if self.audio_encoder_config.llm_dim != hidden:
+            raise ValueError(f"audio_encoder_config.llm_dim={self.audio_encoder_config.llm_dim} must equal "
+                             f"text_config.hidden_size={hidden}")
+        vocab = self.text_config["vocab_size"]
+        if not 0 <= self.audio_patch_token_id < vocab:
+            raise ValueError(f"audio_patch_token_id={self.audio_patch_token_id} is outside the vocabulary "
+                             f"[0, {vocab})")
+        enc = self.audio_encoder_config
+        if enc.n_audio_state % enc.n_audio_head:
+            raise ValueError(f"audio_encoder_config.n_audio_state={enc.n_audio_state} is not divisible by "
+                             f"n_audio_head={enc.n_audio_head}")
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.text_config["hidden_size"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.text_config["vocab_size"])
+
+    def qwen2_config(self) -> Qwen2Config:
+        """The decoder's transformers config (SDPA attention)."""
+        kwargs = copy.deepcopy(dict(self.text_config))
+        kwargs.pop("model_type", None)
+        kwargs.setdefault("attn_implementation", "sdpa")
+        return Qwen2Config(**kwargs)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """config.json content in StepFun's layout."""
+        enc = self.audio_encoder_config
+        audio = {f.name: getattr(enc, f.name) for f in fields(enc) if f.name != "extra"}
+        audio.update(copy.deepcopy(dict(enc.extra)))
+        out: Dict[str, Any] = {"model_type": MODEL_TYPE, "architectures": list(ARCHITECTURES)}
+        out.update(copy.deepcopy(dict(self.extra)))
+        out["audio_encoder_config"] = audio
+        out["text_config"] = copy.deepcopy(dict(self.text_config))
+        out["torch_dtype"] = self.torch_dtype
+        if self.audio_patch_token_id != REFERENCE_AUDIO_PATCH_TOKEN_ID:
+            out["audio_patch_token_id"] = self.audio_patch_token_id
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "StepAudio2Config":
+        """Parse config.json content; a missing required key raises ValueError naming it."""
+        for key in ("audio_encoder_config", "text_config"):
+            if key not in d:
+                raise ValueError(f"config is missing required key '{key}'")
+            if not isinstance(d[key], dict):
+                raise ValueError(f"config key '{key}' must be a mapping, got {type(d[key]).__name__}")
+        audio_in = dict(d["audio_encoder_config"])
+        known = [f.name for f in fields(AudioEncoderConfig) if f.name != "extra"]
+        for key in known:
+            if key not in audio_in:
+                raise ValueError(f"config is missing required key 'audio_encoder_config.{key}'")
+        audio = AudioEncoderConfig(**{k: audio_in.pop(k) for k in known}, extra=audio_in)
+        rest = {k: v for k, v in d.items()
+                if k not in ("audio_encoder_config", "text_config", "torch_dtype", "audio_patch_token_id")}
+        return cls(audio_encoder_config=audio, text_config=copy.deepcopy(dict(d["text_config"])),
+                   audio_patch_token_id=int(d.get("audio_patch_token_id", REFERENCE_AUDIO_PATCH_TOKEN_ID)),
+                   torch_dtype=str(d.get("torch_dtype", "bfloat16")), extra=copy.deepcopy(rest))
+
+
+# name -> (encoder state, heads, layers; decoder hidden, intermediate, layers, heads, kv heads,
+#          max positions, rope theta; default vocab, dtype)
+_PRESETS = {
+    "tiny": (32, 2, 2, 64, 128, 2, 4, 2, 2048, 10000.0, 512, "float32"),
+    "demo": (256, 4, 4, 256, 768, 4, 4, 2, 2048, 10000.0, 1024, "float32"),
+    "mini": (1280, 20, 32, 3584, 18944, 28, 28, 4, 16384, 1e6, 158720, "bfloat16"),
+}
+
+
+def preset_config(name: str, vocab_size: Optional[int] = None,
+                  audio_patch_token_id: Optional[int] = None) -> StepAudio2Config:
+    """A named model size: "tiny" (tests), "demo" (CPU ASR in minutes) or "mini" (the release's shape).
+
+    The small presets put <audio_patch> at the last id unless told otherwise; "mini" uses 151690.
+    """
+    if name not in _PRESETS:
+        raise ValueError(f"unknown model preset '{name}'; valid presets: {sorted(_PRESETS)}")
+    (state, head, layer, hidden, inter, n_layers, heads, kv, max_pos, theta, default_vocab,
+     dtype) = _PRESETS[name]
+    vocab = default_vocab if vocab_size is None else vocab_size
+    if audio_patch_token_id is None:
+        audio_patch_token_id = REFERENCE_AUDIO_PATCH_TOKEN_ID if name == "mini" else vocab - 1
+    audio = AudioEncoderConfig(n_mels=128, n_audio_ctx=1500, n_audio_state=state, n_audio_head=head,
+                               n_audio_layer=layer, llm_dim=hidden, kernel_size=3, adapter_stride=2)
+    text = _text_config(vocab, hidden, inter, n_layers, heads, kv, max_pos, theta)
+    return StepAudio2Config(audio_encoder_config=audio, text_config=text,
+                            audio_patch_token_id=audio_patch_token_id, torch_dtype=dtype)

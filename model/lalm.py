@@ -1,0 +1,151 @@
+"""StepAudio2ForCausalLM: encoder + adapter outputs spliced into a Qwen2 decoder's <audio_patch> rows.
+
+The training loss is computed on labelled rows only and in checkpointed chunks, so the full
+[tokens, vocab] fp32 logits never exist at once (158720 columns make them the largest activation).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+# Imported eagerly: transformers' lazy import, if first triggered inside deepspeed.zero.Init, fails
+# (it imports torch._dynamo while zero.Init has patched tensor construction).
+from transformers.models.qwen2.modeling_qwen2 import Qwen2Model
+from transformers.utils.generic import ModelOutput
+
+from model.config import ADAPTER_HIDDEN, StepAudio2Config
+from model.encoder import Adaptor, AudioEncoder
+
+IGNORE_INDEX = -100
+LOSS_CHUNK_ROWS = 1024
+# Shape of the stand-in audio run when a training batch has none (see _dummy_audio_term).
+_DUMMY_MEL_FRAMES = 16
+
+
+@dataclass
+class StepAudio2Output(ModelOutput):
+    """Model outputs; a ModelOutput (a dict) so DeepSpeed ZeRO-3's module hooks can find its tensors."""
+
+    loss: Optional[torch.Tensor] = None
+    """Mean cross-entropy over labelled positions (None without labels)."""
+    logits: Optional[torch.Tensor] = None
+    """[B, T, vocab] when no labels were given; None with labels (only chunks of it ever existed)."""
+    past_key_values: Optional[Any] = None
+    """The decoder's KV cache when use_cache=True."""
+    num_label_tokens: Optional[int] = None
+    """Positions that contributed to the loss, to re-weight means across ranks (None without labels)."""
+
+
+def _chunk_ce_sum(lm_head: nn.Linear, hidden_NH: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:
+    logits_NV = lm_head(hidden_NH).float()
+    return F.cross_entropy(logits_NV, targets_N, reduction="sum")
+
+
+class StepAudio2ForCausalLM(nn.Module):
+    def __init__(self, config: StepAudio2Config, gradient_checkpointing: bool = False):
+        super().__init__()
+        self.config = config
+        enc = config.audio_encoder_config
+        self.encoder = AudioEncoder(enc.n_mels, enc.n_audio_ctx, enc.n_audio_state, enc.n_audio_head,
+                                    enc.n_audio_layer)
+        self.adapter = Adaptor(enc.n_audio_state, enc.llm_dim, enc.kernel_size, enc.adapter_stride,
+                               ADAPTER_HIDDEN)
+        self.model = Qwen2Model(config.qwen2_config())
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.set_gradient_checkpointing(gradient_checkpointing)
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute encoder blocks and decoder layers in backward instead of storing their activations."""
+        self.encoder.gradient_checkpointing = enabled
+        if enabled:
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.model.activation_checkpointing_disable()
+
+    def encode_audio(self, mels: torch.Tensor, mel_lengths: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Adapter outputs [N, T, hidden] and valid lengths [N] of N zero-padded mel chunks [N, n_mels, F]."""
+        if mels.dim() != 3 or mel_lengths.shape != mels.shape[:1]:
+            raise ValueError(f"expected mels [N, n_mels, F] and mel_lengths [N], got {tuple(mels.shape)} "
+                             f"and {tuple(mel_lengths.shape)}")
+        feats_NTC, lengths_N = self.encoder(mels, mel_lengths.to(device=mels.device, dtype=torch.long))
+        return self.adapter(feats_NTC), self.adapter.output_lengths(lengths_N)
+
+    def _splice_audio(self, input_ids: torch.Tensor, embeds_BTH: torch.Tensor, mels: Optional[torch.Tensor],
+                      mel_lengths: Optional[torch.Tensor]) -> torch.Tensor:
+        is_patch_BT = input_ids == self.config.audio_patch_token_id
+        num_patches = int(is_patch_BT.sum())
+        if mels is None:
+            if num_patches:
+                raise ValueError(f"input_ids hold {num_patches} audio patch rows (id "
+                                 f"{self.config.audio_patch_token_id}) but no mels were given")
+            return embeds_BTH + self._dummy_audio_term(embeds_BTH)
+        if mel_lengths is None:
+            raise ValueError("mels were given without mel_lengths (the true frame count of each chunk)")
+        feats_NTH, lengths_N = self.encode_audio(mels, mel_lengths)
+        num_feats = int(lengths_N.sum())
+        if num_feats != num_patches:
+            raise ValueError(f"audio patch count mismatch: input_ids hold {num_patches} audio patch rows "
+                             f"(id {self.config.audio_patch_token_id}) but the audio gives {num_feats} "
+                             f"adapter outputs (per chunk {lengths_N.tolist()})")
+        valid_NT = torch.arange(feats_NTH.shape[1], device=feats_NTH.device)[None, :] < lengths_N[:, None]
+        audio_RH = feats_NTH[valid_NT].to(embeds_BTH.dtype)
+        return embeds_BTH.masked_scatter(is_patch_BT[..., None].expand_as(embeds_BTH), audio_RH)
+
+    def _dummy_audio_term(self, like_BTH: torch.Tensor) -> torch.Tensor | float:
+        """Zero that depends on every encoder/adapter parameter, while training without audio.
+
+        Every rank must run the same modules: ZeRO-3 gathers parameters module by module, so a rank
+        whose batch has no audio would otherwise skip the encoder's gathers and hang the others.
+        """
+        if not (self.training and torch.is_grad_enabled()):
+            return 0.0
+        n_mels = self.config.audio_encoder_config.n_mels
+        mels = torch.zeros(1, n_mels, _DUMMY_MEL_FRAMES, device=like_BTH.device, dtype=like_BTH.dtype)
+        feats_NTH, _ = self.encode_audio(mels, torch.tensor([_DUMMY_MEL_FRAMES], device=like_BTH.device))
+        return feats_NTH.sum().to(like_BTH.dtype) * 0.0
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None, mels: Optional[torch.Tensor] = None,
+                mel_lengths: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
+                past_key_values: Optional[Any] = None, use_cache: bool = False) -> StepAudio2Output:
+        """Decoder pass over input_ids [B, T] with the audio chunks written into the audio patch rows.
+
+        labels [B, T] use -100 for ignored positions; position t predicts labels[t + 1].
+        """
+        embeds_BTH = self.model.embed_tokens(input_ids)
+        embeds_BTH = self._splice_audio(input_ids, embeds_BTH, mels, mel_lengths)
+        out = self.model(inputs_embeds=embeds_BTH, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past_key_values, use_cache=use_cache)
+        hidden_BTH = out.last_hidden_state
+        cache = out.past_key_values if use_cache else None
+        if labels is None:
+            return StepAudio2Output(logits=self.lm_head(hidden_BTH), past_key_values=cache)
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape "
+                             f"{tuple(input_ids.shape)}")
+        loss, count = self.chunked_loss(hidden_BTH, labels)
+        return StepAudio2Output(loss=loss, past_key_values=cache, num_label_tokens=count)
+
+    def chunked_loss(self, hidden_BTH: torch.Tensor, labels_BT: torch.Tensor) -> Tuple[torch.Tensor, int]:
+        """Mean next-token cross-entropy over labelled positions, LOSS_CHUNK_ROWS rows at a time."""
+        targets_BT = labels_BT[:, 1:]
+        keep_BT = targets_BT != IGNORE_INDEX
+        hidden_NH = hidden_BTH[:, :-1][keep_BT]
+        targets_N = targets_BT[keep_BT]
+        count = int(targets_N.numel())
+        if count == 0:
+            # Keep the graph connected so backward still reaches every parameter on this rank.
+            return hidden_BTH.sum() * 0.0 + self.lm_head.weight.sum() * 0.0, 0
+        total = hidden_NH.new_zeros((), dtype=torch.float32)
+        for start in range(0, count, LOSS_CHUNK_ROWS):
+            rows = slice(start, start + LOSS_CHUNK_ROWS)
+            if torch.is_grad_enabled():
+                total = total + torch.utils.checkpoint.checkpoint(
+                    _chunk_ce_sum, self.lm_head, hidden_NH[rows], targets_N[rows], use_reentrant=False)
+            else:
+                total = total + _chunk_ce_sum(self.lm_head, hidden_NH[rows], targets_N[rows])
+        return total / count, count

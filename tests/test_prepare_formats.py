@@ -1,0 +1,296 @@
+"""Kaldi, folder and Hugging Face corpora into shards; target audio; per-task counts; resuming a killed run."""
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+import webdataset as wds
+
+import data.prepare as prepare_module
+from data.audio import decode_audio
+from data.formats import read_folder, read_hf, read_kaldi
+from data.prepare import PrepareError, prepare, prepare_manifest
+from data.shards import read_index, shard_paths
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _pcm(seed, num_samples):
+    return np.random.default_rng(seed).integers(-20000, 20000, size=num_samples, dtype=np.int16)
+
+
+def _samples(out_dir):
+    """{key: {ext: bytes}} in shard order, read the way the loader reads them."""
+    return {s["__key__"]: {k: v for k, v in s.items() if not k.startswith("__")}
+            for s in wds.WebDataset(shard_paths(str(out_dir)), shardshuffle=False)}
+
+
+def _pcm_of(flac):
+    wave_T, sample_rate = decode_audio(flac)
+    assert sample_rate == 16000
+    return np.round(wave_T.numpy() * 32768).astype(np.int16)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "data.prepare", *args, "--workers", "1", "--no-progress"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_kaldi_folder_refuses_piped_command_and_counts(tmp_path):
+    wav_dir = tmp_path / "wavs"
+    wav_dir.mkdir()
+    pcm = {f"u{i}": _pcm(i, 1600 * (i + 1)) for i in range(3)}
+    for utt, samples in pcm.items():
+        sf.write(wav_dir / f"{utt}.wav", samples, 16000, subtype="PCM_16")
+    marker = tmp_path / "pipe-was-run"
+    data_dir = tmp_path / "data" / "train"
+    data_dir.mkdir(parents=True)
+    (data_dir / "wav.scp").write_text(
+        f"u0 {wav_dir / 'u0.wav'}\n"
+        "u1 wavs/u1.wav\n"                                  # relative: resolved against --root
+        f"u2 {wav_dir / 'u2.wav'}\n"
+        f"piped sox x.wav -t wav - | touch {marker} |\n"
+        f"untranscribed {wav_dir / 'u0.wav'}\n"
+        f"u2 {wav_dir / 'u0.wav'}\n")
+    (data_dir / "text").write_text("u0 hello world\nu1 good  morning\nu2 bye\npiped never\nno-audio lost\n")
+    (data_dir / "utt2spk").write_text("u0 alice\nu1 bob\nu2 alice\n")
+    (data_dir / "utt2lang").write_text("u0 en\nu1 de\nu2 en\n")
+    out = tmp_path / "out"
+
+    proc = _cli("kaldi", str(data_dir), str(out), "--root", str(tmp_path), "--shard-size", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert not marker.exists()
+    index = read_index(str(out))
+    assert index["input_format"] == "kaldi" and index["num_samples"] == 3
+    assert [s["num_samples"] for s in index["shards"]] == [2, 1]
+    assert index["rejects"] == [
+        {"utt": "piped", "audio": f"sox x.wav -t wav - | touch {marker} |",
+         "reason": "piped command in wav.scp is not executed"},
+        {"utt": "untranscribed", "audio": str(wav_dir / "u0.wav"), "reason": "no transcript in text"},
+        {"utt": "u2", "audio": str(wav_dir / "u0.wav"),
+         "reason": "utterance id repeated in wav.scp (line 6, first on line 3)"},
+        {"utt": "no-audio", "audio": None, "reason": "no audio in wav.scp"}]
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        "4 rejected (1 no audio, 1 no transcript, 1 piped command, 1 repeated utterance)")
+
+    samples = _samples(out)
+    assert list(samples) == ["u0", "u1", "u2"]
+    for utt in pcm:
+        np.testing.assert_array_equal(_pcm_of(samples[utt]["flac"]), pcm[utt])
+    meta = json.loads(samples["u1"]["json"])
+    assert meta == {"id": "u1", "text": "good  morning", "speaker": "bob", "language": "de",
+                    "duration_s": 0.2, "num_samples": 3200, "sample_rate": 16000, "source": "wavs/u1.wav"}
+    # u0 0.1 s + u2 0.3 s by alice in English, u1 0.2 s by bob in German; all ASR, no style given.
+    assert index["counts"] == {
+        "task": {"asr": {"samples": 3, "hours": round(0.6 / 3600, 6)}},
+        "language": {"de": {"samples": 1, "hours": round(0.2 / 3600, 6)},
+                     "en": {"samples": 2, "hours": round(0.4 / 3600, 6)}},
+        "speaker": {"alice": {"samples": 2, "hours": round(0.4 / 3600, 6)},
+                    "bob": {"samples": 1, "hours": round(0.2 / 3600, 6)}},
+        "style": {"unknown": {"samples": 3, "hours": round(0.6 / 3600, 6)}}}
+
+    (data_dir / "segments").write_text("u0 rec 0 1\n")
+    with pytest.raises(PrepareError, match="Kaldi segments are not supported"):
+        read_kaldi(str(data_dir))
+
+
+def test_folder_of_audio_with_transcripts(tmp_path):
+    root = tmp_path / "voice"
+    (root / "spk1").mkdir(parents=True)
+    (root / "spk2" / "take 2").mkdir(parents=True)
+    a, b, c = _pcm(1, 1600), _pcm(2, 2400), _pcm(3, 800)
+    sf.write(root / "spk1" / "a.wav", a, 16000, subtype="PCM_16")
+    (root / "spk1" / "a.txt").write_text("first line\nsecond  line\n")
+    sf.write(root / "spk1" / "b.flac", b, 16000, subtype="PCM_16")
+    (root / "spk1" / "b.lab").write_text("from a lab file")
+    sf.write(root / "spk2" / "take 2" / "c.ogg", c.astype(np.float32) / 32768, 16000)
+    (root / "spk2" / "take 2" / "c.txt").write_text("ogg vorbis")
+    sf.write(root / "spk2" / "d.wav", a, 16000, subtype="PCM_16")            # no transcript
+    sf.write(root / "spk2" / "e.wav", a, 16000, subtype="PCM_16")
+    (root / "spk2" / "e.txt").write_text("  \n")                              # empty transcript
+    (root / "spk2" / "notes.txt").write_text("a transcript without audio is ignored")
+
+    index = prepare(read_folder(str(root)), str(tmp_path / "out"), workers=1, progress=False)
+    samples = _samples(tmp_path / "out")
+    assert list(samples) == ["spk1_a", "spk1_b", "spk2_take_2_c"]
+    metas = {k: json.loads(v["json"]) for k, v in samples.items()}
+    assert [(m["text"], m["speaker"], m["source"]) for m in metas.values()] == [
+        ("first line second line", "spk1", "spk1/a.wav"), ("from a lab file", "spk1", "spk1/b.flac"),
+        ("ogg vorbis", "take 2", "spk2/take 2/c.ogg")]
+    np.testing.assert_array_equal(_pcm_of(samples["spk1_a"]["flac"]), a)
+    np.testing.assert_array_equal(_pcm_of(samples["spk1_b"]["flac"]), b)
+    assert metas["spk2_take_2_c"]["num_samples"] == 800  # lossy, so only the length is exact
+    assert index["rejects"] == [
+        {"file": "spk2/d.wav", "audio": "spk2/d.wav", "reason": "no transcript: expected d.txt or d.lab beside it"},
+        {"file": "spk2/e.wav", "audio": "spk2/e.wav", "reason": f"empty transcript {root / 'spk2' / 'e.txt'}"}]
+    assert index["counts"]["speaker"] == {"spk1": {"samples": 2, "hours": round(0.25 / 3600, 6)},
+                                          "take 2": {"samples": 1, "hours": round(0.05 / 3600, 6)}}
+
+
+def _wav_bytes(samples, sample_rate=16000):
+    buffer = io.BytesIO()
+    sf.write(buffer, samples, sample_rate, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def test_hugging_face_save_to_disk_and_parquet_give_identical_shards(tmp_path, capsys):
+    datasets = pytest.importorskip("datasets")
+    pcm = [_pcm(i, 1600 + 400 * i) for i in range(4)]
+    rows = {
+        "audio": [{"bytes": _wav_bytes(pcm[0]), "path": "r0.wav"},
+                  {"bytes": _wav_bytes(pcm[1]), "path": None},
+                  {"bytes": b"not audio", "path": "bad.wav"},
+                  {"bytes": _wav_bytes(pcm[3]), "path": "r3.wav"},
+                  {"bytes": _wav_bytes(pcm[2]), "path": "r4.wav"}],
+        "sentence": ["zero", "one", "two", None, "four"],
+        "speaker": ["s0", "s1", "s0", "s1", "s1"],
+        "task": ["asr", "tts", "asr", "asr", "tts"],
+        "emotion": ["happy", None, "sad", "sad", "sad"],
+        "score": [0.5, 1.0, 2.0, 3.0, 4.0],
+    }
+    train = datasets.Dataset.from_dict(rows).cast_column("audio", datasets.Audio())
+    datasets.DatasetDict({"train": train, "test": train.select([4])}).save_to_disk(str(tmp_path / "ds"))
+    train.to_parquet(str(tmp_path / "pq" / "data" / "train-00000-of-00001.parquet"))
+
+    index = prepare(read_hf(str(tmp_path / "ds"), text_column="sentence"), str(tmp_path / "out"),
+                    shard_size=2, workers=1, progress=False)
+    samples = _samples(tmp_path / "out")
+    assert list(samples) == ["train-00000000", "train-00000001", "train-00000004"]
+    for key, expected in zip(samples, [pcm[0], pcm[1], pcm[2]]):
+        np.testing.assert_array_equal(_pcm_of(samples[key]["flac"]), expected)
+    meta = json.loads(samples["train-00000001"]["json"])
+    assert meta == {"text": "one", "speaker": "s1", "task": "tts", "score": 1.0, "duration_s": 0.125,
+                    "num_samples": 2000, "sample_rate": 16000, "source": "row 1"}
+    assert [r["row"] for r in index["rejects"]] == [2, 3]
+    assert index["rejects"][0]["reason"].startswith("unreadable audio (")
+    assert index["rejects"][0]["reason"].endswith(": bad.wav (row 2)")
+    assert index["rejects"][1] == {"row": 3, "audio": "r3.wav",
+                                   "reason": "column 'sentence' must be a string, got NoneType"}
+    assert {k: v["samples"] for k, v in index["counts"]["task"].items()} == {"asr": 1, "tts": 2}
+    assert {k: v["samples"] for k, v in index["counts"]["style"].items()} == {"happy": 1, "sad": 1,
+                                                                               "unknown": 1}
+
+    # Parquet of the same rows, found in a folder by its split name, gives byte-identical shards.
+    parquet = prepare(read_hf(str(tmp_path / "pq"), text_column="sentence"), str(tmp_path / "out_pq"),
+                      shard_size=2, workers=2, progress=False)
+    assert [s["sha256"] for s in parquet["shards"]] == [s["sha256"] for s in index["shards"]]
+
+    proc = _cli("hf", str(tmp_path / "ds"), str(tmp_path / "out_test"), "--split", "test",
+                "--text-column", "sentence")
+    assert proc.returncode == 0, proc.stderr
+    assert list(_samples(tmp_path / "out_test")) == ["test-00000000"]
+    assert prepare_module.main(["hf", str(tmp_path / "ds"), str(tmp_path / "x"), "--split", "dev"]) == 2
+    assert (f"error: dataset '{tmp_path / 'ds'}' has no split 'dev'; splits: ['test', 'train']"
+            in capsys.readouterr().err)
+    with pytest.raises(PrepareError, match=r"has no text column 'text'; columns: \['audio', 'sentence'"):
+        read_hf(str(tmp_path / "ds"))
+
+
+def test_target_audio_is_a_second_flac_and_a_bad_one_rejects(tmp_path):
+    source, target = _pcm(1, 1600), _pcm(2, 4000)
+    sf.write(tmp_path / "src.wav", source, 16000, subtype="PCM_16")
+    sf.write(tmp_path / "tgt.wav", target, 16000, subtype="PCM_16")
+    lines = [{"id": "s2st", "audio": "src.wav", "target_audio": "tgt.wav", "text": "hola", "task": "s2st"},
+             {"id": "broken", "audio": "src.wav", "target_audio": "gone.wav", "text": "x", "task": "s2st"},
+             {"id": "plain", "audio": "src.wav", "text": "hello"}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    index = prepare_manifest(str(tmp_path / "m.jsonl"), str(tmp_path / "out"), workers=1, progress=False)
+
+    samples = _samples(tmp_path / "out")
+    assert list(samples) == ["s2st", "plain"]
+    assert sorted(samples["s2st"]) == ["flac", "json", "target.flac"] and sorted(samples["plain"]) == ["flac", "json"]
+    np.testing.assert_array_equal(_pcm_of(samples["s2st"]["target.flac"]), target)
+    np.testing.assert_array_equal(_pcm_of(samples["s2st"]["flac"]), source)
+    meta = json.loads(samples["s2st"]["json"])
+    assert (meta["target_duration_s"], meta["target_num_samples"], meta["target_source"]) == (0.25, 4000, "tgt.wav")
+    assert "target_audio" not in meta
+    assert index["rejects"] == [{"line": 2, "audio": "src.wav",
+                                 "reason": f"target audio: file not found: {tmp_path / 'gone.wav'}"}]
+    assert index["counts"]["task"] == {"asr": {"samples": 1, "hours": round(0.1 / 3600, 6)},
+                                       "s2st": {"samples": 1, "hours": round(0.1 / 3600, 6)}}
+
+
+def test_killed_run_resumes_shard_by_shard_and_rerun_writes_nothing(tmp_path, monkeypatch, capsys):
+    lines = []
+    for i in range(9):
+        sf.write(tmp_path / f"{i}.wav", _pcm(i, 800 + 160 * i), 16000, subtype="PCM_16")
+        lines.append({"audio": f"{i}.wav", "text": f"t{i}"})
+    lines.insert(4, {"audio": "missing.wav", "text": "gone"})  # line 5: a decode reject inside shard 1
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    reference = prepare_manifest(str(manifest), str(tmp_path / "ref"), shard_size=3, workers=1, progress=False)
+    assert [s["num_samples"] for s in reference["shards"]] == [3, 3, 3]
+
+    calls = []
+    real_load = prepare_module._load
+
+    def counting_load(job):
+        calls.append(os.path.basename(job[0]))
+        if len(calls) == kill_at:
+            raise KeyboardInterrupt  # stands in for a kill between two samples
+        return real_load(job)
+    monkeypatch.setattr(prepare_module, "_load", counting_load)
+
+    out = tmp_path / "out"
+    kill_at = 8  # shards 0 (lines 1-3) and 1 (lines 4-7, line 5 rejected) are done, shard 2 is not
+    with pytest.raises(KeyboardInterrupt):
+        prepare_manifest(str(manifest), str(out), shard_size=3, workers=1, progress=False)
+    assert sorted(os.listdir(out)) == ["prepare_state.json", "shard-000000.tar", "shard-000001.tar"]
+    inodes = {name: os.stat(out / name).st_ino for name in ("shard-000000.tar", "shard-000001.tar")}
+    (out / "shard-000005.tar.tmp").write_bytes(b"left by a SIGKILL")
+
+    calls.clear()
+    kill_at = None
+    index = prepare_manifest(str(manifest), str(out), shard_size=3, workers=1, progress=False)
+    assert calls == ["6.wav", "7.wav", "8.wav"]  # only the samples of the missing shard were decoded
+    assert index == reference | {"source": str(manifest)}
+    assert {name: os.stat(out / name).st_ino for name in inodes} == inodes
+    assert sorted(os.listdir(out)) == ["index.json", "prepare_state.json"] + [f"shard-00000{i}.tar" for i in range(3)]
+    for shard in reference["shards"]:
+        assert (out / shard["name"]).read_bytes() == (tmp_path / "ref" / shard["name"]).read_bytes()
+    assert "kept 2 shards of the previous run, wrote 1" in capsys.readouterr().err
+
+    calls.clear()
+    index_mtime = os.stat(out / "index.json").st_mtime_ns
+    assert prepare_manifest(str(manifest), str(out), shard_size=3, workers=1, progress=False) == index
+    assert calls == [] and os.stat(out / "index.json").st_mtime_ns == index_mtime
+    assert f"data.prepare: {out} is up to date (3 shards); nothing written" in capsys.readouterr().err
+
+    # A lost or damaged shard is rewritten alone, from the candidates it held (line 5's reject included).
+    (out / "shard-000001.tar").unlink()
+    (out / "shard-000002.tar").write_bytes(b"damaged")
+    calls.clear()
+    assert prepare_manifest(str(manifest), str(out), shard_size=3, workers=1, progress=False) == index
+    assert calls == ["3.wav", "missing.wav", "4.wav", "5.wav", "6.wav", "7.wav", "8.wav"]
+    assert hashlib.sha256((out / "shard-000002.tar").read_bytes()).hexdigest() == index["shards"][2]["sha256"]
+
+    # Another shard size is another output: everything is written again, nothing stale is left.
+    calls.clear()
+    index = prepare_manifest(str(manifest), str(out), shard_size=5, workers=1, progress=False)
+    assert len(calls) == 10 and [s["num_samples"] for s in index["shards"]] == [5, 4]
+    assert sorted(os.listdir(out)) == ["index.json", "prepare_state.json", "shard-000000.tar", "shard-000001.tar"]
+
+
+def test_parquet_with_plain_bytes_columns_and_a_target_column(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    source, target = _pcm(5, 1600), _pcm(6, 2400)
+    table = pa.table({"id": ["ab-1", "ab-2"], "text": ["hi", "yo"],
+                      "audio": [_wav_bytes(source), _wav_bytes(source)],
+                      "speech_out": [_wav_bytes(target, 8000), b""]})
+    pq.write_table(table, str(tmp_path / "pairs.parquet"))
+    index = prepare(read_hf(str(tmp_path / "pairs.parquet"), target_column="speech_out"), str(tmp_path / "out"),
+                    workers=1, progress=False)
+    samples = _samples(tmp_path / "out")
+    assert list(samples) == ["ab-1"]
+    meta = json.loads(samples["ab-1"]["json"])
+    # The 8 kHz target is resampled to 16 kHz: twice the samples.
+    assert (meta["source"], meta["target_source"], meta["target_num_samples"]) == ("row 0", "row 0", 4800)
+    np.testing.assert_array_equal(_pcm_of(samples["ab-1"]["flac"]), source)
+    assert index["rejects"] == [{"row": 1, "audio": "row 1", "reason": "target audio: no audio (neither bytes "
+                                 "nor a path): row 1"}]
