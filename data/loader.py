@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import io
 import json
 import logging
 import math
@@ -15,6 +16,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional
 
+import numpy as np
 import torch
 import torchaudio
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -23,12 +25,12 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 from data.audio import AudioError, decode_audio
 from data.features import N_MELS, SAMPLE_RATE, log_mel, num_audio_tokens, split_chunks
 from data.shards import shard_paths
-from data.templates import DEFAULT_ASR_INSTRUCTION, IGNORE_INDEX, render_asr
+from data.tasks import DEFAULT_TASK, TASKS, RenderOptions, Sample
+from data.templates import DEFAULT_ASR_INSTRUCTION, IGNORE_INDEX, TemplateError
 from data.tokenizer import SpecialIds, load_tokenizer, special_ids
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("asr",)
 _STATE_VERSION = 1
 _MAX_SKIPPED_KEYS = 20
 
@@ -40,8 +42,8 @@ class DataConfig:
     """Dataset folders holding index.json, tar paths, globs (`d/*.tar`) or brace patterns (`d/s-{0..9}.tar`)."""
     tokenizer: str = ""
     """Folder of the extended tokenizer (`python -m data.tokenizer build`)."""
-    task: str = "asr"
-    """Template that renders each record; only "asr" for now."""
+    task: str = DEFAULT_TASK
+    """Task of records whose JSON names none in its "task" field (see data.tasks.TASKS)."""
     batch_size: int = 8
     """Samples per rank per micro-batch; every batch holds exactly this many."""
     num_workers: int = 2
@@ -83,19 +85,20 @@ def _read_shard(path: str) -> Iterator[Dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------- samples
 
 class _Skip(Exception):
-    """A sample that cannot be used; `reason` is the stats key."""
+    """A sample that cannot be used; `reason` is the stats key, `detail` says what is wrong."""
 
-    def __init__(self, reason: str):
-        super().__init__(reason)
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+        self.detail = detail
 
 
 # data.audio's reasons -> our stats keys; anything else it rejects is "bad_audio".
 _AUDIO_REASONS = {"non-finite samples": "non_finite_audio", "empty audio": "too_short"}
 
 
-def _parse_record(raw: Dict[str, Any], max_audio_s: Optional[float]) -> tuple:
-    """(text, wave_T at 16 kHz) of a raw sample, or _Skip with the reason."""
+def _parse_meta(raw: Dict[str, Any], max_audio_s: Optional[float]) -> Dict[str, Any]:
+    """The record's JSON object, or _Skip with the reason."""
     if "__error__" in raw:
         raise _Skip("bad_shard")
     if "json" not in raw:
@@ -104,17 +107,24 @@ def _parse_record(raw: Dict[str, Any], max_audio_s: Optional[float]) -> tuple:
         meta = json.loads(raw["json"].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise _Skip("bad_json") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("text"), str):
-        raise _Skip("missing_text")
+    if not isinstance(meta, dict):
+        raise _Skip("bad_json")
     duration_s = meta.get("duration_s")
     # The metadata's duration lets a long sample be dropped before paying for its decode.
     if max_audio_s is not None and isinstance(duration_s, (int, float)) and duration_s > max_audio_s:
         raise _Skip("too_long")
-    audio = raw.get("flac", raw.get("wav"))
+    return meta
+
+
+def _decode_member(raw: Dict[str, Any], member: str, max_audio_s: Optional[float]) -> torch.Tensor:
+    """16 kHz waveform of an audio member ("flac", "target.flac"; a ".wav" of the same name also does)."""
+    audio = raw.get(member)
+    if audio is None and member.endswith("flac"):
+        audio = raw.get(member[:-4] + "wav")
     if audio is None:
-        raise _Skip("missing_audio")
+        raise _Skip("missing_audio", f"no member {member!r}")
     try:
-        wave_T, sample_rate = decode_audio(audio, _sample_name(raw))
+        wave_T, sample_rate = decode_audio(audio, f"{_sample_name(raw)}.{member}")
     except AudioError as e:
         raise _Skip(_AUDIO_REASONS.get(e.reason.split(" (")[0], "bad_audio")) from None
     except Exception:  # whatever else a decoder throws at odd bytes costs one sample, not the run
@@ -123,7 +133,20 @@ def _parse_record(raw: Dict[str, Any], max_audio_s: Optional[float]) -> tuple:
         wave_T = torchaudio.functional.resample(wave_T, sample_rate, SAMPLE_RATE)
     if max_audio_s is not None and len(wave_T) > max_audio_s * SAMPLE_RATE:
         raise _Skip("too_long")
-    return meta["text"], wave_T
+    return wave_T
+
+
+def _read_codes(raw: Dict[str, Any], member: str) -> np.ndarray:
+    """The 1-D integer audio codes in a `.npy` member; missing -> "missing_codes", unreadable -> "bad_codes"."""
+    if member not in raw:
+        raise _Skip("missing_codes", f"no member {member!r} (run data.tokenize on the shards)")
+    try:
+        codes = np.load(io.BytesIO(raw[member]), allow_pickle=False)
+    except Exception:  # any broken .npy costs one sample
+        raise _Skip("bad_codes", f"{member!r} is not a .npy array") from None
+    if codes.ndim != 1 or codes.dtype.kind not in "iu":
+        raise _Skip("bad_codes", f"{member!r} holds {codes.dtype} {codes.shape}: expected 1-D integers")
+    return codes
 
 
 def _chunk_mels(wave_T: torch.Tensor) -> List[torch.Tensor]:
@@ -136,14 +159,31 @@ def _chunk_mels(wave_T: torch.Tensor) -> List[torch.Tensor]:
 
 
 def _render(raw: Dict[str, Any], tok, ids: SpecialIds, instruction: str, max_audio_s: Optional[float],
-            with_answer: bool = True) -> Dict[str, Any]:
-    text, wave_T = _parse_record(raw, max_audio_s)
-    mels = _chunk_mels(wave_T)
+            with_answer: bool = True, default_task: str = DEFAULT_TASK,
+            force_task: Optional[str] = None) -> Dict[str, Any]:
+    """Render a raw sample with its record's task (or `force_task`); _Skip with the reason if it cannot."""
+    meta = _parse_meta(raw, max_audio_s)
+    name = force_task or meta.get("task", default_task)
+    task = TASKS.get(name) if isinstance(name, str) else None
+    if task is None:
+        raise _Skip("unknown_task", f"task {name!r} is not one of {sorted(TASKS)}")
+    sample = Sample(raw["__key__"], meta)
     try:
-        rendered = render_asr(text, [m.shape[1] for m in mels], tok, ids, instruction, with_answer)
-    except ValueError:
-        raise _Skip("bad_text") from None
-    return {"key": raw["__key__"], "text": text, "mels": mels, "num_audio_s": len(wave_T) / SAMPLE_RATE,
+        code_members, audio_members = task.codes(meta), task.audio(meta)
+    except TemplateError as e:
+        raise _Skip(e.reason, str(e)) from None
+    # Codes first: a record waiting for data.tokenize is skipped without decoding its audio.
+    sample.codes = {m: _read_codes(raw, m) for m in code_members}
+    waves = {m: _decode_member(raw, m, max_audio_s) for m in audio_members}
+    mels = {m: _chunk_mels(wave_T) for m, wave_T in waves.items()}
+    sample.mel_frames = {m: [x.shape[1] for x in chunks] for m, chunks in mels.items()}
+    try:
+        rendered = task.render(sample, tok, ids, RenderOptions(instruction, with_answer))
+    except TemplateError as e:
+        raise _Skip(e.reason, str(e)) from None
+    return {"key": raw["__key__"], "task": name, "text": meta.get("text", ""),
+            "mels": [m for member in rendered.audio for m in mels[member]],
+            "num_audio_s": sum(len(wave_T) for wave_T in waves.values()) / SAMPLE_RATE,
             "input_ids": rendered.input_ids, "labels": rendered.labels}
 
 
@@ -230,7 +270,8 @@ class _WorkerStreams(IterableDataset):
                 if consumed <= skip:  # already trained on before the restart: not even decoded
                     continue
                 try:
-                    pending.append(_render(raw, tok, ids, self.cfg.asr_instruction, self.cfg.max_audio_s))
+                    pending.append(_render(raw, tok, ids, self.cfg.asr_instruction, self.cfg.max_audio_s,
+                                           default_task=self.cfg.task))
                 except _Skip as s:
                     skipped[s.reason] += 1
                     skipped_keys = (skipped_keys + [_sample_name(raw)])[-_MAX_SKIPPED_KEYS:]
@@ -329,7 +370,7 @@ class ShardLoader:
 def build_loader(cfg: DataConfig, rank: int, world_size: int, seed: int) -> ShardLoader:
     """The loader of `rank` out of `world_size`; `seed` must be the same on every rank."""
     if cfg.task not in TASKS:
-        raise ValueError(f"data.task={cfg.task!r}: expected one of {TASKS}")
+        raise ValueError(f"data.task={cfg.task!r}: expected one of {sorted(TASKS)}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} with world_size={world_size}: expected 0 <= rank < world_size")
     for key, low in (("batch_size", 1), ("num_workers", 0), ("shuffle_buffer", 0)):
@@ -356,6 +397,9 @@ def iter_eval_samples(shards: List[str], tok, ids: SpecialIds, instruction: str 
                 sample = _render(raw, tok, ids, instruction, max_audio_s=None, with_answer=False)
             except _Skip as s:
                 logger.warning("evaluation skips %s: %s", _sample_name(raw), s.reason)
+                continue
+            if not sample["mels"]:  # e.g. a TTS record: nothing to transcribe
+                logger.warning("evaluation skips %s: task %s has no audio input", _sample_name(raw), sample["task"])
                 continue
             mels, mel_lengths = _pad_mels(sample["mels"])
             produced += 1
