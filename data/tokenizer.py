@@ -57,6 +57,57 @@ def extend_tokenizer(tok: PreTrainedTokenizerFast, num_audio_codes: int) -> PreT
     return tok
 
 
+def extend_qwen2_tokenizer(tok: PreTrainedTokenizerFast, ids: dict | None = None,
+                           first_audio_code_id: int = vocab.REFERENCE_FIRST_AUDIO_CODE_ID,
+                           num_audio_codes: int = vocab.REFERENCE_NUM_AUDIO_CODES) -> PreTrainedTokenizerFast:
+    """Add Step-Audio 2's special and audio tokens to a Qwen2 tokenizer at fixed ids (default: the release's).
+
+    `ids` maps every SPECIAL_TOKENS name to its id (vocab.REFERENCE_IDS by default); `<|endoftext|>` must
+    already sit at its id. Ids left free below the last token get vocab.reserved_token placeholders, since a
+    tokenizer hands out added ids consecutively. Modifies and returns `tok`.
+    """
+    ids = dict(vocab.REFERENCE_IDS if ids is None else ids)
+    if sorted(ids) != sorted(vocab.SPECIAL_TOKENS) or any(not isinstance(i, int) for i in ids.values()):
+        raise ValueError(f"ids must give an int id for each of {list(vocab.SPECIAL_TOKENS)}, got {ids}")
+    table = tok.get_vocab()
+    if table.get(vocab.END_OF_TEXT) != ids[vocab.END_OF_TEXT]:
+        raise ValueError(f"not a Qwen2 tokenizer of the expected layout: {vocab.END_OF_TEXT!r} has id "
+                         f"{table.get(vocab.END_OF_TEXT)}, expected {ids[vocab.END_OF_TEXT]}")
+    wanted = {i: name for name, i in ids.items() if name != vocab.END_OF_TEXT}
+    wanted.update({first_audio_code_id + c: vocab.audio_code_token(c) for c in range(num_audio_codes + 1)})
+    if len(wanted) != len(ids) - 1 + num_audio_codes + 1:
+        raise ValueError(f"two tokens share an id: special ids {ids}, audio codes from {first_audio_code_id}")
+    present = [n for n in wanted.values() if n in table]
+    if present:
+        raise ValueError(f"tokenizer already holds {present[:5]}: extend_qwen2_tokenizer expects a text-only tokenizer")
+    start = len(tok)
+    if min(wanted) < start:
+        raise ValueError(f"id {min(wanted)} ({wanted[min(wanted)]}) is already taken: the tokenizer has {start} tokens")
+    names = [wanted.get(i, vocab.reserved_token(i)) for i in range(start, max(wanted) + 1)]
+    tok.add_tokens([AddedToken(n, special=True, normalized=False) for n in names], special_tokens=True)
+    for i in (start, min(wanted), max(wanted)):
+        got = tok.convert_tokens_to_ids(names[i - start])
+        if got != i:
+            raise ValueError(f"{names[i - start]!r} landed at id {got}, expected {i}: the tokenizer's added ids "
+                             f"are not consecutive from {start}")
+    tok.eos_token = vocab.END_OF_TEXT
+    tok.pad_token = vocab.END_OF_TEXT
+    return tok
+
+
+def first_extension_id(tok: PreTrainedTokenizerFast) -> int:
+    """Lowest id of a token our extensions added (specials, placeholders, audio codes): rows below are text."""
+    ours = {vocab.BOT, vocab.EOT, vocab.AUDIO_START, vocab.AUDIO_END, vocab.AUDIO_PATCH, vocab.TTS_PAD,
+            vocab.TTS_START, vocab.TTS_END}
+    added = [i for name, i in tok.get_added_vocab().items()
+             if name in ours or name.startswith(("<|step_reserved_", "<audio_")) or
+             (name == vocab.END_OF_TEXT and i >= tok.vocab_size and vocab.BOT in tok.get_added_vocab()
+              and tok.get_added_vocab()[vocab.BOT] == i + 1)]
+    if not added:
+        raise ValueError("the tokenizer holds none of Step-Audio 2's added tokens: extend it first")
+    return min(added)
+
+
 @dataclass(frozen=True)
 class SpecialIds:
     """Ids of the tokens that templates and the model look up by role."""

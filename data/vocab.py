@@ -1,8 +1,8 @@
 """The Step-Audio 2 vocabulary beyond text: special token names, audio code tokens, reference ids.
 
 Code looks special tokens up by name in the tokenizer it is given; the released model's ids are kept
-here only to check a real tokenizer and to build the reference-sized configs. Ids marked UNVERIFIED in
-shared/reference/step-audio-2.md are None until checked against the real files.
+here to lay out a Qwen2 tokenizer's extension (data.tokenizer.extend_qwen2_tokenizer) and to check a real
+tokenizer. Ids the reference marks UNVERIFIED are our choice, listed in UNVERIFIED_IDS: one edit here fixes them.
 """
 from __future__ import annotations
 
@@ -25,18 +25,27 @@ def audio_code_token(code: int) -> str:
 # Special tokens in the order our tokenizer extension adds them after the text vocabulary.
 SPECIAL_TOKENS = (END_OF_TEXT, BOT, EOT, AUDIO_START, AUDIO_END, AUDIO_PATCH, TTS_PAD, TTS_START, TTS_END)
 
-# The released Step-Audio-2-mini tokenizer (reference file). None = not verified.
+def reserved_token(token_id: int) -> str:
+    """Placeholder that fills an id the extension skips, so later tokens land at their reference ids."""
+    return f"<|step_reserved_{token_id}|>"
+
+
+# The released Step-Audio-2-mini tokenizer's ids (reference file). Qwen2.5's own specials end at 151664.
 REFERENCE_IDS = {
     END_OF_TEXT: 151643,
-    BOT: None,
-    EOT: None,
+    BOT: 151686,
+    EOT: 151687,
     AUDIO_START: 151688,
     AUDIO_END: 151689,
     AUDIO_PATCH: 151690,
     TTS_START: 151693,
     TTS_END: 151694,
-    TTS_PAD: None,
+    TTS_PAD: 151691,
 }
+# Not seen in the real files. Chosen so SPECIAL_TOKENS after <|endoftext|> run in order right up to
+# <audio_start> (BOT, EOT) and <tts_pad> takes the first free id after <audio_patch>; the ids the
+# extension leaves free (151665-151685, 151692, 151695) hold reserved_token placeholders.
+UNVERIFIED_IDS = (BOT, EOT, TTS_PAD)
 REFERENCE_NUM_AUDIO_CODES = 6561          # CosyVoice 2 S3Tokenizer v2 (FSQ 3^8)
 REFERENCE_FIRST_AUDIO_CODE_ID = 151696    # <audio_0>; <audio_6561> (158257) is the audio pad
 REFERENCE_VOCAB_SIZE = 158720

@@ -1,6 +1,7 @@
 """Model folders in StepFun's layout: config.json, safetensors shards + index, tokenizer files.
 
 Saving goes through a temporary sibling folder renamed into place; loading is strict about names and shapes.
+A loaded folder's shard split, index metadata and other files can be carried to an export (StepFunLayout).
 """
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from dataclasses import dataclass, field
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Union
 
+import safetensors
 import safetensors.torch
 import torch
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
@@ -19,6 +22,9 @@ from model.lalm import StepAudio2ForCausalLM
 
 CONFIG_NAME = "config.json"
 INDEX_NAME = "model.safetensors.index.json"
+# Files a tokenizer folder may hold; StepFun's release ships added_tokens.json beside tokenizer.json.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "chat_template.jinja")
 
 _ENCODER_BLOCK = ("attn.query.weight", "attn.query.bias", "attn.key.weight", "attn.value.weight",
                   "attn.value.bias", "attn.out.weight", "attn.out.bias", "attn_ln.weight", "attn_ln.bias",
@@ -69,29 +75,122 @@ def _standalone_cpu(tensor: torch.Tensor, seen_storages: set) -> torch.Tensor:
     return tensor.contiguous().clone()
 
 
+@dataclass
+class StepFunLayout:
+    """How a model folder split and labelled its tensors, and which other files it held.
+
+    An export given a layout writes the same shard files with the same tensors, the index's metadata
+    and each shard's safetensors metadata, and copies the other files (remote code, token2wav/, ...).
+    """
+
+    folder: Path
+    """The folder it was read from (other files are copied from here)."""
+    weight_map: Dict[str, str]
+    """Tensor name -> shard file name, in the index's order."""
+    index_metadata: Dict[str, Any] = field(default_factory=dict)
+    """The index's "metadata" (total_size is recomputed on save)."""
+    shard_metadata: Dict[str, Optional[Dict[str, str]]] = field(default_factory=dict)
+    """Shard file name -> its safetensors header metadata."""
+    other_files: List[str] = field(default_factory=list)
+    """Top-level names in the folder that are neither weights, index nor config.json."""
+
+
+def read_layout(path: Union[str, Path]) -> StepFunLayout:
+    """The layout of a model folder in StepFun's layout (index, shard headers, other file names)."""
+    path = Path(path)
+    index = _read_json(path / INDEX_NAME)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{path / INDEX_NAME} has no 'weight_map' mapping")
+    shard_metadata = {}
+    for file_name in dict.fromkeys(weight_map.values()):
+        if not (path / file_name).is_file():
+            raise ValueError(f"model folder {path} has no {file_name} (named in {INDEX_NAME})")
+        with safetensors.safe_open(str(path / file_name), framework="pt") as f:
+            shard_metadata[file_name] = f.metadata()
+    weights = set(weight_map.values()) | {INDEX_NAME, CONFIG_NAME}
+    others = sorted(p.name for p in path.iterdir()
+                    if p.name not in weights and not p.name.startswith(".") and not p.name.endswith(".safetensors"))
+    return StepFunLayout(folder=path, weight_map=dict(weight_map), index_metadata=dict(index.get("metadata", {})),
+                         shard_metadata=shard_metadata, other_files=others)
+
+
+def _layout_plan(tensors: Dict[str, torch.Tensor], layout: StepFunLayout) -> Dict[str, List[str]]:
+    missing = [n for n in layout.weight_map if n not in tensors]
+    unexpected = [n for n in tensors if n not in layout.weight_map]
+    if missing or unexpected:
+        raise ValueError(f"the weights do not match the layout of {layout.folder}: tensors missing from the "
+                         f"weights {missing}, tensors the layout does not place {unexpected}")
+    plan: Dict[str, List[str]] = {}
+    for name, file_name in layout.weight_map.items():
+        plan.setdefault(file_name, []).append(name)
+    return plan
+
+
+def _copy_other_files(layout: StepFunLayout, dst: Path, skip: Sequence[str]) -> None:
+    for name in layout.other_files:
+        if name in skip:
+            continue
+        src = layout.folder / name
+        if src.is_dir():
+            shutil.copytree(src, dst / name)
+        else:
+            shutil.copy2(src, dst / name)
+
+
+def _save_tokenizer(tokenizer: Any, out_dir: Path) -> None:
+    tokenizer.save_pretrained(str(out_dir))
+    config_path = out_dir / "tokenizer_config.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text())
+        # transformers 5 names its generic fast class "TokenizersBackend", which the transformers 4.x that
+        # StepFun's inference code runs on cannot resolve; PreTrainedTokenizerFast loads in both.
+        if config.get("tokenizer_class") == "TokenizersBackend":
+            config["tokenizer_class"] = "PreTrainedTokenizerFast"
+            config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    added_path = out_dir / "added_tokens.json"
+    if not added_path.exists() and hasattr(tokenizer, "get_added_vocab"):
+        # The released folder lists every token added past the base vocabulary here, ordered by id.
+        base = getattr(tokenizer, "vocab_size", 0)
+        added = sorted(((t, i) for t, i in tokenizer.get_added_vocab().items() if i >= base), key=lambda x: x[1])
+        added_path.write_text(json.dumps(dict(added), indent=2, ensure_ascii=False) + "\n")
+
+
 def save_stepfun(state_dict: Dict[str, torch.Tensor], config: StepAudio2Config, out_dir: Union[str, Path],
-                 tokenizer: Any = None, max_shard_bytes: int = 5 * 2**30) -> Path:
-    """Write a complete model folder at out_dir (replacing one that is there) and return its path."""
+                 tokenizer: Any = None, max_shard_bytes: int = 5 * 2**30,
+                 layout: Optional[StepFunLayout] = None) -> Path:
+    """Write a complete model folder at out_dir (replacing one that is there) and return its path.
+
+    With a layout (from read_layout) the shards, index metadata and other files of that folder are
+    reproduced and max_shard_bytes is unused; a tokenizer given here replaces the layout's tokenizer files.
+    """
     out_dir = Path(out_dir)
     tensors = {name: t.detach() for name, t in state_dict.items()}
-    shards = _shard_plan(tensors, max_shard_bytes)
+    if layout is not None:
+        plan = _layout_plan(tensors, layout)
+    else:
+        split = _shard_plan(tensors, max_shard_bytes)
+        plan = {f"model-{i:05d}-of-{len(split):05d}.safetensors": names for i, names in enumerate(split, start=1)}
     tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     if tmp_dir.exists():
         shutil.rmtree(tmp_dir)
     tmp_dir.mkdir(parents=True)
-    weight_map: Dict[str, str] = {}
     seen: set = set()
-    for i, names in enumerate(shards, start=1):
-        file_name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+    for file_name, names in plan.items():
+        metadata = layout.shard_metadata.get(file_name) if layout is not None else {"format": "pt"}
         safetensors.torch.save_file({n: _standalone_cpu(tensors[n], seen) for n in names},
-                                    str(tmp_dir / file_name), metadata={"format": "pt"})
-        weight_map.update({n: file_name for n in names})
+                                    str(tmp_dir / file_name), metadata=metadata)
+    weight_map = dict(layout.weight_map) if layout is not None else {n: f for f, ns in plan.items() for n in ns}
     total_size = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+    metadata = dict(layout.index_metadata) if layout is not None else {}
+    metadata["total_size"] = total_size
+    index = {"metadata": metadata, "weight_map": weight_map}
     (tmp_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     (tmp_dir / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    if layout is not None:
+        _copy_other_files(layout, tmp_dir, skip=TOKENIZER_FILES if tokenizer is not None else ())
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp_dir))
+        _save_tokenizer(tokenizer, tmp_dir)
     old_dir = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
     if out_dir.exists():
         os.rename(out_dir, old_dir)
@@ -109,40 +208,57 @@ def _read_json(path: Path) -> Dict[str, Any]:
 
 
 def load_stepfun(path: Union[str, Path], dtype: Optional[torch.dtype] = None,
-                 device: Union[str, torch.device] = "cpu") -> StepAudio2ForCausalLM:
-    """Build the model on the meta device and assign the folder's tensors to it, strictly.
+                 device: Union[str, torch.device] = "cpu", build_context: Optional[ContextManager] = None,
+                 gather: Optional[Callable[[List[torch.nn.Parameter]], ContextManager]] = None,
+                 gradient_checkpointing: bool = False) -> StepAudio2ForCausalLM:
+    """Build the model once and fill it from the folder's tensors, strictly; dtype=None keeps stored dtypes.
 
-    dtype=None keeps the stored dtypes.
+    By default the model is built on the meta device and the loaded tensors become its parameters, so
+    an 8B folder occupies memory once. Under ZeRO-3 pass build_context=deepspeed.zero.Init(...) and
+    gather=lambda ps: deepspeed.zero.GatheredParameters(ps, modifier_rank=0): the model is built
+    partitioned and each tensor is copied in while its parameter is gathered (the caller owns the
+    DeepSpeed imports; this module has none).
     """
     path = Path(path)
     config = StepAudio2Config.from_dict(_read_json(path / CONFIG_NAME))
     weight_map = _read_json(path / INDEX_NAME).get("weight_map")
     if not isinstance(weight_map, dict):
         raise ValueError(f"{path / INDEX_NAME} has no 'weight_map' mapping")
-    with torch.device("meta"):
-        model = StepAudio2ForCausalLM(config)
-    expected = model.state_dict()
-    missing = [n for n in expected if n not in weight_map]
-    unexpected = sorted(n for n in weight_map if n not in expected)
+    partitioned = build_context is not None
+    if partitioned and gather is None:
+        raise ValueError("load_stepfun: build_context was given without gather (how to make a parameter whole)")
+    with build_context if partitioned else torch.device("meta"):
+        model = StepAudio2ForCausalLM(config, gradient_checkpointing=gradient_checkpointing)
+    expected_shapes = {n: _full_shape(t) for n, t in model.state_dict().items()}
+    missing = [n for n in expected_shapes if n not in weight_map]
+    unexpected = sorted(n for n in weight_map if n not in expected_shapes)
     if missing or unexpected:
         raise ValueError(f"checkpoint {path} does not match the model: missing tensors {missing}, "
                          f"unexpected tensors {unexpected}")
     state: Dict[str, torch.Tensor] = {}
+    params = dict(model.named_parameters())
     for file_name in sorted(set(weight_map.values())):
         if not (path / file_name).is_file():
             raise ValueError(f"model folder {path} has no {file_name} (named in {INDEX_NAME})")
-        shard = safetensors.torch.load_file(str(path / file_name), device=str(device))
-        for name, tensor in shard.items():
-            if weight_map.get(name) != file_name:
-                raise ValueError(f"{path / file_name} holds tensor '{name}', which {INDEX_NAME} maps to "
-                                 f"{weight_map.get(name)}")
-            if tensor.shape != expected[name].shape:
-                raise ValueError(f"tensor '{name}' has shape {tuple(tensor.shape)} in {path / file_name}, "
-                                 f"the model expects {tuple(expected[name].shape)}")
-            state[name] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
-    absent = [n for n in expected if n not in state]
+        with safetensors.safe_open(str(path / file_name), framework="pt", device=str(device)) as shard:
+            for name in shard.keys():
+                if weight_map.get(name) != file_name:
+                    raise ValueError(f"{path / file_name} holds tensor '{name}', which {INDEX_NAME} maps to "
+                                     f"{weight_map.get(name)}")
+                tensor = shard.get_tensor(name)
+                if tuple(tensor.shape) != expected_shapes[name]:
+                    raise ValueError(f"tensor '{name}' has shape {tuple(tensor.shape)} in {path / file_name}, "
+                                     f"the model expects {expected_shapes[name]}")
+                if dtype is not None and tensor.is_floating_point():
+                    tensor = tensor.to(dtype)
+                if partitioned:
+                    _copy_into(params.get(name), model, name, tensor, gather)
+                state[name] = tensor if not partitioned else torch.empty(0)
+    absent = [n for n in expected_shapes if n not in state]
     if absent:
         raise ValueError(f"checkpoint {path} does not match the model: missing tensors {absent}")
+    if partitioned:
+        return model  # zero.Init's config decided the parameters' dtype
     model.load_state_dict(state, strict=True, assign=True)
     # Non-persistent buffers (RoPE frequencies) are not in the checkpoint; rebuild them off the meta device.
     with torch.device(device):
@@ -150,3 +266,18 @@ def load_stepfun(path: Union[str, Path], dtype: Optional[torch.dtype] = None,
     left_on_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     assert not left_on_meta, left_on_meta
     return model
+
+
+def _full_shape(tensor: torch.Tensor) -> tuple:
+    # A ZeRO-3 partitioned parameter is empty locally and keeps its real shape in ds_shape.
+    return tuple(getattr(tensor, "ds_shape", tensor.shape))
+
+
+def _copy_into(param: Optional[torch.nn.Parameter], model: torch.nn.Module, name: str, tensor: torch.Tensor,
+               gather: Callable[[List[torch.nn.Parameter]], ContextManager]) -> None:
+    if param is None:  # a persistent buffer
+        with torch.no_grad():
+            model.get_buffer(name).copy_(tensor)
+        return
+    with gather([param]), torch.no_grad():
+        param.data.copy_(tensor.to(param.dtype))

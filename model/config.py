@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from transformers.models.qwen2.configuration_qwen2 import Qwen2Config
 
@@ -73,6 +73,10 @@ class StepAudio2Config:
     """Dtype the weights are stored in (config.json's torch_dtype)."""
     extra: Dict[str, Any] = field(default_factory=dict)
     """Top-level config.json keys this code does not use (model_type, architectures, ...), kept verbatim."""
+    json_keys: List[str] = field(default_factory=list)
+    """Top-level keys of the config.json this was read from, in order (empty for a built config): a save
+    writes exactly these keys (plus audio_patch_token_id once it differs from the reference), so an
+    export has the source's keys and no others."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -119,10 +123,17 @@ class StepAudio2Config:
         out.update(copy.deepcopy(dict(self.extra)))
         out["audio_encoder_config"] = audio
         out["text_config"] = copy.deepcopy(dict(self.text_config))
-        out["torch_dtype"] = self.torch_dtype
-        if self.audio_patch_token_id != REFERENCE_AUDIO_PATCH_TOKEN_ID:
+        # Newer transformers write the dtype as "dtype"; keep whichever name the source used.
+        dtype_key = "dtype" if "dtype" in self.json_keys and "torch_dtype" not in self.json_keys else "torch_dtype"
+        out[dtype_key] = self.torch_dtype
+        if self.audio_patch_token_id != REFERENCE_AUDIO_PATCH_TOKEN_ID or "audio_patch_token_id" in self.json_keys:
             out["audio_patch_token_id"] = self.audio_patch_token_id
-        return out
+        if not self.json_keys:
+            return out
+        ordered = {k: out.pop(k) for k in self.json_keys if k in out}
+        if "audio_patch_token_id" in out:
+            ordered["audio_patch_token_id"] = out.pop("audio_patch_token_id")
+        return ordered
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "StepAudio2Config":
@@ -139,10 +150,11 @@ class StepAudio2Config:
                 raise ValueError(f"config is missing required key 'audio_encoder_config.{key}'")
         audio = AudioEncoderConfig(**{k: audio_in.pop(k) for k in known}, extra=audio_in)
         rest = {k: v for k, v in d.items()
-                if k not in ("audio_encoder_config", "text_config", "torch_dtype", "audio_patch_token_id")}
+                if k not in ("audio_encoder_config", "text_config", "torch_dtype", "dtype", "audio_patch_token_id")}
         return cls(audio_encoder_config=audio, text_config=copy.deepcopy(dict(d["text_config"])),
                    audio_patch_token_id=int(d.get("audio_patch_token_id", REFERENCE_AUDIO_PATCH_TOKEN_ID)),
-                   torch_dtype=str(d.get("torch_dtype", "bfloat16")), extra=copy.deepcopy(rest))
+                   torch_dtype=str(d.get("torch_dtype", d.get("dtype", "bfloat16"))), extra=copy.deepcopy(rest),
+                   json_keys=list(d))
 
 
 # name -> (encoder state, heads, layers; decoder hidden, intermediate, layers, heads, kv heads,
