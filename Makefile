@@ -25,6 +25,8 @@ $(VENV)/.installed: pyproject.toml
 
 system-deps:
 	@command -v espeak-ng >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq espeak-ng; }
+	@{ command -v slurmctld && command -v munged; } >/dev/null || { $(SUDO) apt-get update -qq && \
+		$(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge; }
 
 test: setup
 	$(PY) -m pytest -q tests

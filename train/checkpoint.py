@@ -3,7 +3,8 @@
 Layout: RUN_DIR/checkpoints/step_00000100/ (DeepSpeed files, rank_00000.pt ..., train_state.json,
 config.yaml) and RUN_DIR/checkpoints/latest naming the newest complete one. A save goes to
 `step_N.tmp` and is renamed only when every rank has written its part, so a crash mid-save leaves the
-previous checkpoint as `latest`.
+previous checkpoint as `latest`. `latest` moves only after the folder is verified (every rank's file
+present, every .pt a complete archive).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import json
 import os
 import random
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -19,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from train.config import CheckpointConfig
+from train.faults import maybe_fault
 
 
 def _rng_state() -> Dict[str, Any]:
@@ -74,8 +77,10 @@ class Checkpointer:
         engine.save(str(self.root), tmp_tag, client_state={"step": step})
         torch.save({"loader": loader_state, "rng": _rng_state(), "step": step},
                    tmp_dir / f"rank_{self.rank:05d}.pt")
+        maybe_fault("save", step, self.rank)
         dist.barrier()
         if self.rank == 0:
+            _verify(tmp_dir, self.world_size)
             (tmp_dir / "config.yaml").write_text(config_yaml, encoding="utf-8")
             (tmp_dir / "train_state.json").write_text(
                 json.dumps({"step": step, "world_size": self.world_size}), encoding="utf-8")
@@ -103,3 +108,13 @@ class Checkpointer:
         done = sorted(p for p in self.root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
         for old in done[:-self.cfg.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _verify(folder: Path, world_size: int) -> None:
+    """A checkpoint is complete when every rank's file is there and no .pt file is cut short."""
+    missing = [r for r in range(world_size) if not (folder / f"rank_{r:05d}.pt").is_file()]
+    # torch.save writes a zip whose directory sits at the end: a truncated file is not a zip.
+    broken = [p.name for p in sorted(folder.rglob("*.pt")) if not zipfile.is_zipfile(p)]
+    if missing or broken:
+        raise RuntimeError(f"checkpoint {folder} is incomplete (missing ranks {missing}, truncated {broken}); "
+                           f"`latest` still names the previous one")

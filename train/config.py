@@ -118,6 +118,17 @@ class EvalConfig:
 
 
 @dataclass
+class ResilienceConfig:
+    watchdog_s: float = 1800.0
+    """No step finished for this many seconds -> every rank dumps its threads' stacks to
+    RUN_DIR/watchdog/rank_N.txt and exits non-zero; 0 disables the watchdog."""
+    collective_timeout_s: float = 600.0
+    """A collective that waits longer than this for a peer (e.g. a dead rank on another node) fails."""
+    preempt_signals: List[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
+    """Signals that mean: finish the current step, write a checkpoint, exit with code 75 (requeue)."""
+
+
+@dataclass
 class TrainConfig:
     run_dir: str = "runs/default"
     """Folder for checkpoints, metrics.jsonl, the resolved config and the export."""
@@ -132,6 +143,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
 
 
 def load_config(recipe: Optional[str] = None, overrides: List[str] = ()) -> TrainConfig:
@@ -192,6 +204,13 @@ def validate(cfg: TrainConfig) -> None:
         bad("model.trainable", cfg.model.trainable, "at least one parameter group")
     if cfg.checkpoint.keep_last < 1:
         bad("checkpoint.keep_last", cfg.checkpoint.keep_last, "an integer >= 1")
+    if cfg.resilience.watchdog_s < 0:
+        bad("resilience.watchdog_s", cfg.resilience.watchdog_s, "seconds >= 0 (0 disables)")
+    if cfg.resilience.collective_timeout_s <= 0:
+        bad("resilience.collective_timeout_s", cfg.resilience.collective_timeout_s, "positive seconds")
+    catchable = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT")
+    if any(s not in catchable for s in cfg.resilience.preempt_signals):
+        bad("resilience.preempt_signals", cfg.resilience.preempt_signals, f"names from {', '.join(catchable)}")
 
 
 def to_yaml(cfg: TrainConfig) -> str:

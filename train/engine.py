@@ -15,16 +15,19 @@ import torch
 from train.config import PARAM_GROUPS, TrainConfig, deepspeed_config
 
 
-def init_distributed() -> tuple[int, int]:
-    """Joins (or, for a plain `python -m train`, creates) the process group; returns (rank, world_size)."""
+def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
+    """Joins (or, for a plain `python -m train`, creates) the process group; returns (rank, world_size).
+
+    A collective waiting longer than timeout_s for a peer fails instead of hanging the job."""
     import deepspeed
+    from datetime import timedelta
 
     if "RANK" not in os.environ:
         # A single process started without a launcher: give it a one-rank group of its own.
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     backend = deepspeed.get_accelerator().communication_backend_name()
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timedelta(seconds=timeout_s))
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 

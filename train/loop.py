@@ -19,7 +19,10 @@ from train.checkpoint import Checkpointer
 from train.config import TrainConfig, to_yaml
 from train.engine import Engine, init_distributed, model_init_context
 from train.evaluate import evaluate_asr
+from train.faults import maybe_fault
 from train.metrics import make_sink
+from train.preempt import PREEMPTED_EXIT_CODE, Preempted, PreemptionFlag
+from train.watchdog import Watchdog
 
 
 def build_model(cfg: TrainConfig, tok) -> StepAudio2ForCausalLM:
@@ -52,7 +55,8 @@ def _sum_over_ranks(value: float) -> float:
 
 
 def run(cfg: TrainConfig) -> Dict[str, Any]:
-    rank, world_size = init_distributed()
+    rank, world_size = init_distributed(timeout_s=cfg.resilience.collective_timeout_s)
+    preempt = PreemptionFlag(cfg.resilience.preempt_signals)
     torch.manual_seed(cfg.seed)
     tok = load_tokenizer(cfg.data.tokenizer)
     ids = special_ids(tok)
@@ -91,6 +95,8 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
     sink.start(step, cfg.max_steps)
     window = {"loss": 0.0, "tokens": 0, "audio_s": 0.0, "micro": 0, "t0": time.perf_counter()}
     engine.module.train()
+    watchdog = Watchdog(cfg.run_dir, rank, cfg.resilience.watchdog_s)
+    watchdog.beat()
     while step < cfg.max_steps:
         for _ in range(cfg.engine.grad_accum_steps):
             batch = next(batches)
@@ -101,6 +107,7 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
             window["audio_s"] += float(batch["num_audio_s"])
             window["micro"] += 1
         step += 1
+        maybe_fault("step", step, rank)
         sink.advance(step, f"loss {out.loss.item():.3f}")
         if step % cfg.metrics.log_every == 0 or step == cfg.max_steps:
             elapsed = time.perf_counter() - window["t0"]
@@ -115,8 +122,18 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
             window = {"loss": 0.0, "tokens": 0, "audio_s": 0.0, "micro": 0, "t0": time.perf_counter()}
         if cfg.eval.shards and cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < cfg.max_steps:
             evaluate(f"step{step}")
-        if step == cfg.max_steps or (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0):
+        preempted = preempt.any_rank_received() and step < cfg.max_steps  # at the end, just finish
+        periodic = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
+        if preempted or periodic or step == cfg.max_steps:
             ckpt.save(engine, step, loader.state_dict(), config_yaml)
+        if preempted:
+            watchdog.stop()
+            sink.message(f"preempted ({preempt.received or 'signal on another rank'}): checkpoint at step {step} "
+                         f"written, exiting with {PREEMPTED_EXIT_CODE} to be requeued")
+            sink.close()
+            raise Preempted()
+        watchdog.beat()
+    watchdog.stop()
     sink.advance(step)
 
     if cfg.eval.shards and cfg.eval.at_end:
