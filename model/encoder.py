@@ -76,12 +76,34 @@ def encoder_lengths(mel_lengths_B: torch.Tensor) -> Tuple[torch.Tensor, torch.Te
     return attended, attended // 2, (mel_lengths_B + 1) // 2 // 2
 
 
+# Fresh frontend convs are drawn with He-normal weights times this gain. PyTorch's default init leaves
+# their output ~100x weaker than the sinusoidal positional table added right after, so a from-scratch
+# encoder's output is >99% position and the decoder learns to ignore the audio (the demo then sits on
+# its language-model plateau). With this gain the audio content is about as strong as the position.
+FRONTEND_INIT_GAIN = 3.0
+
+
+class FrontendConv(nn.Conv1d):
+    """A Conv1d of the encoder frontend with the initialisation above (names and shapes unchanged).
+
+    The init lives in reset_parameters, which nn.Conv1d calls inside its own __init__, so it also works
+    under deepspeed.zero.Init (before partitioning) and on the meta device (a no-op there).
+    """
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_normal_(self.weight, nonlinearity="relu")
+        with torch.no_grad():
+            self.weight.mul_(FRONTEND_INIT_GAIN)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
 class AudioEncoder(nn.Module):
     def __init__(self, n_mels: int, n_ctx: int, n_state: int, n_head: int, n_layer: int):
         super().__init__()
         self.n_ctx = n_ctx
-        self.conv1 = nn.Conv1d(n_mels, n_state, kernel_size=3, padding=1)
-        self.conv2 = nn.Conv1d(n_state, n_state, kernel_size=3, stride=2, padding=1)
+        self.conv1 = FrontendConv(n_mels, n_state, kernel_size=3, padding=1)
+        self.conv2 = FrontendConv(n_state, n_state, kernel_size=3, stride=2, padding=1)
         self.positional_embedding = SinusoidEmbedding(n_ctx, n_state)
         self.positional_embedding.weight.requires_grad_(False)
         self.blocks = nn.ModuleList([ResidualAttentionBlock(n_state, n_head) for _ in range(n_layer)])

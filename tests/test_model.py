@@ -336,3 +336,25 @@ def test_the_model_builds_under_deepspeed_zero_init():
     assert result["partitioned"] and result["sinusoidal"]
     plain = {n: list(p.shape) for n, p in tiny_model().named_parameters()}
     assert result["shapes"] == plain
+
+
+def _content_share(encoder, mels_NMF):
+    """Share of the encoder output's energy that differs between inputs (the rest is position)."""
+    with torch.no_grad():
+        out_NTC, _ = encoder(mels_NMF, torch.full((mels_NMF.shape[0],), mels_NMF.shape[2]))
+    return (out_NTC.std(0).pow(2).mean() / out_NTC.pow(2).mean()).item()
+
+
+def test_fresh_encoder_output_carries_the_audio_not_only_its_position():
+    # With PyTorch's default conv init the sinusoidal table drowns the audio (<5% of the energy) and a
+    # from-scratch model never learns to listen; the frontend init must keep the content audible.
+    from model.encoder import AudioEncoder, FrontendConv
+    torch.manual_seed(0)
+    mels = torch.randn(6, 128, 200) * 0.5 + 0.3  # the log-mel frontend's typical range
+    encoder = AudioEncoder(128, 1500, 64, 2, 2)
+    assert isinstance(encoder.conv1, FrontendConv) and isinstance(encoder.conv2, FrontendConv)
+    assert torch.equal(encoder.conv1.bias, torch.zeros(64))
+    assert _content_share(encoder, mels) > 0.3
+    for conv in (encoder.conv1, encoder.conv2):
+        torch.nn.Conv1d.reset_parameters(conv)
+    assert _content_share(encoder, mels) < 0.05

@@ -1,7 +1,7 @@
 """Training checkpoints: engine state + every rank's loader state and RNG + step, written atomically.
 
 Layout: RUN_DIR/checkpoints/step_00000100/ (DeepSpeed files, rank_00000.pt ..., train_state.json,
-config.yaml) and RUN_DIR/checkpoints/latest naming the newest complete one. A save goes to
+config.yaml, model_config.json) and RUN_DIR/checkpoints/latest naming the newest complete one. A save goes to
 `step_N.tmp` and is renamed only when every rank has written its part, so a crash mid-save leaves the
 previous checkpoint as `latest`. `latest` moves only after the folder is verified (every rank's file
 present, every .pt a complete archive).
@@ -82,6 +82,9 @@ class Checkpointer:
         if self.rank == 0:
             _verify(tmp_dir, self.world_size)
             (tmp_dir / "config.yaml").write_text(config_yaml, encoding="utf-8")
+            # The model's own config.json content, so model.convert needs nothing but this folder.
+            (tmp_dir / "model_config.json").write_text(
+                json.dumps(engine.module.config.to_dict(), indent=2), encoding="utf-8")
             (tmp_dir / "train_state.json").write_text(
                 json.dumps({"step": step, "world_size": self.world_size}), encoding="utf-8")
             final = self.root / tag

@@ -99,6 +99,10 @@ class Engine:
     def module(self) -> torch.nn.Module:
         return self.ds.module
 
+    @property
+    def device(self) -> torch.device:
+        return self.ds.device
+
     def forward(self, batch: Dict[str, Any]):
         dtype = torch.bfloat16 if self.cfg.engine.precision == "bf16" else torch.float32
         mels = batch.get("mels")

@@ -42,16 +42,11 @@ def build_model(cfg: TrainConfig, tok) -> StepAudio2ForCausalLM:
         return StepAudio2ForCausalLM(config, gradient_checkpointing=cfg.model.gradient_checkpointing)
 
 
-def _mean_over_ranks(values: Dict[str, float]) -> Dict[str, float]:
-    t = torch.tensor(list(values.values()), dtype=torch.float64)
+def _sum_over_ranks(values: Dict[str, float], device: torch.device) -> Dict[str, float]:
+    # On the engine's device: NCCL reduces only accelerator tensors.
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return dict(zip(values, (t / dist.get_world_size()).tolist()))
-
-
-def _sum_over_ranks(value: float) -> float:
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t.item())
+    return dict(zip(values, t.tolist()))
 
 
 def run(cfg: TrainConfig) -> Dict[str, Any]:
@@ -111,14 +106,14 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
         sink.advance(step, f"loss {out.loss.item():.3f}")
         if step % cfg.metrics.log_every == 0 or step == cfg.max_steps:
             elapsed = time.perf_counter() - window["t0"]
-            stats = _mean_over_ranks({"loss": window["loss"] / window["micro"]})
-            tokens = _sum_over_ranks(window["tokens"])
-            audio_s = _sum_over_ranks(window["audio_s"])
+            totals = _sum_over_ranks({"loss": window["loss"] / window["micro"], "tokens": window["tokens"],
+                                      "audio_s": window["audio_s"]}, engine.device)
+            loss = totals["loss"] / world_size
             skipped = sum(loader.stats()["skipped"].values())
-            sink.log(step, {"loss": stats["loss"], "lr": engine.lr(), "grad_norm": engine.grad_norm(),
-                            "tokens_per_s": tokens / elapsed, "audio_s_per_s": audio_s / elapsed,
+            sink.log(step, {"loss": loss, "lr": engine.lr(), "grad_norm": engine.grad_norm(),
+                            "tokens_per_s": totals["tokens"] / elapsed, "audio_s_per_s": totals["audio_s"] / elapsed,
                             "skipped_samples": skipped})
-            sink.advance(step, f"loss {stats['loss']:.3f} lr {engine.lr():.2e} {tokens / elapsed:.0f} tok/s")
+            sink.advance(step, f"loss {loss:.3f} lr {engine.lr():.2e} {totals['tokens'] / elapsed:.0f} tok/s")
             window = {"loss": 0.0, "tokens": 0, "audio_s": 0.0, "micro": 0, "t0": time.perf_counter()}
         if cfg.eval.shards and cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < cfg.max_steps:
             evaluate(f"step{step}")
