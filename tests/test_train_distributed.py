@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 from tests.conftest import data_overrides, run_cli
 
@@ -23,13 +24,14 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_resume_continues_exactly_like_an_uninterrupted_run(stage, espeak_data, tmp_path):
+@pytest.mark.parametrize("stage,precision", [(2, "bf16"), (3, "fp32")])
+def test_resume_continues_exactly_like_an_uninterrupted_run(stage, precision, espeak_data, tmp_path):
     whole, split = tmp_path / "whole", tmp_path / "split"
-    torchrun(whole, espeak_data, f"engine.zero_stage={stage}", "max_steps=6")
-    torchrun(split, espeak_data, f"engine.zero_stage={stage}", "max_steps=3")
+    setup = [f"engine.zero_stage={stage}", f"engine.precision={precision}"]
+    torchrun(whole, espeak_data, *setup, "max_steps=6")
+    torchrun(split, espeak_data, *setup, "max_steps=3")
     assert (split / "checkpoints" / "latest").read_text() == "step_00000003"
-    torchrun(split, espeak_data, f"engine.zero_stage={stage}", "max_steps=6")
+    torchrun(split, espeak_data, *setup, "max_steps=6", "checkpoint.export=true")
 
     expected, got = losses(whole), losses(split)
     assert sorted(expected) == [1, 2, 3, 4, 5, 6]
@@ -43,3 +45,9 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(stage, espeak_data, 
     assert kept == ["step_00000006"]
     assert sorted(p.name for p in (split / "checkpoints" / "step_00000006").glob("rank_*.pt")) == \
         ["rank_00000.pt", "rank_00001.pt"]
+    # The export (gathered from all ranks under ZeRO-3) says the dtype its tensors are stored in.
+    export = split / "export"
+    dtype = json.loads((export / "config.json").read_text())["torch_dtype"]
+    assert dtype == {"bf16": "bfloat16", "fp32": "float32"}[precision]
+    tensors = load_file(next(export.glob("model-*.safetensors")))
+    assert {str(t.dtype) for t in tensors.values()} == {f"torch.{dtype}"}

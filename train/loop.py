@@ -1,6 +1,7 @@
 """The training run: build everything from the config, resume, loop over steps, checkpoint, export."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import asdict
@@ -17,9 +18,10 @@ from model.config import preset_config
 from model.lalm import StepAudio2ForCausalLM
 from train.checkpoint import Checkpointer
 from train.config import TrainConfig, to_yaml
-from train.engine import Engine, init_distributed, model_init_context
+from train.engine import Engine, gathered_for_write, init_distributed, model_init_context
 from train.evaluate import evaluate_asr
 from train.faults import maybe_fault
+from train.lora import apply_lora, audio_rows, save_adapter
 from train.metrics import make_sink
 from train.preempt import PREEMPTED_EXIT_CODE, Preempted, PreemptionFlag
 from train.watchdog import Watchdog
@@ -27,12 +29,19 @@ from train.watchdog import Watchdog
 
 def build_model(cfg: TrainConfig, tok) -> StepAudio2ForCausalLM:
     ids = special_ids(tok)
-    if cfg.model.init_from:
-        model = load_stepfun(cfg.model.init_from)
+    key, init_from = ("lora.init_from", cfg.lora.init_from) if cfg.lora.enabled else ("model.init_from",
+                                                                                      cfg.model.init_from)
+    if init_from:
+        partitioned = cfg.engine.zero_stage == 3
+        model = load_stepfun(init_from, build_context=model_init_context(cfg) if partitioned else None,
+                             gather=gathered_for_write if partitioned else None,
+                             gradient_checkpointing=cfg.model.gradient_checkpointing)
         if model.config.audio_patch_token_id != ids.audio_patch:
             raise ValueError(
-                f"model.init_from {cfg.model.init_from} expects <audio_patch> id "
+                f"{key} {init_from} expects <audio_patch> id "
                 f"{model.config.audio_patch_token_id}, the tokenizer {cfg.data.tokenizer} has {ids.audio_patch}")
+        if cfg.lora.enabled:
+            apply_lora(model, cfg.lora, audio_rows(ids.first_audio_code, ids.num_audio_codes))
         return model
     vocab_size = cfg.model.vocab_size or -(-len(tok) // 64) * 64
     if vocab_size < len(tok):
@@ -137,7 +146,10 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
         state = engine.full_state_dict()
         if rank == 0:
             export_dir = Path(cfg.run_dir) / "export"
-            save_stepfun(state, engine.module.config, str(export_dir), tokenizer=tok)
+            # config.json must name the dtype the tensors are stored in (bf16 training exports bf16).
+            stored = next(t.dtype for t in state.values() if t.is_floating_point())
+            config = dataclasses.replace(engine.module.config, torch_dtype=str(stored).removeprefix("torch."))
+            save_stepfun(state, config, str(export_dir), tokenizer=tok)
             sink.message(f"exported StepFun-layout weights to {export_dir}")
             results["export_dir"] = str(export_dir)
         dist.barrier()
