@@ -41,7 +41,6 @@ def evaluate_asr(model: torch.nn.Module, tok, ids: SpecialIds, shards: List[str]
         model.train(was_training)
     if not refs:
         raise ValueError(f"eval.shards {shards} yielded no samples")
-    # An empty hypothesis is all deletions; jiwer needs a non-empty string to count them.
-    wer = jiwer.wer(refs, [h if h else "<empty>" for h in hyps])
+    wer = jiwer.wer(refs, hyps)  # an empty hypothesis counts as deletions of every reference word
     return {"wer": float(wer), "num_samples": len(refs),
             "examples": [{"key": k, "ref": r, "hyp": h} for k, r, h in list(zip(keys, refs, hyps))[:3]]}
