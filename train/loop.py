@@ -18,10 +18,9 @@ from model.config import preset_config
 from model.lalm import StepAudio2ForCausalLM
 from train.checkpoint import Checkpointer
 from train.config import TrainConfig, to_yaml
-from train.engine import Engine, gathered_for_write, init_distributed, model_init_context
+from train.engine import Engine, init_distributed, model_init_context
 from train.evaluate import evaluate_asr
 from train.faults import maybe_fault
-from train.lora import apply_lora, audio_rows, save_adapter
 from train.metrics import make_sink
 from train.preempt import PREEMPTED_EXIT_CODE, Preempted, PreemptionFlag
 from train.watchdog import Watchdog
@@ -29,19 +28,12 @@ from train.watchdog import Watchdog
 
 def build_model(cfg: TrainConfig, tok) -> StepAudio2ForCausalLM:
     ids = special_ids(tok)
-    key, init_from = ("lora.init_from", cfg.lora.init_from) if cfg.lora.enabled else ("model.init_from",
-                                                                                      cfg.model.init_from)
-    if init_from:
-        partitioned = cfg.engine.zero_stage == 3
-        model = load_stepfun(init_from, build_context=model_init_context(cfg) if partitioned else None,
-                             gather=gathered_for_write if partitioned else None,
-                             gradient_checkpointing=cfg.model.gradient_checkpointing)
+    if cfg.model.init_from:
+        model = load_stepfun(cfg.model.init_from)
         if model.config.audio_patch_token_id != ids.audio_patch:
             raise ValueError(
-                f"{key} {init_from} expects <audio_patch> id "
+                f"model.init_from {cfg.model.init_from} expects <audio_patch> id "
                 f"{model.config.audio_patch_token_id}, the tokenizer {cfg.data.tokenizer} has {ids.audio_patch}")
-        if cfg.lora.enabled:
-            apply_lora(model, cfg.lora, audio_rows(ids.first_audio_code, ids.num_audio_codes))
         return model
     vocab_size = cfg.model.vocab_size or -(-len(tok) // 64) * 64
     if vocab_size < len(tok):
