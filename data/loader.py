@@ -23,10 +23,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from data.audio import AudioError, decode_audio
+from data.audio_tokenizers import audio_tokenizer_hash
 from data.features import N_MELS, SAMPLE_RATE, log_mel, num_audio_tokens, split_chunks
 from data.shards import shard_paths
 from data.tasks import DEFAULT_TASK, TASKS, RenderOptions, Sample
 from data.templates import DEFAULT_ASR_INSTRUCTION, IGNORE_INDEX, TemplateError
+from data.tokenize import read_tokenizer_record
 from data.tokenizer import SpecialIds, load_tokenizer, special_ids
 
 logger = logging.getLogger(__name__)
@@ -54,6 +56,9 @@ class DataConfig:
     """Raw samples each worker holds to shuffle within an epoch (0 or 1: shard order only)."""
     asr_instruction: str = DEFAULT_ASR_INSTRUCTION
     """Instruction text placed before the audio in ASR samples."""
+    audio_tokenizer: Optional[str] = None
+    """Audio tokenizer the codes must come from: its hash, or its file (`kmeans:F.pt`, `s3:F.onnx`).
+    Every dataset folder's tokenizer.json must then name it; unset, the tokenizers found are only logged."""
 
 
 # ---------------------------------------------------------------------------------------------- shards
@@ -68,6 +73,25 @@ def resolve_shards(patterns: List[str]) -> List[str]:
         # A repeated shard would be trained on twice per epoch and breaks the one-owner split.
         raise ValueError(f"data.shards names {duplicates[0]!r} more than once; each shard must appear once")
     return paths
+
+
+def check_audio_tokenizer(paths: List[str], expected: Optional[str]) -> None:
+    """Refuse shards whose folder's tokenizer.json names another audio tokenizer than `expected`."""
+    want = audio_tokenizer_hash(expected) if expected else None
+    for folder in sorted({os.path.dirname(os.path.abspath(p)) for p in paths}):
+        record = read_tokenizer_record(folder)
+        if record is None:
+            continue  # no codes in this folder: samples that need them are skipped as "missing_codes"
+        found = record["hash"]
+        if want is None:
+            logger.info("dataset folder %s: audio codes made by %s tokenizer %s", folder, record.get("name"), found)
+        elif not found.startswith(want):
+            raise ValueError(f"dataset folder {folder!r} has audio codes from tokenizer {found} "
+                             f"({record.get('name')}), but data.audio_tokenizer names {want}; re-run "
+                             "`python -m data.tokenize` on it with that tokenizer")
+        elif not record.get("complete", True):
+            raise ValueError(f"dataset folder {folder!r}: data.tokenize with tokenizer {found} has not finished "
+                             "(tokenizer.json says complete=false); re-run it to tokenize the remaining shards")
 
 
 def _read_shard(path: str) -> Iterator[Dict[str, Any]]:
@@ -379,7 +403,9 @@ def build_loader(cfg: DataConfig, rank: int, world_size: int, seed: int) -> Shar
     if not (cfg.max_audio_s > 0 and math.isfinite(cfg.max_audio_s)):
         raise ValueError(f"data.max_audio_s={cfg.max_audio_s}: expected a positive number of seconds")
     special_ids(load_tokenizer(cfg.tokenizer))  # fail here, not inside a worker
-    return ShardLoader(cfg, resolve_shards(cfg.shards), rank, world_size, seed)
+    shards = resolve_shards(cfg.shards)
+    check_audio_tokenizer(shards, cfg.audio_tokenizer)
+    return ShardLoader(cfg, shards, rank, world_size, seed)
 
 
 def iter_eval_samples(shards: List[str], tok, ids: SpecialIds, instruction: str = DEFAULT_ASR_INSTRUCTION,

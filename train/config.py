@@ -24,6 +24,9 @@ PARAM_GROUPS = {
     "lm_head": ("lm_head.",),
 }
 
+# The decoder layer's linear layers LoRA may target (lora.target_modules).
+DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
 
 class ConfigError(ValueError):
     """A recipe or override that does not fit the schema; the message names the key."""
@@ -129,6 +132,29 @@ class ResilienceConfig:
 
 
 @dataclass
+class LoraConfig:
+    enabled: bool = False
+    """Train peft LoRA adapters on a frozen base (lora.init_from) instead of the model's own weights."""
+    r: int = 16
+    """Rank of each LoRA update."""
+    alpha: float = 32.0
+    """LoRA scaling numerator: the update is scaled by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the LoRA branch's input."""
+    target_modules: List[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    """Linear layers of the decoder (under model.layers) that get LoRA, by their last name."""
+    adapter: bool = False
+    """Also put LoRA on the audio adapter's adapter.linear1 and adapter.linear2."""
+    train_audio_rows: bool = False
+    """Train the audio-token rows of model.embed_tokens and lm_head (needed to learn a voice); text rows
+    stay frozen. Done with peft's trainable tokens: a small delta parameter over just those rows."""
+    init_from: Optional[str] = None
+    """The StepFun-layout folder (a release or an export of ours) whose weights are the frozen base;
+    required when enabled (model.init_from must then stay unset)."""
+
+
+@dataclass
 class TrainConfig:
     run_dir: str = "runs/default"
     """Folder for checkpoints, metrics.jsonl, the resolved config and the export."""
@@ -144,6 +170,7 @@ class TrainConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 def load_config(recipe: Optional[str] = None, overrides: List[str] = ()) -> TrainConfig:
@@ -208,6 +235,20 @@ def validate(cfg: TrainConfig) -> None:
         bad("resilience.watchdog_s", cfg.resilience.watchdog_s, "seconds >= 0 (0 disables)")
     if cfg.resilience.collective_timeout_s <= 0:
         bad("resilience.collective_timeout_s", cfg.resilience.collective_timeout_s, "positive seconds")
+    if cfg.lora.enabled:
+        if not cfg.lora.init_from:
+            bad("lora.init_from", cfg.lora.init_from, "the StepFun-layout folder of the frozen base model")
+        if cfg.model.init_from:
+            bad("model.init_from", cfg.model.init_from, "unset when lora.enabled (the base is lora.init_from)")
+        if cfg.lora.r < 1:
+            bad("lora.r", cfg.lora.r, "an integer >= 1")
+        if not 0.0 <= cfg.lora.dropout < 1.0:
+            bad("lora.dropout", cfg.lora.dropout, "a number in [0, 1)")
+        unknown = [m for m in cfg.lora.target_modules if m not in DECODER_LINEARS]
+        if unknown:
+            bad("lora.target_modules", cfg.lora.target_modules, f"names from {list(DECODER_LINEARS)}")
+        if not cfg.lora.target_modules and not cfg.lora.adapter:
+            bad("lora.target_modules", cfg.lora.target_modules, "at least one layer name, or lora.adapter=true")
     catchable = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT")
     if any(s not in catchable for s in cfg.resilience.preempt_signals):
         bad("resilience.preempt_signals", cfg.resilience.preempt_signals, f"names from {', '.join(catchable)}")

@@ -62,11 +62,16 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
 
 
 def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> List[Dict[str, Any]]:
-    """AdamW groups of the trainable parameters; groups not listed in model.trainable are frozen."""
+    """AdamW groups of the trainable parameters; groups not listed in model.trainable are frozen.
+
+    With LoRA, what trains was decided when the adapters were applied (train.lora): the base is frozen."""
     trainable_prefixes = tuple(p for g in cfg.model.trainable for p in PARAM_GROUPS[g])
     decay, no_decay = [], []
     for name, param in model.named_parameters():
-        if not name.startswith(trainable_prefixes) or name == "encoder.positional_embedding.weight":
+        if cfg.lora.enabled:
+            if not param.requires_grad:
+                continue
+        elif not name.startswith(trainable_prefixes) or name == "encoder.positional_embedding.weight":
             param.requires_grad_(False)
             continue
         param.requires_grad_(True)
@@ -127,10 +132,13 @@ class Engine:
         return None if norm is None else float(norm)
 
     def save(self, folder: str, tag: str, client_state: Dict[str, Any]) -> None:
-        self.ds.save_checkpoint(folder, tag=tag, client_state=client_state, save_latest=False)
+        # A LoRA checkpoint holds the adapters and their optimizer state only; the base is re-read on load.
+        self.ds.save_checkpoint(folder, tag=tag, client_state=client_state, save_latest=False,
+                                exclude_frozen_parameters=self.cfg.lora.enabled)
 
     def load(self, folder: str, tag: str) -> Dict[str, Any]:
-        path, client_state = self.ds.load_checkpoint(folder, tag=tag)
+        # Non-strict only for LoRA, whose checkpoint lacks the frozen base by design.
+        path, client_state = self.ds.load_checkpoint(folder, tag=tag, load_module_strict=not self.cfg.lora.enabled)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint {folder}/{tag}")
         return client_state or {}

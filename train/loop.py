@@ -21,6 +21,7 @@ from train.config import TrainConfig, to_yaml
 from train.engine import Engine, init_distributed, model_init_context
 from train.evaluate import evaluate_asr
 from train.faults import maybe_fault
+from train.lora import apply_lora, audio_rows, save_adapter
 from train.metrics import make_sink
 from train.preempt import PREEMPTED_EXIT_CODE, Preempted, PreemptionFlag
 from train.watchdog import Watchdog
@@ -28,12 +29,17 @@ from train.watchdog import Watchdog
 
 def build_model(cfg: TrainConfig, tok) -> StepAudio2ForCausalLM:
     ids = special_ids(tok)
-    if cfg.model.init_from:
-        model = load_stepfun(cfg.model.init_from)
+    # A LoRA run's frozen base is re-read from lora.init_from on every start, resumes included.
+    key = "lora.init_from" if cfg.lora.enabled else "model.init_from"
+    init_from = cfg.lora.init_from if cfg.lora.enabled else cfg.model.init_from
+    if init_from:
+        model = load_stepfun(init_from)
         if model.config.audio_patch_token_id != ids.audio_patch:
             raise ValueError(
-                f"model.init_from {cfg.model.init_from} expects <audio_patch> id "
+                f"{key} {init_from} expects <audio_patch> id "
                 f"{model.config.audio_patch_token_id}, the tokenizer {cfg.data.tokenizer} has {ids.audio_patch}")
+        if cfg.lora.enabled:
+            apply_lora(model, cfg.lora, audio_rows(ids.first_audio_code, ids.num_audio_codes))
         return model
     vocab_size = cfg.model.vocab_size or -(-len(tok) // 64) * 64
     if vocab_size < len(tok):
@@ -136,7 +142,11 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
         results["wer_end"] = evaluate("end")["wer"]
     if cfg.checkpoint.export:
         state = engine.full_state_dict()
-        if rank == 0:
+        if rank == 0 and cfg.lora.enabled:
+            adapter_dir = save_adapter(engine.module, state, Path(cfg.run_dir) / "adapter")
+            sink.message(f"wrote the peft adapter to {adapter_dir} (merge: python -m train.merge_lora)")
+            results["adapter_dir"] = str(adapter_dir)
+        elif rank == 0:
             export_dir = Path(cfg.run_dir) / "export"
             # config.json must name the dtype the tensors are stored in (bf16 training exports bf16).
             stored = next(t.dtype for t in state.values() if t.is_floating_point())
