@@ -229,7 +229,9 @@ def load_stepfun(path: Union[str, Path], dtype: Optional[torch.dtype] = None,
         raise ValueError("load_stepfun: build_context was given without gather (how to make a parameter whole)")
     with build_context if partitioned else torch.device("meta"):
         model = StepAudio2ForCausalLM(config, gradient_checkpointing=gradient_checkpointing)
-    expected_shapes = {n: _full_shape(t) for n, t in model.state_dict().items()}
+    # Shapes from the parameters themselves: state_dict() tensors of a ZeRO-3 model lose ds_shape.
+    full_shapes = {n: _full_shape(p) for n, p in model.named_parameters()}
+    expected_shapes = {n: full_shapes.get(n, tuple(t.shape)) for n, t in model.state_dict().items()}
     missing = [n for n in expected_shapes if n not in weight_map]
     unexpected = sorted(n for n in weight_map if n not in expected_shapes)
     if missing or unexpected:

@@ -46,6 +46,13 @@ def model_init_context(cfg: TrainConfig):
     return deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg))
 
 
+def gathered_for_write(params):
+    """Makes ZeRO-3 partitioned parameters whole on every rank; rank 0's writes are kept (see load_stepfun)."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     """Linear warmup, then cosine decay to lr * min_lr_ratio over decay_steps (default max_steps)."""
     warmup = cfg.optim.warmup_steps

@@ -18,7 +18,7 @@ from model.config import preset_config
 from model.lalm import StepAudio2ForCausalLM
 from train.checkpoint import Checkpointer
 from train.config import TrainConfig, to_yaml
-from train.engine import Engine, init_distributed, model_init_context
+from train.engine import Engine, gathered_for_write, init_distributed, model_init_context
 from train.evaluate import evaluate_asr
 from train.faults import maybe_fault
 from train.lora import apply_lora, audio_rows, save_adapter
@@ -33,7 +33,12 @@ def build_model(cfg: TrainConfig, tok) -> StepAudio2ForCausalLM:
     key = "lora.init_from" if cfg.lora.enabled else "model.init_from"
     init_from = cfg.lora.init_from if cfg.lora.enabled else cfg.model.init_from
     if init_from:
-        model = load_stepfun(init_from)
+        # Under ZeRO-3 the model is built partitioned and filled tensor by tensor: never whole on a rank.
+        # Not yet for LoRA: peft's trainable audio rows index the embedding, which is empty when partitioned.
+        partitioned = cfg.engine.zero_stage == 3 and not cfg.lora.enabled
+        model = load_stepfun(init_from, build_context=model_init_context(cfg) if partitioned else None,
+                             gather=gathered_for_write if partitioned else None,
+                             gradient_checkpointing=cfg.model.gradient_checkpointing)
         if model.config.audio_patch_token_id != ids.audio_patch:
             raise ValueError(
                 f"{key} {init_from} expects <audio_patch> id "
