@@ -13,7 +13,7 @@ export TOKENIZERS_PARALLELISM ?= false
 
 DEMO := runs/demo
 
-.PHONY: setup system-deps test demo clean-demo
+.PHONY: setup system-deps test-deps test demo clean-demo
 
 setup: $(VENV)/.installed system-deps
 
@@ -25,10 +25,13 @@ $(VENV)/.installed: pyproject.toml
 
 system-deps:
 	@command -v espeak-ng >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq espeak-ng; }
+
+# The Slurm test runs a real two-node cluster on this machine.
+test-deps:
 	@{ command -v slurmctld && command -v munged; } >/dev/null || { $(SUDO) apt-get update -qq && \
 		$(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge; }
 
-test: setup
+test: setup test-deps
 	$(PY) -m pytest -q tests
 
 demo: setup
