@@ -210,7 +210,7 @@ def _read_json(path: Path) -> Dict[str, Any]:
 def load_stepfun(path: Union[str, Path], dtype: Optional[torch.dtype] = None,
                  device: Union[str, torch.device] = "cpu", build_context: Optional[ContextManager] = None,
                  gather: Optional[Callable[[List[torch.nn.Parameter]], ContextManager]] = None,
-                 gradient_checkpointing: bool = False) -> StepAudio2ForCausalLM:
+                 gradient_checkpointing: bool = False, attention: str = "sdpa") -> StepAudio2ForCausalLM:
     """Build the model once and fill it from the folder's tensors, strictly; dtype=None keeps stored dtypes.
 
     By default the model is built on the meta device and the loaded tensors become its parameters, so
@@ -228,7 +228,7 @@ def load_stepfun(path: Union[str, Path], dtype: Optional[torch.dtype] = None,
     if partitioned and gather is None:
         raise ValueError("load_stepfun: build_context was given without gather (how to make a parameter whole)")
     with build_context if partitioned else torch.device("meta"):
-        model = StepAudio2ForCausalLM(config, gradient_checkpointing=gradient_checkpointing)
+        model = StepAudio2ForCausalLM(config, gradient_checkpointing=gradient_checkpointing, attention=attention)
     # Shapes from the parameters themselves: state_dict() tensors of a ZeRO-3 model lose ds_shape.
     full_shapes = {n: _full_shape(p) for n, p in model.named_parameters()}
     expected_shapes = {n: full_shapes.get(n, tuple(t.shape)) for n, t in model.state_dict().items()}

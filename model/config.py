@@ -107,11 +107,11 @@ class StepAudio2Config:
     def vocab_size(self) -> int:
         return int(self.text_config["vocab_size"])
 
-    def qwen2_config(self) -> Qwen2Config:
-        """The decoder's transformers config (SDPA attention)."""
+    def qwen2_config(self, attn_implementation: str = "sdpa") -> Qwen2Config:
+        """The decoder's transformers config with the given attention kernel (see model.lalm.resolve_attention)."""
         kwargs = copy.deepcopy(dict(self.text_config))
         kwargs.pop("model_type", None)
-        kwargs.setdefault("attn_implementation", "sdpa")
+        kwargs["attn_implementation"] = attn_implementation
         return Qwen2Config(**kwargs)
 
     def to_dict(self) -> Dict[str, Any]:

@@ -5,6 +5,7 @@ The training loss is computed on labelled rows only and in checkpointed chunks, 
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 
@@ -45,8 +46,25 @@ def _chunk_ce_sum(lm_head: nn.Linear, hidden_NH: torch.Tensor, targets_N: torch.
     return F.cross_entropy(logits_NV, targets_N, reduction="sum")
 
 
+ATTENTION_CHOICES = ("auto", "sdpa", "eager", "flash_attention_2")
+
+
+def resolve_attention(name: str) -> str:
+    """The decoder's attention kernel: "auto" = flash-attention 2 on a CUDA machine that has flash_attn
+    installed, else PyTorch SDPA. The encoder always uses SDPA (which picks flash kernels on GPUs itself)."""
+    if name not in ATTENTION_CHOICES:
+        raise ValueError(f"attention={name!r}: expected one of {ATTENTION_CHOICES}")
+    has_flash = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+    if name == "flash_attention_2" and not has_flash:
+        raise ValueError("attention='flash_attention_2' needs a CUDA GPU and the flash_attn package "
+                         "(pip install flash-attn --no-build-isolation); use 'sdpa' or 'auto' here")
+    if name == "auto":
+        return "flash_attention_2" if has_flash else "sdpa"
+    return name
+
+
 class StepAudio2ForCausalLM(nn.Module):
-    def __init__(self, config: StepAudio2Config, gradient_checkpointing: bool = False):
+    def __init__(self, config: StepAudio2Config, gradient_checkpointing: bool = False, attention: str = "sdpa"):
         super().__init__()
         self.config = config
         enc = config.audio_encoder_config
@@ -54,7 +72,7 @@ class StepAudio2ForCausalLM(nn.Module):
                                     enc.n_audio_layer)
         self.adapter = Adaptor(enc.n_audio_state, enc.llm_dim, enc.kernel_size, enc.adapter_stride,
                                ADAPTER_HIDDEN)
-        self.model = Qwen2Model(config.qwen2_config())
+        self.model = Qwen2Model(config.qwen2_config(resolve_attention(attention)))
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.set_gradient_checkpointing(gradient_checkpointing)
 

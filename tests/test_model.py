@@ -358,3 +358,24 @@ def test_fresh_encoder_output_carries_the_audio_not_only_its_position():
     for conv in (encoder.conv1, encoder.conv2):
         torch.nn.Conv1d.reset_parameters(conv)
     assert _content_share(encoder, mels) < 0.05
+
+
+def test_attention_switch_resolves_here_and_kernels_agree():
+    from model.lalm import StepAudio2ForCausalLM, resolve_attention
+    assert resolve_attention("auto") == "sdpa"  # no GPU, no flash_attn on this machine
+    with pytest.raises(ValueError, match="needs a CUDA GPU and the flash_attn package"):
+        resolve_attention("flash_attention_2")
+    with pytest.raises(ValueError, match=r"attention='flash': expected one of"):
+        resolve_attention("flash")
+    config = preset_config("tiny")
+    torch.manual_seed(0)
+    sdpa = StepAudio2ForCausalLM(config, attention="sdpa").eval()
+    eager = StepAudio2ForCausalLM(config, attention="eager").eval()
+    eager.load_state_dict(sdpa.state_dict())
+    ids = torch.randint(0, 500, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    with torch.no_grad():
+        a = sdpa(ids, attention_mask=mask).logits
+        b = eager(ids, attention_mask=mask).logits
+    assert torch.allclose(a[0], b[0], atol=1e-5) and torch.allclose(a[1, :9], b[1, :9], atol=1e-5)

@@ -44,6 +44,9 @@ class ModelConfig:
     """Parameter groups that train (encoder, adapter, embeddings, decoder, lm_head); others stay frozen."""
     gradient_checkpointing: bool = False
     """Recompute encoder blocks and decoder layers in the backward pass to save activation memory."""
+    attention: str = "auto"
+    """Decoder attention kernel: auto (flash-attention 2 when installed on a GPU, else sdpa), sdpa, eager or
+    flash_attention_2."""
 
 
 @dataclass
@@ -227,6 +230,8 @@ def validate(cfg: TrainConfig) -> None:
     unknown = [g for g in cfg.model.trainable if g not in PARAM_GROUPS]
     if unknown:
         bad("model.trainable", cfg.model.trainable, f"names from {sorted(PARAM_GROUPS)}")
+    if cfg.model.attention not in ("auto", "sdpa", "eager", "flash_attention_2"):
+        bad("model.attention", cfg.model.attention, "auto, sdpa, eager or flash_attention_2")
     if not cfg.model.trainable:
         bad("model.trainable", cfg.model.trainable, "at least one parameter group")
     if cfg.checkpoint.keep_last < 1:

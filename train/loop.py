@@ -38,7 +38,8 @@ def build_model(cfg: TrainConfig, tok) -> StepAudio2ForCausalLM:
         partitioned = cfg.engine.zero_stage == 3 and not cfg.lora.enabled
         model = load_stepfun(init_from, build_context=model_init_context(cfg) if partitioned else None,
                              gather=gathered_for_write if partitioned else None,
-                             gradient_checkpointing=cfg.model.gradient_checkpointing)
+                             gradient_checkpointing=cfg.model.gradient_checkpointing,
+                             attention=cfg.model.attention)
         if model.config.audio_patch_token_id != ids.audio_patch:
             raise ValueError(
                 f"{key} {init_from} expects <audio_patch> id "
@@ -51,7 +52,8 @@ def build_model(cfg: TrainConfig, tok) -> StepAudio2ForCausalLM:
         raise ValueError(f"model.vocab_size={vocab_size} is smaller than the tokenizer ({len(tok)} tokens)")
     config = preset_config(cfg.model.preset, vocab_size=vocab_size, audio_patch_token_id=ids.audio_patch)
     with model_init_context(cfg):
-        return StepAudio2ForCausalLM(config, gradient_checkpointing=cfg.model.gradient_checkpointing)
+        return StepAudio2ForCausalLM(config, gradient_checkpointing=cfg.model.gradient_checkpointing,
+                                     attention=cfg.model.attention)
 
 
 def _sum_over_ranks(values: Dict[str, float], device: torch.device) -> Dict[str, float]:
