@@ -210,7 +210,7 @@ def _read_json(path: Path) -> Dict[str, Any]:
 def load_stepfun(path: Union[str, Path], dtype: Optional[torch.dtype] = None,
                  device: Union[str, torch.device] = "cpu", build_context: Optional[ContextManager] = None,
                  gather: Optional[Callable[[List[torch.nn.Parameter]], ContextManager]] = None,
-                 gradient_checkpointing: bool = False, attention: str = "sdpa") -> StepAudio2ForCausalLM:
+                 gradient_checkpointing: Union[bool, Sequence[str]] = False, attention: str = "sdpa") -> StepAudio2ForCausalLM:
     """Build the model once and fill it from the folder's tensors, strictly; dtype=None keeps stored dtypes.
 
     By default the model is built on the meta device and the loaded tensors become its parameters, so

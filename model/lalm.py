@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+from typing import Any, Iterable, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +64,8 @@ def resolve_attention(name: str) -> str:
 
 
 class StepAudio2ForCausalLM(nn.Module):
-    def __init__(self, config: StepAudio2Config, gradient_checkpointing: bool = False, attention: str = "sdpa"):
+    def __init__(self, config: StepAudio2Config, gradient_checkpointing: Union[bool, Iterable[str]] = False,
+                 attention: str = "sdpa"):
         super().__init__()
         self.config = config
         enc = config.audio_encoder_config
@@ -76,10 +77,15 @@ class StepAudio2ForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.set_gradient_checkpointing(gradient_checkpointing)
 
-    def set_gradient_checkpointing(self, enabled: bool) -> None:
-        """Recompute encoder blocks and decoder layers in backward instead of storing their activations."""
-        self.encoder.gradient_checkpointing = enabled
-        if enabled:
+    def set_gradient_checkpointing(self, enabled: Union[bool, Iterable[str]]) -> None:
+        """Recompute encoder blocks and/or decoder layers in backward instead of storing their activations.
+
+        `enabled` is True/False for both, or the parts to checkpoint: a subset of {"encoder", "decoder"}."""
+        parts = {"encoder", "decoder"} if enabled is True else set() if enabled is False else set(enabled)
+        if parts - {"encoder", "decoder"}:
+            raise ValueError(f"gradient checkpointing parts {sorted(parts)}: expected encoder and/or decoder")
+        self.encoder.gradient_checkpointing = "encoder" in parts
+        if "decoder" in parts:
             self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             self.model.activation_checkpointing_disable()

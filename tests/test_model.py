@@ -250,15 +250,20 @@ def test_chunked_loss_equals_full_logits_cross_entropy(monkeypatch):
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     batch = asr_batch()
     results = []
-    for flag in (False, True):
+    for flag in (False, True, ["encoder"], ["decoder"]):
         m = tiny_model(seed=3, gradient_checkpointing=flag)
+        assert m.encoder.gradient_checkpointing == (flag is True or "encoder" in (flag or []))
+        assert m.model.is_gradient_checkpointing == (flag is True or "decoder" in (flag or []))
         m.requires_grad_(True)
         loss = m(**batch).loss
         loss.backward()
         results.append((loss.detach(), m.encoder.conv1.weight.grad, m.model.layers[0].mlp.up_proj.weight.grad))
-    assert torch.equal(results[0][0], results[1][0])
-    assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
-    assert torch.allclose(results[0][2], results[1][2], atol=1e-6)
+    for other in results[1:]:
+        assert torch.equal(results[0][0], other[0])
+        assert torch.allclose(results[0][1], other[1], atol=1e-6)
+        assert torch.allclose(results[0][2], other[2], atol=1e-6)
+    with pytest.raises(ValueError, match="expected encoder and/or decoder"):
+        tiny_model(gradient_checkpointing=["adapter"])
 
 
 def test_overfitting_one_batch_drives_the_loss_down_by_90_percent():

@@ -42,8 +42,8 @@ class ModelConfig:
     """Rows of the embeddings and output layer; None = the tokenizer's length rounded up to 64."""
     trainable: List[str] = field(default_factory=lambda: ["encoder", "adapter", "embeddings", "decoder", "lm_head"])
     """Parameter groups that train (encoder, adapter, embeddings, decoder, lm_head); others stay frozen."""
-    gradient_checkpointing: bool = False
-    """Recompute encoder blocks and decoder layers in the backward pass to save activation memory."""
+    gradient_checkpointing: List[str] = field(default_factory=list)
+    """Parts whose activations are recomputed in the backward pass to save memory: [encoder, decoder]."""
     attention: str = "auto"
     """Decoder attention kernel: auto (flash-attention 2 when installed on a GPU, else sdpa), sdpa, eager or
     flash_attention_2."""
@@ -230,6 +230,8 @@ def validate(cfg: TrainConfig) -> None:
     unknown = [g for g in cfg.model.trainable if g not in PARAM_GROUPS]
     if unknown:
         bad("model.trainable", cfg.model.trainable, f"names from {sorted(PARAM_GROUPS)}")
+    if any(p not in ("encoder", "decoder") for p in cfg.model.gradient_checkpointing):
+        bad("model.gradient_checkpointing", cfg.model.gradient_checkpointing, "a list from [encoder, decoder]")
     if cfg.model.attention not in ("auto", "sdpa", "eager", "flash_attention_2"):
         bad("model.attention", cfg.model.attention, "auto, sdpa, eager or flash_attention_2")
     if not cfg.model.trainable:
