@@ -253,7 +253,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     for flag in (False, True, ["encoder"], ["decoder"]):
         m = tiny_model(seed=3, gradient_checkpointing=flag)
         assert m.encoder.gradient_checkpointing == (flag is True or "encoder" in (flag or []))
-        assert m.model.is_gradient_checkpointing == (flag is True or "decoder" in (flag or []))
+        assert m.model.is_activation_checkpointing == (flag is True or "decoder" in (flag or []))
         m.requires_grad_(True)
         loss = m(**batch).loss
         loss.backward()
