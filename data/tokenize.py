@@ -24,7 +24,6 @@ from tqdm import tqdm
 
 from data.audio import AudioError, read_audio_bytes
 from data.audio_tokenizers import AudioTokenizer, KMeansTokenizer, fit_kmeans, load_audio_tokenizer, pooled_mel_NM
-from data.features import SAMPLE_RATE
 from data.shards import INDEX_FORMAT, INDEX_NAME, file_sha256, read_index, shard_paths, write_index
 from data.stats import categories
 

@@ -13,7 +13,6 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from safetensors.torch import load_file
 

@@ -10,7 +10,6 @@ import tarfile
 
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
 
 from data.audio import decode_audio, encode_flac

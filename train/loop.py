@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -56,6 +55,11 @@ def build_model(cfg: TrainConfig, tok) -> StepAudio2ForCausalLM:
                                      attention=cfg.model.attention)
 
 
+def _new_window() -> Dict[str, float]:
+    """Sums since the last log line: loss, decoder tokens, audio seconds, micro-batches, start time."""
+    return {"loss": 0.0, "tokens": 0, "audio_s": 0.0, "micro": 0, "t0": time.perf_counter()}
+
+
 def _sum_over_ranks(values: Dict[str, float], device: torch.device) -> Dict[str, float]:
     # On the engine's device: NCCL reduces only accelerator tensors.
     t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
@@ -102,7 +106,7 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
 
     batches = iter(loader)
     sink.start(step, cfg.max_steps)
-    window = {"loss": 0.0, "tokens": 0, "audio_s": 0.0, "micro": 0, "t0": time.perf_counter()}
+    window = _new_window()
     engine.module.train()
     watchdog = Watchdog(cfg.run_dir, rank, cfg.resilience.watchdog_s)
     watchdog.beat()
@@ -111,13 +115,14 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
             batch = next(batches)
             out = engine.forward(batch)
             engine.backward_and_step(out.loss)
-            window["loss"] += out.loss.item()
+            loss_value = out.loss.item()  # one device sync per micro-batch
+            window["loss"] += loss_value
             window["tokens"] += int(batch["attention_mask"].sum())
             window["audio_s"] += float(batch["num_audio_s"])
             window["micro"] += 1
         step += 1
         maybe_fault("step", step, rank)
-        sink.advance(step, f"loss {out.loss.item():.3f}")
+        sink.advance(step, f"loss {loss_value:.3f}")
         if step % cfg.metrics.log_every == 0 or step == cfg.max_steps:
             elapsed = time.perf_counter() - window["t0"]
             totals = _sum_over_ranks({"loss": window["loss"] / window["micro"], "tokens": window["tokens"],
@@ -128,7 +133,7 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
                             "tokens_per_s": totals["tokens"] / elapsed, "audio_s_per_s": totals["audio_s"] / elapsed,
                             "skipped_samples": skipped})
             sink.advance(step, f"loss {loss:.3f} lr {engine.lr():.2e} {totals['tokens'] / elapsed:.0f} tok/s")
-            window = {"loss": 0.0, "tokens": 0, "audio_s": 0.0, "micro": 0, "t0": time.perf_counter()}
+            window = _new_window()
         if cfg.eval.shards and cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < cfg.max_steps:
             evaluate(f"step{step}")
         preempted = preempt.any_rank_received() and step < cfg.max_steps  # at the end, just finish
