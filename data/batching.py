@@ -1,0 +1,298 @@
+"""Rendered samples -> batches: fixed-size, token-budget buckets, or several samples packed per row.
+
+What a Batcher emits is a pure function of the samples added to it (no RNG, no clock), so a loader can
+replay a stream through it and land exactly where an uninterrupted run stood.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, List, Optional
+
+import torch
+
+from data.features import N_MELS
+from data.templates import IGNORE_INDEX
+
+BATCHING_MODES = ("fixed", "tokens", "packed")
+
+# A packed row is emitted once it holds this share of max_seq_len; emptier rows wait for samples that
+# fill them. 0.98 leaves room for rounding the row length up to a multiple of 8 within a 0.97 goal.
+_FULL_FILL = 0.98
+# A sample held while this many buffers' worth of later samples arrived goes out with the next cut
+# whatever its batch's fill, so no length starves and the loader's pending set stays bounded.
+_MAX_WAIT_BUFFERS = 4
+# Packed rows are padded to a multiple of this (tensor-core friendly shapes, fewer distinct shapes).
+_LEN_MULTIPLE = 8
+
+
+class _Item:
+    """A held sample with what batching looks at: arrival index, token count, mel chunk sizes."""
+    __slots__ = ("sample", "arrival", "num_tokens", "num_chunks", "longest_chunk")
+
+    def __init__(self, sample: Dict[str, Any], arrival: int):
+        frames = [m.shape[1] for m in sample["mels"]]
+        self.sample, self.arrival = sample, arrival
+        self.num_tokens = len(sample["input_ids"])
+        self.num_chunks, self.longest_chunk = len(frames), max(frames, default=0)
+
+
+def _frames_together(a, b) -> int:
+    """Mel frames the encoder computes on the chunks of `a` and `b` (zero-padded to the longest chunk)."""
+    return (a.num_chunks + b.num_chunks) * max(a.longest_chunk, b.longest_chunk)
+
+
+class _Group:
+    """Items headed for one batch (tokens mode) or one row (packed mode), with running sizes."""
+
+    def __init__(self, items: Iterable[_Item] = ()):
+        self.items: List[_Item] = []
+        self.num_tokens = self.longest = self.num_chunks = self.longest_chunk = 0
+        self.oldest = None
+        for item in items:
+            self.add(item)
+
+    def add(self, item: _Item) -> None:
+        self.items.append(item)
+        self.num_tokens += item.num_tokens
+        self.longest = max(self.longest, item.num_tokens)
+        self.num_chunks += item.num_chunks
+        self.longest_chunk = max(self.longest_chunk, item.longest_chunk)
+        self.oldest = item.arrival if self.oldest is None else min(self.oldest, item.arrival)
+
+
+def encoder_frames(sample: Dict[str, Any]) -> int:
+    """Mel frames the encoder computes for `sample` alone: its chunks x its longest chunk."""
+    item = _Item(sample, 0)
+    return item.num_chunks * item.longest_chunk
+
+
+class Batcher:
+    """Collects rendered samples (dicts with "uid", "input_ids", "labels", "mels", ...) and emits batches.
+
+    fixed:  `batch_size` samples per batch in arrival order.
+    tokens: up to `buffer_size` samples are held, sorted by length and cut into batches of
+            rows x longest row <= `max_tokens`; the last, partly filled batch waits for more samples.
+    packed: held samples are packed best-fit decreasing into rows of <= `max_seq_len` tokens,
+            `max_tokens // max_seq_len` rows per batch; rows below 98 % fill wait for more samples.
+    In tokens and packed modes a batch's encoder input (mel chunks x longest chunk) stays within
+    `max_mel_frames` when that is > 0; in fixed mode only single samples are held to it.
+    """
+
+    def __init__(self, mode: str, pad_id: int, batch_size: int = 8, max_tokens: int = 4096,
+                 max_mel_frames: int = 0, max_seq_len: int = 2048, buffer_size: int = 64):
+        if mode not in BATCHING_MODES:
+            raise ValueError(f"batching mode={mode!r}: expected one of {list(BATCHING_MODES)}")
+        for name, value, low in (("batch_size", batch_size, 1), ("max_tokens", max_tokens, 1),
+                                 ("max_mel_frames", max_mel_frames, 0), ("max_seq_len", max_seq_len, 1),
+                                 ("buffer_size", buffer_size, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"batching {name}={value!r}: expected an integer >= {low}")
+        if mode == "packed" and max_seq_len > max_tokens:
+            raise ValueError(f"batching max_seq_len={max_seq_len} is larger than max_tokens={max_tokens}: a "
+                             "packed batch holds max_tokens // max_seq_len rows, so expected max_seq_len <= max_tokens")
+        self.mode, self.pad_id, self.batch_size, self.max_tokens = mode, pad_id, batch_size, max_tokens
+        self.max_mel_frames, self.max_seq_len, self.buffer_size = max_mel_frames, max_seq_len, buffer_size
+        self.rows_per_batch = max_tokens // max_seq_len
+        self._held: List[_Item] = []  # in arrival order
+        self._arrivals = 0
+
+    # ------------------------------------------------------------------------------------------ interface
+
+    def reject_reason(self, sample: Dict[str, Any]) -> Optional[str]:
+        """None if `sample` can be batched; else the stats key saying why it never can."""
+        num_tokens = len(sample["input_ids"])
+        if (self.mode == "packed" and num_tokens > self.max_seq_len) or \
+                (self.mode == "tokens" and num_tokens > self.max_tokens):
+            return "too_many_tokens"
+        if self.max_mel_frames and encoder_frames(sample) > self.max_mel_frames:
+            return "too_many_mel_frames"
+        return None
+
+    def add(self, sample: Dict[str, Any]) -> List[Dict[str, Any]]:
+        """Hold `sample`; return the batches it completes (often none), in order."""
+        if "uid" not in sample:
+            raise ValueError(f"sample {sample.get('key')!r} has no 'uid': the Batcher reports held samples by uid")
+        reason = self.reject_reason(sample)
+        if reason is not None:
+            raise ValueError(f"sample {sample.get('key')!r} ({len(sample['input_ids'])} tokens, "
+                             f"{encoder_frames(sample)} mel frames) cannot be batched: {reason}; "
+                             "check reject_reason() and skip such samples before add()")
+        self._held.append(_Item(sample, self._arrivals))
+        self._arrivals += 1
+        if self.mode == "fixed":
+            return self.flush() if len(self._held) == self.batch_size else []
+        return self._cut(final=False) if len(self._held) >= self.buffer_size else []
+
+    def pending_uids(self) -> List[Any]:
+        """uids of the samples held and not yet in an emitted batch, in arrival order."""
+        return [item.sample["uid"] for item in self._held]
+
+    def flush(self) -> List[Dict[str, Any]]:
+        """Everything held, as batches (the end of a finite stream); nothing is held afterwards."""
+        if self.mode != "fixed":
+            return self._cut(final=True)
+        held, self._held = self._held, []
+        return [collate([item.sample for item in held], self.pad_id)] if held else []
+
+    # ------------------------------------------------------------------------------------------ cutting
+
+    def _mel_fits(self, a, b) -> bool:
+        return not self.max_mel_frames or _frames_together(a, b) <= self.max_mel_frames
+
+    def _stale(self, group: _Group, final: bool) -> bool:
+        return final or group.oldest < self._arrivals - _MAX_WAIT_BUFFERS * self.buffer_size
+
+    def _cut(self, final: bool) -> List[Dict[str, Any]]:
+        if not self._held:
+            return []
+        emit, keep = (self._cut_tokens if self.mode == "tokens" else self._cut_packed)(final)
+        self._held = sorted((item for group in keep for item in group.items), key=lambda item: item.arrival)
+        return emit
+
+    def _cut_tokens(self, final: bool):
+        """Length-sorted greedy cut; every batch closed by the budget goes out, the open tail may wait."""
+        closed: List[_Group] = []
+        tail = _Group()
+        for item in sorted(self._held, key=lambda item: (item.num_tokens, item.arrival)):
+            rows, longest = len(tail.items) + 1, max(tail.longest, item.num_tokens)
+            if tail.items and (rows * longest > self.max_tokens or not self._mel_fits(tail, item)):
+                closed.append(tail)
+                tail = _Group()
+            tail.add(item)
+        tail_full = (len(tail.items) + 1) * tail.longest > self.max_tokens
+        if tail_full or len(tail.items) >= self.buffer_size or self._stale(tail, final):
+            closed.append(tail)
+            tail = _Group()
+        closed.sort(key=lambda group: group.oldest)
+        return [collate([item.sample for item in group.items], self.pad_id) for group in closed], [tail]
+
+    def _pack_rows(self) -> List[_Group]:
+        """Best-fit decreasing: longest sample first, into the fullest row it fits (ties: earliest row).
+
+        Samples close to their wait limit go first, so they land in rows that the rest then fill."""
+        rows: List[_Group] = []
+        urgent_before = self._arrivals - (_MAX_WAIT_BUFFERS - 1) * self.buffer_size
+        for item in sorted(self._held, key=lambda item: (item.arrival >= urgent_before, -item.num_tokens,
+                                                         item.arrival)):
+            best = None
+            for row in rows:
+                if row.num_tokens + item.num_tokens <= self.max_seq_len and self._mel_fits(row, item) \
+                        and (best is None or row.num_tokens > best.num_tokens):
+                    best = row
+            if best is None:
+                best = _Group()
+                rows.append(best)
+            best.add(item)
+        return rows
+
+    def _cut_packed(self, final: bool):
+        """Rows 98 % full (or holding a sample at its wait limit) go out in batches; the rest is repacked later."""
+        must, full, rest = [], [], []
+        for row in self._pack_rows():
+            if self._stale(row, final):
+                must.append(row)
+            else:
+                (full if row.num_tokens >= _FULL_FILL * self.max_seq_len else rest).append(row)
+        rest.sort(key=lambda row: (-row.num_tokens, row.oldest))
+        # Too small a buffer for rows to fill: send the fullest rows so the next cut waits for new samples.
+        while rest and sum(len(row.items) for row in rest) >= self.buffer_size:
+            must.append(rest.pop(0))
+        must.sort(key=lambda row: row.oldest)
+        full.sort(key=lambda row: row.oldest)
+        must_ids = {id(row) for row in must}
+        batches: List[List[_Group]] = []
+        open_rows, open_items = [], _Group()
+        for row in must + full:
+            if open_rows and (len(open_rows) == self.rows_per_batch or not self._mel_fits(open_items, row)):
+                batches.append(open_rows)
+                open_rows, open_items = [], _Group()
+            open_rows.append(row)
+            for item in row.items:
+                open_items.add(item)
+        if open_rows and (any(id(row) in must_ids for row in open_rows) or len(open_rows) == self.rows_per_batch):
+            batches.append(open_rows)
+        elif open_rows:
+            rest.extend(open_rows)  # a partial batch of full rows: repacked at the next cut
+        return [collate_packed([[item.sample for item in row.items] for row in batch], self.pad_id,
+                               max_len=self.max_seq_len) for batch in batches], rest
+
+
+# ---------------------------------------------------------------------------------------------- collate
+
+def _pad_mels(mels: List[torch.Tensor]):
+    """[N, 128, Fmax] zero padded and the true frame counts [N]; (None, empty) without audio."""
+    if not mels:
+        return None, torch.zeros(0, dtype=torch.long)
+    lengths = torch.tensor([m.shape[1] for m in mels], dtype=torch.long)
+    out = torch.zeros(len(mels), N_MELS, int(lengths.max()), dtype=mels[0].dtype)
+    for i, m in enumerate(mels):
+        out[i, :, :m.shape[1]] = m
+    return out, lengths
+
+
+def _batch(rows: List[List[Dict[str, Any]]], pad_id: int, length: int, packed: bool) -> Dict[str, Any]:
+    """The batch dict: input_ids, labels, attention_mask, position_ids (and segment_ids if packed) [R, L];
+    mels [N, 128, Fmax] or None and mel_lengths [N] of every chunk in row-major sample order; keys, uids,
+    num_samples, num_tokens (real), num_audio_s."""
+    ids, labels, mask, positions, segments = [], [], [], [], []
+    for row in rows:
+        r_ids, r_labels, r_pos, r_seg = [], [], [], []
+        for segment, s in enumerate(row, 1):
+            n = len(s["input_ids"])
+            if len(s["labels"]) != n:
+                raise ValueError(f"sample {s.get('key')!r} has {n} input_ids but {len(s['labels'])} labels")
+            r_ids += s["input_ids"]
+            # In a packed row the first label would be predicted from the previous sample's last token.
+            r_labels += ([IGNORE_INDEX] + list(s["labels"][1:])) if packed and n else s["labels"]
+            r_pos += range(n)
+            r_seg += [segment] * n
+        pad = length - len(r_ids)
+        assert pad >= 0, (length, len(r_ids))
+        ids.append(r_ids + [pad_id] * pad)
+        labels.append(r_labels + [IGNORE_INDEX] * pad)
+        mask.append([1] * len(r_ids) + [0] * pad)
+        positions.append(r_pos + [0] * pad)
+        segments.append(r_seg + [0] * pad)
+    samples = [s for row in rows for s in row]
+    mels, mel_lengths = _pad_mels([m for s in samples for m in s["mels"]])
+    batch = {"input_ids": torch.tensor(ids, dtype=torch.long),
+             "attention_mask": torch.tensor(mask, dtype=torch.long),
+             "labels": torch.tensor(labels, dtype=torch.long),
+             "position_ids": torch.tensor(positions, dtype=torch.long),
+             "mels": mels, "mel_lengths": mel_lengths, "keys": [s["key"] for s in samples],
+             "uids": [s.get("uid") for s in samples], "num_samples": len(samples),
+             "num_tokens": sum(len(s["input_ids"]) for s in samples),
+             "num_audio_s": float(sum(s["num_audio_s"] for s in samples))}
+    if packed:
+        batch["segment_ids"] = torch.tensor(segments, dtype=torch.long)
+    return batch
+
+
+def collate(samples: List[Dict[str, Any]], pad_id: int) -> Dict[str, Any]:
+    """One sample per row, right-padded with `pad_id` to the longest (fixed and tokens modes)."""
+    if not samples:
+        raise ValueError("collate got no samples: expected at least one")
+    return _batch([[s] for s in samples], pad_id, max(len(s["input_ids"]) for s in samples), packed=False)
+
+
+def collate_packed(rows: List[List[Dict[str, Any]]], pad_id: int, max_len: Optional[int] = None) -> Dict[str, Any]:
+    """Several samples per row, each with its own positions and segment id; rows padded to the fullest
+    row's length rounded up to a multiple of 8 (but not past `max_len` when given)."""
+    if not rows or not all(rows):
+        raise ValueError(f"collate_packed got rows of {[len(row) for row in rows]} samples: expected >= 1 row, "
+                         "each with >= 1 sample")
+    fill = max(sum(len(s["input_ids"]) for s in row) for row in rows)
+    length = -(-fill // _LEN_MULTIPLE) * _LEN_MULTIPLE
+    if max_len is not None:
+        length = max(fill, min(length, max_len))
+    return _batch(rows, pad_id, length, packed=True)
+
+
+def packing_efficiency(batches: Iterable[Dict[str, Any]]) -> float:
+    """Real tokens / computed tokens (the sum of input_ids.numel()) over `batches`."""
+    real = computed = 0
+    for batch in batches:
+        real += int(batch["attention_mask"].sum())
+        computed += batch["input_ids"].numel()
+    if computed == 0:
+        raise ValueError("packing_efficiency got no batches (or only empty ones): expected at least one token")
+    return real / computed
