@@ -1,59 +1,96 @@
-"""The shard loader: shard lists -> rank/worker split -> decode -> log-mel -> template -> batches.
+"""The shard loader: datasets mixed by weight -> equal shares per (rank, worker) slot -> decode -> log-mel
+-> task template -> batcher -> batches; infinite, exactly resumable, re-splittable to another world size.
 
-Infinite and exactly resumable: each worker's stream is a pure function of (seed, epoch, rank, worker),
-so a position in it is a count of raw samples, and skipping that many reproduces what follows.
+Every slot's stream is a pure function of (seed, slot, its state): which positions of an epoch it reads and
+in which order comes from data.epochs, so a state is a few counters plus the batcher's held samples, and a
+resume re-reads only what the shuffle buffer and the batcher held, decoding only the latter.
 """
 from __future__ import annotations
 
+import bisect
 import collections
+import copy
 import hashlib
 import io
+import itertools
 import json
 import logging
 import math
 import os
-import random
+import re
+import tarfile
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torchaudio
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
 
+from data import epochs
 from data.audio import AudioError, decode_audio
 from data.audio_tokenizers import audio_tokenizer_hash
+from data.batching import BATCHING_MODES, Batcher
 from data.features import N_MELS, SAMPLE_RATE, log_mel, num_audio_tokens, split_chunks
-from data.shards import shard_paths
+from data.shards import INDEX_NAME, read_index, shard_paths
 from data.tasks import DEFAULT_TASK, TASKS, RenderOptions, Sample
-from data.templates import DEFAULT_ASR_INSTRUCTION, IGNORE_INDEX, TemplateError
+from data.templates import DEFAULT_ASR_INSTRUCTION, TemplateError
 from data.tokenize import read_tokenizer_record
 from data.tokenizer import SpecialIds, load_tokenizer, special_ids
 
 logger = logging.getLogger(__name__)
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 _MAX_SKIPPED_KEYS = 20
+_DEFAULT_DATASET = "default"
+
+
+@dataclass
+class DatasetConfig:
+    """One dataset of a mixture."""
+    name: str = ""
+    """Its name in metrics, batches ("datasets") and the loader state; unique within data.datasets."""
+    shards: List[str] = field(default_factory=list)
+    """Dataset folders holding index.json, tar paths, globs or brace patterns, as data.shards."""
+    weight: float = 1.0
+    """Share of the mixture's samples, relative to the other datasets' weights."""
+    task: Optional[str] = None
+    """Task of its records whose JSON names none; None = data.task."""
 
 
 @dataclass
 class DataConfig:
     """Where training samples come from and how they are batched."""
     shards: List[str] = field(default_factory=list)
-    """Dataset folders holding index.json, tar paths, globs (`d/*.tar`) or brace patterns (`d/s-{0..9}.tar`)."""
+    """Dataset folders holding index.json, tar paths, globs (`d/*.tar`) or brace patterns (`d/s-{0..9}.tar`).
+    One dataset; leave empty when data.datasets is set."""
+    datasets: List[DatasetConfig] = field(default_factory=list)
+    """Several datasets mixed by weight; empty = the one dataset data.shards names."""
     tokenizer: str = ""
     """Folder of the extended tokenizer (`python -m data.tokenizer build`)."""
     task: str = DEFAULT_TASK
     """Task of records whose JSON names none in its "task" field (see data.tasks.TASKS)."""
+    batching: str = "fixed"
+    """fixed (batch_size samples), tokens (batches by a token budget) or packed (samples packed into rows)."""
     batch_size: int = 8
-    """Samples per rank per micro-batch; every batch holds exactly this many."""
+    """Samples per rank per micro-batch with batching=fixed; every batch holds exactly this many."""
+    max_tokens: int = 4096
+    """Decoder tokens per micro-batch, padding included (batching=tokens or packed)."""
+    max_mel_frames: int = 0
+    """Cap on the encoder's input frames per micro-batch (chunks x longest chunk); 0 = no cap."""
+    max_seq_len: int = 2048
+    """Row length with batching=packed; longer samples are skipped and counted as "too_many_tokens"."""
+    batch_buffer: int = 64
+    """Rendered samples the batcher sorts or packs over (batching=tokens or packed)."""
     num_workers: int = 2
     """DataLoader worker processes per rank (0 = decode in the training process)."""
+    min_audio_s: float = 0.0
+    """Samples with shorter audio input are skipped and counted as "too_short"."""
     max_audio_s: float = 30.0
     """Samples with longer audio are skipped and counted as "too_long"."""
     shuffle_buffer: int = 500
-    """Raw samples each worker holds to shuffle within an epoch (0 or 1: shard order only)."""
+    """Raw samples each worker holds per dataset to shuffle within an epoch (0 or 1: shard order only)."""
     asr_instruction: str = DEFAULT_ASR_INSTRUCTION
     """Instruction text placed before the audio in ASR samples."""
     audio_tokenizer: Optional[str] = None
@@ -63,15 +100,15 @@ class DataConfig:
 
 # ---------------------------------------------------------------------------------------------- shards
 
-def resolve_shards(patterns: List[str]) -> List[str]:
+def resolve_shards(patterns: List[str], key: str = "data.shards") -> List[str]:
     """Tar paths named by dataset folders, index.json files, tar paths, globs or brace patterns, in order."""
     if not patterns:
-        raise ValueError("data.shards is empty: expected dataset folders, tar paths or glob patterns")
+        raise ValueError(f"{key} is empty: expected dataset folders, tar paths or glob patterns")
     paths = shard_paths(list(patterns))
     duplicates = sorted(p for p, n in collections.Counter(paths).items() if n > 1)
     if duplicates:
         # A repeated shard would be trained on twice per epoch and breaks the one-owner split.
-        raise ValueError(f"data.shards names {duplicates[0]!r} more than once; each shard must appear once")
+        raise ValueError(f"{key} names {duplicates[0]!r} more than once; each shard must appear once")
     return paths
 
 
@@ -104,6 +141,44 @@ def _read_shard(path: str) -> Iterator[Dict[str, Any]]:
         logger.warning("shard %s is unreadable from some point on (%s: %s); its rest is skipped",
                        path, type(e).__name__, e)
         yield {"__key__": "<unreadable rest of shard>", "__url__": path, "__error__": f"{type(e).__name__}: {e}"}
+
+
+_META_MEMBER = re.compile(r"__[^/]*__($|/)")  # what webdataset's tar iterator leaves out
+
+
+def _scan_count(path: str) -> int:
+    """Samples in a tar without index.json, from its headers alone, grouped the way _read_shard groups them."""
+    num_samples, key = 0, None
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for info in tar:
+                if not info.isreg() or _META_MEMBER.match(info.name):
+                    continue
+                prefix, _ = base_plus_ext(info.name)
+                if prefix is not None and prefix != key:
+                    num_samples, key = num_samples + 1, prefix
+    except (tarfile.TarError, OSError, EOFError) as e:
+        logger.warning("shard %s: counting its samples stopped at %d (%s)", path, num_samples, e)
+    return num_samples
+
+
+def shard_counts(paths: List[str]) -> List[int]:
+    """Samples per shard: from its folder's index.json where that lists it, else one scan of its headers."""
+    by_folder: Dict[str, Dict[str, int]] = {}
+    out = []
+    for path in paths:
+        folder = os.path.dirname(os.path.abspath(path))
+        if folder not in by_folder:
+            by_folder[folder] = {}
+            if os.path.isfile(os.path.join(folder, INDEX_NAME)):
+                try:
+                    by_folder[folder] = {s["name"]: s["num_samples"] for s in read_index(folder)["shards"]
+                                         if isinstance(s.get("num_samples"), int)}
+                except ValueError:
+                    pass  # an unreadable index: count the tars themselves
+        known = by_folder[folder].get(os.path.basename(path))
+        out.append(known if known is not None else _scan_count(path))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- samples
@@ -182,10 +257,13 @@ def _chunk_mels(wave_T: torch.Tensor) -> List[torch.Tensor]:
     return mels
 
 
-def _render(raw: Dict[str, Any], tok, ids: SpecialIds, instruction: str, max_audio_s: Optional[float],
-            with_answer: bool = True, default_task: str = DEFAULT_TASK,
-            force_task: Optional[str] = None) -> Dict[str, Any]:
-    """Render a raw sample with its record's task (or `force_task`); _Skip with the reason if it cannot."""
+def render_raw(raw: Dict[str, Any], tok, ids: SpecialIds, instruction: str = DEFAULT_ASR_INSTRUCTION,
+               max_audio_s: Optional[float] = None, with_answer: bool = True, default_task: str = DEFAULT_TASK,
+               force_task: Optional[str] = None, min_audio_s: float = 0.0) -> Dict[str, Any]:
+    """Render a raw sample with its record's task (or `force_task`); _Skip with the reason if it cannot.
+
+    Returns {key, task, text, mels: [128, F] per chunk, num_audio_s, input_ids, labels}.
+    """
     meta = _parse_meta(raw, max_audio_s)
     name = force_task or meta.get("task", default_task)
     task = TASKS.get(name) if isinstance(name, str) else None
@@ -196,9 +274,15 @@ def _render(raw: Dict[str, Any], tok, ids: SpecialIds, instruction: str, max_aud
         code_members, audio_members = task.codes(meta), task.audio(meta)
     except TemplateError as e:
         raise _Skip(e.reason, str(e)) from None
+    duration_s = meta.get("duration_s")
+    if audio_members and isinstance(duration_s, (int, float)) and duration_s < min_audio_s:
+        raise _Skip("too_short")  # by the metadata, before paying for the decode
     # Codes first: a record waiting for data.tokenize is skipped without decoding its audio.
     sample.codes = {m: _read_codes(raw, m) for m in code_members}
     waves = {m: _decode_member(raw, m, max_audio_s) for m in audio_members}
+    num_audio_s = sum(len(wave_T) for wave_T in waves.values()) / SAMPLE_RATE
+    if audio_members and num_audio_s < min_audio_s:
+        raise _Skip("too_short")
     mels = {m: _chunk_mels(wave_T) for m, wave_T in waves.items()}
     sample.mel_frames = {m: [x.shape[1] for x in chunks] for m, chunks in mels.items()}
     try:
@@ -206,13 +290,16 @@ def _render(raw: Dict[str, Any], tok, ids: SpecialIds, instruction: str, max_aud
     except TemplateError as e:
         raise _Skip(e.reason, str(e)) from None
     return {"key": raw["__key__"], "task": name, "text": meta.get("text", ""),
-            "mels": [m for member in rendered.audio for m in mels[member]],
-            "num_audio_s": sum(len(wave_T) for wave_T in waves.values()) / SAMPLE_RATE,
+            "mels": [m for member in rendered.audio for m in mels[member]], "num_audio_s": num_audio_s,
             "input_ids": rendered.input_ids, "labels": rendered.labels}
+
+
+_render = render_raw  # the name data.show imports
 
 
 def _sample_name(raw: Dict[str, Any]) -> str:
     return f"{os.path.basename(raw['__url__'])}:{raw['__key__']}"
+
 
 
 def _pad_mels(mels: List[torch.Tensor]) -> tuple:
@@ -224,119 +311,308 @@ def _pad_mels(mels: List[torch.Tensor]) -> tuple:
     return out, lengths
 
 
-def collate(samples: List[Dict[str, Any]], pad_id: int) -> Dict[str, Any]:
-    """Right-pad rendered samples into the batch dict the trainer consumes."""
-    length = max(len(s["input_ids"]) for s in samples)
-    input_ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(samples), length), dtype=torch.long)
-    for i, s in enumerate(samples):
-        n = len(s["input_ids"])
-        input_ids[i, :n] = torch.tensor(s["input_ids"])
-        labels[i, :n] = torch.tensor(s["labels"])
-        attention_mask[i, :n] = 1
-    all_mels = [m for s in samples for m in s["mels"]]
-    mels, mel_lengths = _pad_mels(all_mels) if all_mels else (None, torch.zeros(0, dtype=torch.long))
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "mels": mels,
-            "mel_lengths": mel_lengths, "keys": [s["key"] for s in samples],
-            "num_audio_s": float(sum(s["num_audio_s"] for s in samples))}
+# ---------------------------------------------------------------------------------------------- reading
+
+@dataclass
+class _Dataset:
+    """A resolved dataset: its shards in config order with their sample counts."""
+    name: str
+    index: int
+    paths: List[str]
+    counts: List[int]
+    weight: float
+    task: str
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.counts)
+
+    def fingerprint(self) -> str:
+        listing = "\n".join(f"{os.path.basename(p)}:{n}" for p, n in zip(self.paths, self.counts, strict=True))
+        return hashlib.sha1(listing.encode()).hexdigest()
 
 
-# ---------------------------------------------------------------------------------------------- workers
+_MISSING = {"__missing__": True}  # a position past a shard's breaking point, already counted once
+
+
+class _EpochReader:
+    """Raw samples at ascending positions of one dataset epoch, reading only the shards that hold them.
+
+    Positions a broken shard cannot deliver come back as a "bad_shard" marker once per shard and plan (at
+    the plan's first position past the break, whoever reads it, so a resume counts it the same way) and as
+    _MISSING otherwise.
+    """
+
+    def __init__(self, ds: _Dataset, epoch: int, seed: int, plan: epochs.Ranges, needed: Iterator[int]):
+        order = epochs.shard_order(len(ds.paths), seed, ds.index, epoch)
+        self.paths = [ds.paths[i] for i in order]
+        self.starts = [0, *itertools.accumulate(ds.counts[i] for i in order)][:-1]
+        self.plan, self.needed = plan, needed
+        self.shard, self.raws, self.local, self.broken = -1, None, 0, None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Tuple[int, Dict[str, Any]]:
+        position = next(self.needed)
+        shard = bisect.bisect_right(self.starts, position) - 1
+        if shard != self.shard:
+            if self.raws is not None:
+                self.raws.close()  # closes the tar now, not when the generator is collected
+            self.shard, self.raws, self.local, self.broken = shard, _read_shard(self.paths[shard]), 0, None
+        local = position - self.starts[shard]
+        assert local >= self.local, "positions must come in ascending order"
+        while self.broken is None:
+            raw = next(self.raws, None)
+            if raw is None:
+                self.broken = (self.local, "the tar holds fewer samples than its index.json says")
+            elif "__error__" in raw:
+                self.broken = (self.local, raw["__error__"])
+            else:
+                self.local += 1
+                if self.local - 1 == local:
+                    return position, raw
+        if position == epochs.first_at_or_after(self.plan, self.starts[shard] + self.broken[0]):
+            return position, {"__key__": "<unreadable rest of shard>", "__url__": self.paths[shard],
+                              "__error__": self.broken[1]}
+        return position, _MISSING
+
+
+def _fetch(ds: _Dataset, epoch: int, seed: int, positions: List[int]) -> Dict[int, Dict[str, Any]]:
+    """The raw samples at `positions` of one dataset epoch."""
+    plan = epochs.merge([(p, p + 1) for p in set(positions)])
+    return dict(_EpochReader(ds, epoch, seed, plan, epochs.iter_positions(plan)))
+
+
+class _DatasetStream:
+    """One dataset's raw samples for one slot, epoch after epoch, in buffer-shuffled order; `state` says where."""
+
+    def __init__(self, ds: _Dataset, seed: int, slot: int, num_slots: int, generation: int, state: Dict,
+                 buffer: int, where: str):
+        self.ds, self.seed, self.slot, self.num_slots, self.generation = ds, seed, slot, num_slots, generation
+        self.state, self.buffer, self.where = copy.deepcopy(state), buffer, where
+        self.epoch_skips: collections.Counter = collections.Counter()
+        self._open()
+
+    def _open(self) -> None:
+        st = self.state
+        self.plan = epochs.plan_of(st, self.ds.num_samples, self.num_slots, self.slot)
+        key = epochs.shuffle_key(self.seed, self.ds.name, st["epoch"], self.slot, self.generation)
+        self.shuffle = epochs.BufferShuffle(self.plan, st["buffer"], key, st["consumed"])
+        # What the buffer held at the resume point is read again, then the plan goes on where reading stood.
+        needed = itertools.chain(self.shuffle.held(), epochs.iter_positions(self.plan, self.shuffle.num_read))
+        self.reader = _EpochReader(self.ds, st["epoch"], self.seed, self.plan, needed)
+        self.store: Dict[int, Dict[str, Any]] = {}
+
+    def next_raw(self) -> Tuple[tuple, Dict[str, Any]]:
+        """(uid, raw sample): uid = (dataset name, epoch, position) names the sample across resumes."""
+        position = self.shuffle.next()
+        while position is None:
+            self._next_epoch()
+            position = self.shuffle.next()
+        self.state["consumed"] += 1
+        while position not in self.store:
+            read_at, raw = next(self.reader)
+            self.store[read_at] = raw
+        return (self.ds.name, self.state["epoch"], position), self.store.pop(position)
+
+    def _next_epoch(self) -> None:
+        st = self.state
+        if st["plan"] is None and st["usable"] == 0:
+            raise ValueError(
+                f"{self.where} got no usable sample in epoch {st['epoch']} of dataset {self.ds.name!r} "
+                f"({st['consumed']} raw samples, skipped: {dict(self.epoch_skips)}); the dataset holds too few "
+                f"samples ({self.ds.num_samples}) for {self.num_slots} (rank, worker) slots, or all of them fail")
+        if st["queue"]:
+            epoch, plan = st["queue"][0]
+            self.state = {**epochs.new_stream_state(self.buffer, epoch), "plan": plan, "queue": st["queue"][1:]}
+        else:
+            self.state = epochs.new_stream_state(self.buffer, st["epoch"] + 1)
+        self.epoch_skips.clear()
+        self._open()
+
+    def snapshot(self) -> Dict:
+        return {**self.state, "queue": list(self.state["queue"])}
+
+
+# ---------------------------------------------------------------------------------------------- slots
+
+def _uid(value) -> tuple:
+    """A uid back from JSON (lists) to the tuple the batcher saw."""
+    name, epoch, position = value
+    return (name, int(epoch), int(position))
+
+
+def _new_slot_state(datasets: List[_Dataset], buffer: int) -> Dict[str, Any]:
+    """A slot at the very start: every dataset at epoch 0, nothing held."""
+    return {"datasets": {ds.name: epochs.new_stream_state(buffer) for ds in datasets}, "mix": {}, "adds": 0,
+            "pending": [], "redo": None, "emitted": 0}
+
+
+def _restore_batcher(batcher: Batcher, held: List[Tuple[Dict[str, Any], int]], arrivals: int) -> None:
+    """Make a fresh `batcher` hold `held` (sample, arrival index) as the interrupted one did.
+
+    Its cuts look at how long samples have waited (arrival indices), which add() numbers from a counter of
+    its own, so the counter is set to each sample's original arrival; adding them alone cuts nothing, as
+    they were what the old batcher kept after its last cut.
+    """
+    assert hasattr(batcher, "_arrivals"), "data.batching.Batcher no longer numbers arrivals in _arrivals"
+    for sample, arrival in held:
+        batcher._arrivals = arrival
+        assert not batcher.add(sample), "a batcher's held samples must not complete a batch on their own"
+    batcher._arrivals = arrivals
+
+
+class _SlotStream:
+    """The batches of one (rank, worker) slot: mixture -> dataset streams -> render -> batcher."""
+
+    def __init__(self, cfg: DataConfig, datasets: List[_Dataset], rank: int, worker: int, num_workers: int,
+                 world_size: int, seed: int, generation: int, state: Dict[str, Any]):
+        self.cfg, self.datasets, self.seed, self.generation = cfg, {ds.name: ds for ds in datasets}, seed, generation
+        self.slot, self.num_slots = rank * num_workers + worker, world_size * num_workers
+        self.where = f"rank {rank} worker {worker}"
+        self.state = state
+
+    def _render(self, raw: Dict[str, Any], ds: _Dataset) -> Dict[str, Any]:
+        return render_raw(raw, self.tok, self.ids, self.cfg.asr_instruction, self.cfg.max_audio_s,
+                          default_task=ds.task, min_audio_s=self.cfg.min_audio_s)
+
+    def batches(self) -> Iterator[Dict[str, Any]]:
+        cfg, state = self.cfg, self.state
+        self.tok = load_tokenizer(cfg.tokenizer)
+        self.ids = special_ids(self.tok)
+        self.batcher = Batcher(cfg.batching, self.ids.end_of_text, cfg.batch_size, cfg.max_tokens,
+                               cfg.max_mel_frames, cfg.max_seq_len, cfg.batch_buffer)
+        self.streams = {name: _DatasetStream(ds, self.seed, self.slot, self.num_slots, self.generation,
+                                             state["datasets"][name], cfg.shuffle_buffer, self.where)
+                        for name, ds in self.datasets.items()}
+        self.mixture = epochs.Mixture({name: ds.weight for name, ds in self.datasets.items()},
+                                      epochs.mixture_key(self.seed, self.slot, self.generation), state["mix"])
+        self.adds = state["adds"]
+        self.skipped: collections.Counter = collections.Counter()
+        self.skipped_keys: List[str] = []
+        yield from self._replay()
+        while True:
+            name = self.mixture.peek()
+            stream = self.streams[name]
+            uid, raw = stream.next_raw()
+            if raw is _MISSING:
+                continue
+            try:
+                sample = self._render(raw, stream.ds)
+                reason = self.batcher.reject_reason(sample)
+                if reason is not None:
+                    raise _Skip(reason)
+            except _Skip as s:
+                self.skipped[s.reason] += 1
+                stream.epoch_skips[s.reason] += 1
+                self.skipped_keys = (self.skipped_keys + [_sample_name(raw)])[-_MAX_SKIPPED_KEYS:]
+                continue
+            stream.state["usable"] += 1
+            self.mixture.advance(name)
+            yield from self._add(sample, uid)
+
+    def _add(self, sample: Dict[str, Any], uid: tuple, emitted: int = 0) -> Iterator[Dict[str, Any]]:
+        sample["uid"] = uid
+        arrival = self.adds
+        before = [[list(u), self._arrival[u]] for u in self.batcher.pending_uids()]
+        self._arrival[uid] = arrival
+        self.adds += 1
+        out = self.batcher.add(sample)
+        if out:
+            self._arrival = {u: self._arrival[u] for u in self.batcher.pending_uids()}
+        after = [[list(u), self._arrival[u]] for u in self.batcher.pending_uids()]
+        for j in range(emitted, len(out)):
+            batch = out[j]
+            if j == len(out) - 1:
+                resume = {"adds": self.adds, "pending": after, "redo": None, "emitted": 0}
+            else:  # more batches of this same add follow: a resume re-does the add and drops the first j + 1
+                held = [u for later in out[j + 1:] for u in later["uids"]]
+                resume = {"adds": arrival, "pending": before, "redo": [list(uid), arrival], "emitted": j + 1,
+                          "held": [list(u) for u in held] + [u for u, _ in after]}
+            batch["datasets"] = [u[0] for u in batch["uids"]]
+            batch["epochs"] = [u[1] for u in batch["uids"]]
+            batch["_state"] = {"datasets": {n: s.snapshot() for n, s in self.streams.items()},
+                               "mix": dict(self.mixture.counts), **resume}
+            batch["_skipped"] = (dict(self.skipped), self.skipped_keys)
+            self.skipped, self.skipped_keys = collections.Counter(), []
+            yield batch
+
+    def _replay(self) -> Iterator[Dict[str, Any]]:
+        """Rebuild what the batcher held at the state (decoding only those samples), and finish a cut add."""
+        state = self.state
+        self._arrival: Dict[tuple, int] = {}
+        wanted = [(_uid(u), a) for u, a in state["pending"]]
+        redo = (_uid(state["redo"][0]), state["redo"][1]) if state["redo"] else None
+        by_epoch: Dict[tuple, List[int]] = collections.defaultdict(list)
+        for (name, epoch, position), _ in wanted + ([redo] if redo else []):
+            by_epoch[name, epoch].append(position)
+        raws = {(name, epoch, p): raw for (name, epoch), positions in by_epoch.items()
+                for p, raw in _fetch(self.datasets[name], epoch, self.seed, positions).items()}
+        samples = {}
+        for uid, raw in raws.items():
+            try:
+                samples[uid] = self._render(raw, self.datasets[uid[0]])
+            except _Skip as s:
+                raise ValueError(f"sample {_sample_name(raw)} was held by the batcher at the checkpoint and "
+                                 f"now fails ({s}); the shards changed since the checkpoint") from None
+            samples[uid]["uid"] = uid
+        _restore_batcher(self.batcher, [(samples[u], a) for u, a in wanted], state["adds"])
+        self._arrival = {u: a for u, a in wanted}
+        if redo:
+            yield from self._add(samples[redo[0]], redo[0], emitted=state["emitted"])
+
 
 class _WorkerStreams(IterableDataset):
-    """In each DataLoader worker: that worker's share of every epoch, decoded and batched."""
+    """In each DataLoader worker (or in the training process): that worker's slot stream."""
 
-    def __init__(self, cfg: DataConfig, shards: List[str], rank: int, world_size: int, seed: int,
-                 resume: List[tuple]):
-        self.cfg, self.shards, self.rank, self.world_size, self.seed = cfg, shards, rank, world_size, seed
-        self.resume = resume
-
-    def raw_epoch(self, epoch: int, slot: int, num_slots: int) -> Iterator[Dict[str, Any]]:
-        """The raw samples (undecoded) of `epoch` that belong to `slot`, in shuffled order."""
-        order = list(range(len(self.shards)))
-        random.Random(self.seed + epoch).shuffle(order)  # the same on every rank and worker
-        by_shard = len(self.shards) >= num_slots
-        rng = random.Random((self.seed + epoch) * 1_000_003 + slot)
-        buffer: List[Dict[str, Any]] = []
-        index = 0
-        for position, shard_index in enumerate(order):
-            if by_shard and position % num_slots != slot:
-                continue
-            for raw in _read_shard(self.shards[shard_index]):
-                if not by_shard:
-                    index += 1
-                    if (index - 1) % num_slots != slot:
-                        continue
-                if len(buffer) < max(self.cfg.shuffle_buffer, 1):
-                    buffer.append(raw)
-                    continue
-                j = rng.randrange(len(buffer))
-                buffer[j], raw = raw, buffer[j]
-                yield raw
-        rng.shuffle(buffer)
-        yield from buffer
+    def __init__(self, cfg: DataConfig, datasets: List[_Dataset], rank: int, world_size: int, seed: int,
+                 generation: int, worker_states: List[Dict[str, Any]]):
+        self.cfg, self.datasets, self.rank, self.world_size, self.seed = cfg, datasets, rank, world_size, seed
+        self.generation, self.worker_states = generation, worker_states
 
     def __iter__(self):
         info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        slot, num_slots = self.rank * num_workers + worker, self.world_size * num_workers
-        tok = load_tokenizer(self.cfg.tokenizer)
-        ids = special_ids(tok)
-        epoch, skip = self.resume[worker]
-        pending: List[Dict[str, Any]] = []
-        skipped: collections.Counter = collections.Counter()
-        skipped_keys: List[str] = []
-        while True:
-            usable = 0
-            consumed = 0
-            for consumed, raw in enumerate(self.raw_epoch(epoch, slot, num_slots), 1):
-                if consumed <= skip:  # already trained on before the restart: not even decoded
-                    continue
-                try:
-                    pending.append(_render(raw, tok, ids, self.cfg.asr_instruction, self.cfg.max_audio_s,
-                                           default_task=self.cfg.task))
-                except _Skip as s:
-                    skipped[s.reason] += 1
-                    skipped_keys = (skipped_keys + [_sample_name(raw)])[-_MAX_SKIPPED_KEYS:]
-                    continue
-                usable += 1
-                if len(pending) == self.cfg.batch_size:
-                    batch = collate(pending, ids.end_of_text)
-                    batch["_position"] = (worker, epoch, consumed)
-                    batch["_skipped"] = (dict(skipped), skipped_keys)
-                    yield batch
-                    pending, skipped, skipped_keys = [], collections.Counter(), []
-            if usable == 0 and skip == 0:
-                raise ValueError(
-                    f"rank {self.rank} worker {worker} got no usable sample in epoch {epoch} "
-                    f"({consumed} raw samples, skipped: {dict(skipped)}); the shards hold too few samples for "
-                    f"world_size={self.world_size} x num_workers={num_workers}, or all of them fail to decode")
-            epoch, skip = epoch + 1, 0
+        worker = info.id if info else 0
+        stream = _SlotStream(self.cfg, self.datasets, self.rank, worker, len(self.worker_states), self.world_size,
+                             self.seed, self.generation, self.worker_states[worker])
+        for batch in stream.batches():
+            batch["_worker"] = worker
+            yield batch
 
 
 # ---------------------------------------------------------------------------------------------- loader
 
 class ShardLoader:
-    """Infinite iterator of batches for one rank, with `state_dict` / `load_state_dict` for exact resume."""
+    """Infinite iterator of batches for one rank, with `state_dict` / `load_state_dict` for resuming.
 
-    def __init__(self, cfg: DataConfig, shards: List[str], rank: int, world_size: int, seed: int):
-        self.cfg, self.shards, self.rank, self.world_size, self.seed = cfg, shards, rank, world_size, seed
+    A batch is the Batcher's dict (input_ids, labels, attention_mask, position_ids, segment_ids when packed,
+    mels, mel_lengths, keys, uids, num_samples, num_tokens, num_audio_s) plus, per sample, the dataset
+    ("datasets") and that dataset's epoch ("epochs") it came from.
+    """
+
+    def __init__(self, cfg: DataConfig, datasets: List[_Dataset], rank: int, world_size: int, seed: int):
+        self.cfg, self.datasets, self.rank, self.world_size, self.seed = cfg, datasets, rank, world_size, seed
         self._num_streams = max(cfg.num_workers, 1)
-        self._positions = [(0, 0)] * self._num_streams   # (epoch, raw samples) of each worker's last batch
+        self._worker_states = [_new_slot_state(datasets, cfg.shuffle_buffer) for _ in range(self._num_streams)]
+        self._generation = 0
         self._batches = 0
         self._skipped: collections.Counter = collections.Counter()
         self._skipped_keys: List[str] = []
         self._iterator = None
         self._waiting: Dict[int, collections.deque] = {}
 
+    @property
+    def shards(self) -> List[str]:
+        return [p for ds in self.datasets for p in ds.paths]
+
     def __iter__(self) -> "ShardLoader":
         return self
 
     def __next__(self) -> Dict[str, Any]:
         if self._iterator is None:
-            streams = _WorkerStreams(self.cfg, self.shards, self.rank, self.world_size, self.seed,
-                                     list(self._positions))
+            streams = _WorkerStreams(self.cfg, self.datasets, self.rank, self.world_size, self.seed,
+                                     self._generation, copy.deepcopy(self._worker_states))
             self._iterator = iter(DataLoader(streams, batch_size=None, num_workers=self.cfg.num_workers))
             self._waiting = {w: collections.deque() for w in range(self._num_streams)}
         # Batches go round-robin over workers; after a restart the DataLoader begins again at worker 0,
@@ -344,11 +620,10 @@ class ShardLoader:
         want = self._batches % self._num_streams
         while not self._waiting[want]:
             batch = next(self._iterator)
-            self._waiting[batch["_position"][0]].append(batch)
+            self._waiting[batch.pop("_worker")].append(batch)
         batch = self._waiting[want].popleft()
-        worker, epoch, consumed = batch.pop("_position")
+        self._worker_states[want] = batch.pop("_state")
         reasons, keys = batch.pop("_skipped")
-        self._positions[worker] = (epoch, consumed)
         self._batches += 1
         self._skipped.update(reasons)
         self._skipped_keys = (self._skipped_keys + keys)[-_MAX_SKIPPED_KEYS:]
@@ -358,54 +633,157 @@ class ShardLoader:
         """Samples skipped so far in the batches consumed: {"skipped": {reason: n}, "skipped_keys": [...]}."""
         return {"skipped": dict(self._skipped), "skipped_keys": list(self._skipped_keys)}
 
-    def _fingerprint(self) -> str:
-        return hashlib.sha1("\n".join(os.path.basename(p) for p in self.shards).encode()).hexdigest()
-
     def state_dict(self) -> Dict[str, Any]:
-        """Where this rank's stream stands after the last batch returned (plain Python types)."""
+        """Where this rank's streams stand after the last batch returned (JSON-able plain types)."""
         return {"version": _STATE_VERSION, "rank": self.rank, "world_size": self.world_size,
-                "num_workers": self.cfg.num_workers, "seed": self.seed, "shards": self._fingerprint(),
-                "batches": self._batches,
-                "workers": [{"epoch": e, "samples": n} for e, n in self._positions],
+                "num_workers": self.cfg.num_workers, "seed": self.seed,
+                "datasets": [[ds.name, ds.fingerprint()] for ds in self.datasets],
+                "generation": self._generation, "batches": self._batches,
+                "workers": copy.deepcopy(self._worker_states),
                 "skipped": dict(self._skipped), "skipped_keys": list(self._skipped_keys)}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Continue exactly after the batches recorded in `state`; the next batch restarts the workers."""
-        if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"loader state version {state.get('version')!r}: expected {_STATE_VERSION}")
-        for key in ("world_size", "num_workers"):
-            mine = self.world_size if key == "world_size" else self.cfg.num_workers
-            if state[key] != mine:
-                raise ValueError(f"loader state was saved with {key}={state[key]}, this run has {key}={mine}: "
-                                 f"resuming with a different world_size or num_workers is not supported yet "
-                                 f"(it needs re-splitting the streams, a later feature)")
-        if state["rank"] != self.rank:
-            raise ValueError(f"loader state belongs to rank {state['rank']}, loaded on rank {self.rank}")
-        if state["seed"] != self.seed or state["shards"] != self._fingerprint():
-            raise ValueError("loader state was saved with a different seed or shard list; exact resume needs both "
-                             f"unchanged (seed {state['seed']} -> {self.seed})")
-        self._positions = [(w["epoch"], w["samples"]) for w in state["workers"]]
-        self._batches = state["batches"]
-        self._skipped = collections.Counter(state["skipped"])
-        self._skipped_keys = list(state["skipped_keys"])
+        """Continue from saved loader state; the next batch restarts the workers.
+
+        `state` is one rank's state_dict() or {"ranks": [every rank's state_dict()]} (what a checkpoint
+        gathers). Same world_size and num_workers: this rank continues exactly where it stood (its batches
+        equal an uninterrupted run's). Otherwise every rank's state is needed: what each dataset's started
+        epochs have left, unread or held by a batcher, is split evenly among the new (rank, worker) slots,
+        so no sample of those epochs is lost or seen twice; later epochs split normally.
+        """
+        ranks = state["ranks"] if isinstance(state, dict) and "ranks" in state else [state]
+        if not ranks or not all(isinstance(r, dict) for r in ranks):
+            raise ValueError(f"loader state: expected a state_dict() or {{'ranks': [...]}}, got {state!r:.200}")
+        for r in ranks:
+            self._check_compatible(r)
+        old_world, old_workers = ranks[0]["world_size"], ranks[0]["num_workers"]
+        if old_world == self.world_size and max(old_workers, 1) == self._num_streams:
+            mine = [r for r in ranks if r["rank"] == self.rank]
+            if not mine:
+                raise ValueError(f"loader state holds ranks {sorted(r['rank'] for r in ranks)}, "
+                                 f"not this rank {self.rank}")
+            self._restore(mine[0])
+        else:
+            found = sorted(r["rank"] for r in ranks)
+            if found != list(range(old_world)) or any(r["num_workers"] != old_workers for r in ranks):
+                raise ValueError(f"loader state was saved with world_size={old_world}, num_workers={old_workers} "
+                                 f"and this run has world_size={self.world_size}, num_workers={self.cfg.num_workers}: "
+                                 f"re-splitting needs every old rank's state ({{'ranks': [...]}}), got ranks {found}")
+            self._resplit(ranks, old_world, max(old_workers, 1))
         self._iterator = None
 
+    def _check_compatible(self, state: Dict[str, Any]) -> None:
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')!r}: expected {_STATE_VERSION} "
+                             "(a state from an older loader cannot be resumed; start the data stream afresh)")
+        if state["seed"] != self.seed:
+            raise ValueError(f"loader state was saved with seed {state['seed']}, this run has seed {self.seed}; "
+                             "resuming needs the same seed")
+        saved = [tuple(d) for d in state["datasets"]]
+        mine = [(ds.name, ds.fingerprint()) for ds in self.datasets]
+        if saved != mine:
+            names = [n for n, _ in saved]
+            differs = next((n for n, fp in mine if (n, fp) not in saved), names[0] if names else "?")
+            raise ValueError(f"loader state was saved with other datasets or shards (dataset {differs!r} differs; "
+                             f"saved {names}, now {[n for n, _ in mine]}); resuming needs the same datasets, "
+                             "shard lists and index counts")
 
-def build_loader(cfg: DataConfig, rank: int, world_size: int, seed: int) -> ShardLoader:
-    """The loader of `rank` out of `world_size`; `seed` must be the same on every rank."""
+    def _restore(self, state: Dict[str, Any]) -> None:
+        self._worker_states = copy.deepcopy(state["workers"])
+        self._generation, self._batches = state["generation"], state["batches"]
+        self._skipped = collections.Counter(state["skipped"])
+        self._skipped_keys = list(state["skipped_keys"])
+
+    def _resplit(self, ranks: List[Dict[str, Any]], old_world: int, old_workers: int) -> None:
+        ranks = sorted(ranks, key=lambda r: r["rank"])
+        old_slots = [(r["rank"] * old_workers + w, ws) for r in ranks for w, ws in enumerate(r["workers"])]
+        generation = max(r["generation"] for r in ranks)
+        new_states = [_new_slot_state(self.datasets, self.cfg.shuffle_buffer) for _ in range(self._num_streams)]
+        for ds in self.datasets:
+            held = []
+            for _, ws in old_slots:
+                unseen = ws["held"] if ws.get("redo") else [u for u, _ in ws["pending"]]
+                held += [(int(e), int(p)) for name, e, p in unseen if name == ds.name]
+            per_slot = epochs.resplit(ds.name, [(slot, ws["datasets"][ds.name]) for slot, ws in old_slots], held,
+                                      ds.num_samples, old_world * old_workers, self.world_size * self._num_streams,
+                                      self.seed, generation, self.cfg.shuffle_buffer)
+            for w in range(self._num_streams):
+                new_states[w]["datasets"][ds.name] = per_slot[self.rank * self._num_streams + w]
+        self._worker_states, self._generation, self._batches = new_states, generation + 1, 0
+        # Skip counts so far stay in the run's totals, on rank 0.
+        self._skipped = collections.Counter()
+        self._skipped_keys = []
+        if self.rank == 0:
+            for r in ranks:
+                self._skipped.update(r["skipped"])
+                self._skipped_keys = (self._skipped_keys + r["skipped_keys"])[-_MAX_SKIPPED_KEYS:]
+
+
+def _dataset_specs(cfg: DataConfig) -> List[Tuple[str, str, List[str], float, str]]:
+    """(config key, name, shard patterns, weight, default task) of every dataset, checked."""
+    if cfg.datasets and cfg.shards:
+        raise ValueError("data.datasets and data.shards are both set: name the shards in data.datasets[*].shards "
+                         "(a mixture) or in data.shards (one dataset), not both")
+    if not cfg.datasets:
+        return [("data.shards", _DEFAULT_DATASET, list(cfg.shards), 1.0, cfg.task)]
+    specs, names = [], set()
+    for i, d in enumerate(cfg.datasets):
+        key = f"data.datasets[{i}]"
+        if not isinstance(d.name, str) or not d.name or d.name in names:
+            raise ValueError(f"{key}.name={d.name!r}: expected a non-empty name unique within data.datasets")
+        names.add(d.name)
+        if not (isinstance(d.weight, (int, float)) and d.weight > 0 and math.isfinite(d.weight)):
+            raise ValueError(f"{key}.weight={d.weight!r} (dataset {d.name!r}): expected a positive number")
+        if d.task is not None and d.task not in TASKS:
+            raise ValueError(f"{key}.task={d.task!r} (dataset {d.name!r}): expected one of {sorted(TASKS)}")
+        specs.append((f"{key}.shards", d.name, list(d.shards), float(d.weight), d.task or cfg.task))
+    return specs
+
+
+def _check_config(cfg: DataConfig, rank: int, world_size: int) -> None:
     if cfg.task not in TASKS:
         raise ValueError(f"data.task={cfg.task!r}: expected one of {sorted(TASKS)}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} with world_size={world_size}: expected 0 <= rank < world_size")
-    for key, low in (("batch_size", 1), ("num_workers", 0), ("shuffle_buffer", 0)):
-        if getattr(cfg, key) < low:
-            raise ValueError(f"data.{key}={getattr(cfg, key)}: expected an integer >= {low}")
+    if cfg.batching not in BATCHING_MODES:
+        raise ValueError(f"data.batching={cfg.batching!r}: expected one of {list(BATCHING_MODES)}")
+    for key, low in (("batch_size", 1), ("num_workers", 0), ("shuffle_buffer", 0), ("max_tokens", 1),
+                     ("max_mel_frames", 0), ("max_seq_len", 1), ("batch_buffer", 1)):
+        value = getattr(cfg, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"data.{key}={value!r}: expected an integer >= {low}")
+    if cfg.batching == "packed" and cfg.max_seq_len > cfg.max_tokens:
+        raise ValueError(f"data.max_seq_len={cfg.max_seq_len} is larger than data.max_tokens={cfg.max_tokens}: "
+                         "a packed batch holds max_tokens // max_seq_len rows, so expected max_seq_len <= max_tokens")
     if not (cfg.max_audio_s > 0 and math.isfinite(cfg.max_audio_s)):
         raise ValueError(f"data.max_audio_s={cfg.max_audio_s}: expected a positive number of seconds")
+    if not (0 <= cfg.min_audio_s < cfg.max_audio_s):
+        raise ValueError(f"data.min_audio_s={cfg.min_audio_s}: expected seconds >= 0 and below "
+                         f"data.max_audio_s={cfg.max_audio_s}")
+
+
+def build_loader(cfg: DataConfig, rank: int, world_size: int, seed: int) -> ShardLoader:
+    """The loader of `rank` out of `world_size`; `seed` must be the same on every rank."""
+    _check_config(cfg, rank, world_size)
+    specs = _dataset_specs(cfg)
     special_ids(load_tokenizer(cfg.tokenizer))  # fail here, not inside a worker
-    shards = resolve_shards(cfg.shards)
-    check_audio_tokenizer(shards, cfg.audio_tokenizer)
-    return ShardLoader(cfg, shards, rank, world_size, seed)
+    num_slots = world_size * max(cfg.num_workers, 1)
+    datasets, owner = [], {}
+    for index, (key, name, patterns, weight, task) in enumerate(specs):
+        paths = resolve_shards(patterns, key)
+        for path in paths:
+            if path in owner:
+                raise ValueError(f"{key} names {path!r}, which dataset {owner[path]!r} also names; "
+                                 "a shard may belong to one dataset only (use weights to sample one more often)")
+            owner[path] = name
+        ds = _Dataset(name, index, paths, shard_counts(paths), weight, task)
+        if ds.num_samples < num_slots:
+            raise ValueError(f"dataset {name!r} ({key}) holds {ds.num_samples} samples, fewer than the "
+                             f"{num_slots} (rank, worker) slots of world_size={world_size} x "
+                             f"num_workers={max(cfg.num_workers, 1)}: each slot needs at least one sample per epoch")
+        datasets.append(ds)
+    check_audio_tokenizer([p for ds in datasets for p in ds.paths], cfg.audio_tokenizer)
+    return ShardLoader(cfg, datasets, rank, world_size, seed)
 
 
 def iter_eval_samples(shards: List[str], tok, ids: SpecialIds, instruction: str = DEFAULT_ASR_INSTRUCTION,
@@ -420,7 +798,7 @@ def iter_eval_samples(shards: List[str], tok, ids: SpecialIds, instruction: str 
             if max_samples is not None and produced >= max_samples:
                 return
             try:
-                sample = _render(raw, tok, ids, instruction, max_audio_s=None, with_answer=False)
+                sample = render_raw(raw, tok, ids, instruction, max_audio_s=None, with_answer=False)
             except _Skip as s:
                 logger.warning("evaluation skips %s: %s", _sample_name(raw), s.reason)
                 continue

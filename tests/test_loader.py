@@ -1,4 +1,6 @@
-"""The shard loader on real tiny tar shards: rank/worker split, batch layout, exact resume, skips."""
+"""The shard loader on real tiny tar shards: rank/worker split, batch layout, exact resume, skips, config checks.
+
+Also the builders test_loader_mix.py and test_loader_world.py share (text-only TTS records decode fast)."""
 import io
 import json
 import math
@@ -11,10 +13,22 @@ import webdataset
 
 import data.loader
 from data.features import SAMPLE_RATE, log_mel, mel_frames, num_audio_tokens
-from data.loader import DataConfig, build_loader, iter_eval_samples, resolve_shards
+from data.loader import (
+    DataConfig,
+    DatasetConfig,
+    build_loader,
+    iter_eval_samples,
+    resolve_shards,
+    shard_counts,
+)
 from data.shards import INDEX_FORMAT
 from data.templates import render_asr
-from data.tokenizer import build_text_tokenizer, extend_tokenizer, load_tokenizer, special_ids
+from data.tokenizer import (
+    build_text_tokenizer,
+    extend_tokenizer,
+    load_tokenizer,
+    special_ids,
+)
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -65,15 +79,19 @@ def _dataset(folder, num_shards, per_shard):
                            for s in range(num_shards)])
 
 
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tok")
+def make_tokenizer(path) -> str:
+    """A small extended tokenizer (8 audio codes) for these records, saved in `path`."""
     texts = [_text(i) for i in range(100)] + ["Transcribe the speech."]
     extend_tokenizer(build_text_tokenizer(texts, vocab_size=300), 8).save_pretrained(path)
     return str(path)
 
 
-def _cfg(tok_dir, shards, **kw):
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    return make_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def _cfg(tok_dir, shards=(), **kw):
     return DataConfig(**{"shards": shards, "tokenizer": tok_dir, "batch_size": 3, "num_workers": 2,
                          "shuffle_buffer": 4, **kw})
 
@@ -202,32 +220,114 @@ def test_resume_skips_without_decoding(tmp_path, tok_dir, monkeypatch):
     _dataset(tmp_path / "ds", 2, 5)
     cfg = _cfg(tok_dir, [str(tmp_path / "ds")], batch_size=2, num_workers=0)
     first = build_loader(cfg, 0, 1, seed=1)
-    expected = [next(first)["keys"] for _ in range(4)]
-    state = first.state_dict()
-    assert state["workers"] == [{"epoch": 0, "samples": 8}]
+    [next(first) for _ in range(4)]
+    state = json.loads(json.dumps(first.state_dict()))
+    assert state["workers"][0]["datasets"]["default"]["consumed"] == 8
+    assert state["workers"][0]["pending"] == []  # a fixed batcher holds nothing right after a batch
 
     decoded = []
     real_decode = data.loader.decode_audio
     monkeypatch.setattr(data.loader, "decode_audio", lambda b, name: decoded.append(name) or real_decode(b, name))
     resumed = build_loader(cfg, 0, 1, seed=1)
-    resumed.load_state_dict({**state, "batches": 3, "workers": [{"epoch": 0, "samples": 6}]})
-    assert next(resumed)["keys"] == expected[3]
-    assert len(decoded) == 2  # only the batch's own samples, not the 6 skipped ones
+    resumed.load_state_dict(state)
+    assert next(resumed)["keys"] == next(first)["keys"]
+    assert len(decoded) == 4  # the two batches' own samples, none of the 8 skipped ones
+
+    # Samples the batcher held at the checkpoint are decoded again, and only those.
+    cfg = _cfg(tok_dir, [str(tmp_path / "ds")], num_workers=0, batching="tokens", max_tokens=60, batch_buffer=4)
+    first = build_loader(cfg, 0, 1, seed=1)
+    next(first)
+    state = first.state_dict()
+    held = len(state["workers"][0]["pending"])
+    decoded.clear()
+    want = next(first)["keys"]
+    uninterrupted = len(decoded)
+    decoded.clear()
+    resumed = build_loader(cfg, 0, 1, seed=1)
+    resumed.load_state_dict(state)
+    assert next(resumed)["keys"] == want
+    assert held > 0 and len(decoded) == uninterrupted + held
 
 
-def test_resume_rejects_changed_workers(tmp_path, tok_dir):
-    _dataset(tmp_path / "ds", 2, 3)
-    state = build_loader(_cfg(tok_dir, [str(tmp_path / "ds")]), 0, 1, 0).state_dict()
-    other = build_loader(_cfg(tok_dir, [str(tmp_path / "ds")], num_workers=1), 0, 1, 0)
-    with pytest.raises(ValueError, match="saved with num_workers=2, this run has num_workers=1.*later feature"):
+def test_resume_errors(tmp_path, tok_dir):
+    _dataset(tmp_path / "ds", 2, 4)
+    state = build_loader(_cfg(tok_dir, [str(tmp_path / "ds")]), 0, 2, 0).state_dict()
+    other = build_loader(_cfg(tok_dir, [str(tmp_path / "ds")], num_workers=1), 0, 2, 0)
+    with pytest.raises(ValueError, match=r"saved with world_size=2, num_workers=2 and this run has world_size=2, "
+                                         r"num_workers=1: re-splitting needs every old rank's state .*got ranks \[0\]"):
         other.load_state_dict(state)
+    with pytest.raises(ValueError, match="saved with seed 0, this run has seed 5"):
+        build_loader(_cfg(tok_dir, [str(tmp_path / "ds")]), 0, 2, 5).load_state_dict(state)
+    with pytest.raises(ValueError, match="other datasets or shards"):
+        build_loader(_cfg(tok_dir, [str(tmp_path / "ds" / "shard-000000.tar")]), 0, 2, 0).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"loader state version 1: expected 2"):
+        build_loader(_cfg(tok_dir, [str(tmp_path / "ds")]), 0, 2, 0).load_state_dict({**state, "version": 1})
 
 
 def test_too_few_samples_for_the_slots(tmp_path, tok_dir):
     _dataset(tmp_path / "ds", 1, 3)
-    loader = build_loader(_cfg(tok_dir, [str(tmp_path / "ds")], num_workers=0), rank=3, world_size=4, seed=0)
-    with pytest.raises(ValueError, match="rank 3 worker 0 got no usable sample in epoch 0"):
+    with pytest.raises(ValueError, match=r"dataset 'default' \(data.shards\) holds 3 samples, fewer than the 4 "
+                                         r"\(rank, worker\) slots of world_size=4 x num_workers=1"):
+        build_loader(_cfg(tok_dir, [str(tmp_path / "ds")], num_workers=0), rank=3, world_size=4, seed=0)
+
+
+def test_all_bad_is_a_clear_error(tmp_path, tok_dir):
+    _write(tmp_path / "ds", [[(f"b{i}", {"flac": b"junk", "json": b"{}"}) for i in range(4)]])
+    loader = build_loader(_cfg(tok_dir, [str(tmp_path / "ds")], num_workers=0), rank=1, world_size=2, seed=0)
+    with pytest.raises(ValueError, match=r"rank 1 worker 0 got no usable sample in epoch 0 of dataset 'default' "
+                                         r"\(2 raw samples, skipped: \{'bad_audio': 2\}\)"):
         next(loader)
+
+
+def _tts(i, words=3):
+    """A text-only TTS record (no audio to decode): text of `words` words, 1-7 audio codes."""
+    text = " ".join(WORDS[(i + k) % 10] for k in range(words))
+    return {"json": json.dumps({"task": "tts", "text": text}).encode(), "codes.npy": _npy(np.arange(i % 7 + 1) % 8)}
+
+
+def _npy(array):
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def test_length_filter_and_batcher_rejects_are_counted(tmp_path, tok_dir):
+    _write(tmp_path / "ds", [[("short", _good(0, duration_s=0.1)), ("wordy", _tts(3, words=60)),
+                              ("ok1", _good(1, duration_s=0.3)), ("ok2", _good(2, duration_s=0.35))]])
+    cfg = _cfg(tok_dir, [str(tmp_path / "ds")], num_workers=0, shuffle_buffer=0, min_audio_s=0.2,
+               batching="tokens", max_tokens=120, batch_buffer=2)
+    loader = build_loader(cfg, 0, 1, 0)
+    assert sorted(next(loader)["keys"]) == ["ok1", "ok2"]
+    assert loader.stats()["skipped"] == {"too_short": 1, "too_many_tokens": 1}
+    assert sorted(loader.stats()["skipped_keys"]) == ["shard-000000.tar:short", "shard-000000.tar:wordy"]
+
+
+def test_bare_tars_are_counted_by_one_scan(tmp_path, tok_dir):
+    _write(tmp_path / "ds", [[(f"k{i}", _good(i)) for i in range(5)], [(f"j{i}", _tts(i)) for i in range(3)]])
+    (tmp_path / "ds" / "index.json").unlink()
+    paths = [str(tmp_path / "ds" / "shard-000000.tar"), str(tmp_path / "ds" / "shard-000001.tar")]
+    assert shard_counts(paths) == [5, 3]
+    keys = [set(next(build_loader(_cfg(tok_dir, paths, num_workers=0, batch_size=4), r, 2, 0))["keys"])
+            for r in range(2)]
+    assert keys[0].isdisjoint(keys[1]) and len(keys[0] | keys[1]) == 8
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"datasets": [DatasetConfig("a", ["x"])]}, "data.datasets and data.shards are both set"),
+    ({"shards": [], "datasets": [DatasetConfig("a", ["x"]), DatasetConfig("a", ["y"])]},
+     r"data.datasets\[1\].name='a': expected a non-empty name unique"),
+    ({"shards": [], "datasets": [DatasetConfig("a", ["x"], weight=0.0)]}, r"data.datasets\[0\].weight=0.0"),
+    ({"shards": [], "datasets": [DatasetConfig("a", ["x"], task="sing")]}, r"data.datasets\[0\].task='sing'"),
+    ({"shards": [], "datasets": [DatasetConfig("a", [])]}, r"data.datasets\[0\].shards is empty"),
+    ({"batching": "bucket"}, r"data.batching='bucket': expected one of \['fixed', 'tokens', 'packed'\]"),
+    ({"max_seq_len": 0}, r"data.max_seq_len=0: expected an integer >= 1"),
+    ({"batching": "packed", "max_seq_len": 512, "max_tokens": 256}, "data.max_seq_len=512 is larger than"),
+    ({"min_audio_s": 40.0}, r"data.min_audio_s=40.0: expected seconds >= 0 and below data.max_audio_s=30.0"),
+])
+def test_config_errors_name_the_key(tmp_path, tok_dir, overrides, message):
+    _dataset(tmp_path / "ds", 1, 2)
+    with pytest.raises(ValueError, match=message):
+        build_loader(_cfg(tok_dir, **{"shards": [str(tmp_path / "ds")], **overrides}), 0, 1, 0)
 
 
 def test_bad_shard_patterns(tmp_path, tok_dir):
