@@ -107,6 +107,23 @@ class Batcher:
             return "too_many_mel_frames"
         return None
 
+    @property
+    def arrivals(self) -> int:
+        """Samples added so far: the arrival index the next sample gets."""
+        return self._arrivals
+
+    def restore(self, held: List[tuple], arrivals: int) -> None:
+        """Hold `held` [(sample, arrival index)] as an interrupted batcher did after its last cut, and
+        continue numbering at `arrivals`: cuts look at how long samples waited, so resume needs both."""
+        if self._held or self._arrivals:
+            raise ValueError("Batcher.restore() needs a fresh batcher (it has already been given samples)")
+        for sample, arrival in held:
+            self._arrivals = arrival
+            if self.add(sample):
+                raise ValueError("restored samples completed a batch on their own: they are not what a "
+                                 "batcher held after a cut (wrong state or other batching settings)")
+        self._arrivals = arrivals
+
     def add(self, sample: Dict[str, Any]) -> List[Dict[str, Any]]:
         """Hold `sample`; return the batches it completes (often none), in order."""
         if "uid" not in sample:

@@ -449,20 +449,6 @@ def _new_slot_state(datasets: List[_Dataset], buffer: int) -> Dict[str, Any]:
             "pending": [], "redo": None, "emitted": 0}
 
 
-def _restore_batcher(batcher: Batcher, held: List[Tuple[Dict[str, Any], int]], arrivals: int) -> None:
-    """Make a fresh `batcher` hold `held` (sample, arrival index) as the interrupted one did.
-
-    Its cuts look at how long samples have waited (arrival indices), which add() numbers from a counter of
-    its own, so the counter is set to each sample's original arrival; adding them alone cuts nothing, as
-    they were what the old batcher kept after its last cut.
-    """
-    assert hasattr(batcher, "_arrivals"), "data.batching.Batcher no longer numbers arrivals in _arrivals"
-    for sample, arrival in held:
-        batcher._arrivals = arrival
-        assert not batcher.add(sample), "a batcher's held samples must not complete a batch on their own"
-    batcher._arrivals = arrivals
-
-
 class _SlotStream:
     """The batches of one (rank, worker) slot: mixture -> dataset streams -> render -> batcher."""
 
@@ -557,7 +543,7 @@ class _SlotStream:
                 raise ValueError(f"sample {_sample_name(raw)} was held by the batcher at the checkpoint and "
                                  f"now fails ({s}); the shards changed since the checkpoint") from None
             samples[uid]["uid"] = uid
-        _restore_batcher(self.batcher, [(samples[u], a) for u, a in wanted], state["adds"])
+        self.batcher.restore([(samples[u], a) for u, a in wanted], state["adds"])
         self._arrival = {u: a for u, a in wanted}
         if redo:
             yield from self._add(samples[redo[0]], redo[0], emitted=state["emitted"])
