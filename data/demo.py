@@ -1,7 +1,11 @@
-"""A tiny real-speech corpus spoken by espeak-ng: `python -m data.demo OUT_DIR` -> wavs + JSONL manifests.
+"""A tiny real-speech corpus spoken by espeak-ng for the demo curriculum: `python -m data.demo OUT_DIR`
+-> OUT_DIR/wav/ and OUT_DIR/<task>/{train,heldout}.jsonl for ASR, TTS, S2TT (English speech -> German
+text) and styled spoken dialogue (conversations for `data.prepare conversations`), plus texts.jsonl,
+every text the templates will write, for `data.tokenizer build`. OUT_DIR/{train,heldout}.jsonl repeat
+the ASR manifests.
 
-Sentences follow one template over a small vocabulary, so a tiny model can learn to transcribe them;
-held-out sentences are new combinations of the same words, spoken by the same voices.
+Sentences follow one template over a small vocabulary, so a tiny model can learn them; held-out
+sentences (shared by all tasks) are new combinations of the same words, in none of the training sets.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from typing import AbstractSet, Optional
+from typing import AbstractSet, Dict, List, Optional, Sequence, Tuple
 
 # One list per slot of "<number> <adjective> <noun>s <verb> the <colour> <object>".
 NUMBERS = ["two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"]
@@ -32,6 +36,7 @@ SLOTS = (NUMBERS, ADJECTIVES, NOUNS, VERBS, COLOURS, OBJECTS)
 
 VOICES = ["en-us+m3", "en+f2", "en-us+m1", "en+f4", "en-gb+m2"]
 SPEEDS_WPM = range(150, 191)  # espeak's default is 175 words per minute
+DEFAULT_PITCH = 50  # espeak's
 _HELDOUT_SEED_OFFSET = 1_000_003
 
 
@@ -74,10 +79,13 @@ def espeak_binary() -> str:
     return path
 
 
-def speak(text: str, voice: str, path: str, speed: int = 175) -> None:
-    """Speak `text` with espeak-ng voice `voice` at `speed` words/minute into WAV `path` (22.05 kHz)."""
+def speak(text: str, voice: str, path: str, speed: int = 175, pitch: int = DEFAULT_PITCH) -> None:
+    """Speak `text` with espeak-ng voice `voice` at `speed` words/minute and `pitch` (0-99) into WAV `path`
+    (22.05 kHz)."""
     tmp_path = f"{path}.tmp.wav"  # a killed run must not leave a half file that a re-run would reuse
-    proc = subprocess.run([espeak_binary(), "-v", voice, "-s", str(speed), "-w", tmp_path, text],
+    # -p only when asked for: a voice variant ("+f2") brings its own pitch.
+    pitch_args = [] if pitch == DEFAULT_PITCH else ["-p", str(pitch)]
+    proc = subprocess.run([espeak_binary(), "-v", voice, "-s", str(speed), *pitch_args, "-w", tmp_path, text],
                           capture_output=True, text=True)
     if proc.returncode != 0 or not os.path.isfile(tmp_path):
         raise RuntimeError(f"espeak-ng failed for voice {voice!r}, speed {speed}, text {text!r}: "
@@ -85,54 +93,200 @@ def speak(text: str, voice: str, path: str, speed: int = 175) -> None:
     os.replace(tmp_path, path)
 
 
-def _records(split: str, sentences: list[str], seed: int) -> list[dict]:
+# ------------------------------------------------------------------------------------ translation
+
+# English -> German word by word, with the endings the template's two noun phrases need: a strong plural
+# adjective after the number ("zwei ruhige Katzen") and an accusative object after "the" ("den roten
+# Tisch", "die rote Tür", "das rote Auto").
+GERMAN_NUMBERS = dict(zip(NUMBERS, ["zwei", "drei", "vier", "fünf", "sechs", "sieben", "acht", "neun", "zehn",
+                                    "elf", "zwölf"]))
+GERMAN_ADJECTIVES = dict(zip(ADJECTIVES, ["ruhig", "glücklich", "winzig", "mutig", "faul", "klug", "wütend",
+                                          "sanft", "laut", "stolz", "müde", "wild"]))
+GERMAN_NOUNS = dict(zip(NOUNS, ["Katzen", "Hunde", "Vögel", "Frösche", "Pferde", "Bauern", "Roboter", "Lehrer",
+                                "Ärzte", "Maler", "Sänger", "Seeleute"]))  # plurals
+GERMAN_VERBS = dict(zip(VERBS, ["malen", "schieben", "finden", "verfolgen", "beobachten", "putzen", "tragen",
+                                "besuchen", "zeichnen", "treten", "heben", "öffnen"]))
+GERMAN_COLOURS = dict(zip(COLOURS, ["rot", "grün", "blau", "gelb", "lila", "orange", "schwarz", "weiß", "braun",
+                                    "rosa", "grau", "silbern"]))
+_UNINFLECTED_COLOURS = {"lila", "orange", "rosa"}
+GERMAN_OBJECTS = dict(zip(OBJECTS, [("Tisch", "m"), ("Stuhl", "m"), ("Kiste", "f"), ("Tür", "f"), ("Auto", "n"),
+                                    ("Boot", "n"), ("Ball", "m"), ("Haus", "n"), ("Fenster", "n"),
+                                    ("Flasche", "f"), ("Lampe", "f"), ("Drachen", "m")]))
+_ACCUSATIVE = {"m": ("den", "en"), "f": ("die", "e"), "n": ("das", "e")}  # article, weak adjective ending
+
+
+def translate_to_german(sentence: str) -> str:
+    """The German of one template sentence: "two quiet cats paint the red table" -> "zwei ruhige Katzen
+    malen den roten Tisch"."""
+    words = sentence.split()
+    if len(words) != 7 or words[4] != "the" or not words[2].endswith("s"):
+        raise ValueError(f"{sentence!r} is not a demo template sentence")
+    number, adjective, nouns, verb, _, colour, obj = words
+    noun, gender = GERMAN_OBJECTS[obj]
+    article, ending = _ACCUSATIVE[gender]
+    colour_de = GERMAN_COLOURS[colour]
+    colour_de = colour_de if colour_de in _UNINFLECTED_COLOURS else _inflect(colour_de, ending)
+    return " ".join([GERMAN_NUMBERS[number], _inflect(GERMAN_ADJECTIVES[adjective], "e"),
+                     GERMAN_NOUNS[nouns[:-1]], GERMAN_VERBS[verb], article, colour_de, noun])
+
+
+def _inflect(stem: str, ending: str) -> str:
+    return stem + (ending[1:] if stem.endswith("e") else ending)  # "müde" + "e" -> "müde"
+
+
+# ----------------------------------------------------------------------------------------- records
+
+TTS_VOICE = "en-us+m3"  # the one voice the model learns to speak with (TTS and dialogue answers)
+# How a dialogue request asks for its answer, and the espeak settings that deliver it.
+STYLES = {"slowly": {"speed": 110, "pitch": DEFAULT_PITCH}, "quickly": {"speed": 260, "pitch": DEFAULT_PITCH},
+          "in a high voice": {"speed": 175, "pitch": 90}}
+DIALOGUE_SYSTEM = "Say what you are asked to say, in the way you are asked to say it."
+TARGET_LANGUAGE = "German"
+TASK_NAMES = ("asr", "tts", "s2tt", "dialogue")
+_TASK_SEEDS = {"tts": 101, "s2tt": 202, "dialogue": 303}  # each task its own training sentences
+
+
+def _wav(text: str, voice: str, speed: int, pitch: int = DEFAULT_PITCH) -> dict:
+    """An utterance to speak. Named by content (ASR names as in earlier versions), so a re-run with other
+    arguments never reuses a wav that says something else."""
+    spec = f"{voice}|{speed}|{text}" if pitch == DEFAULT_PITCH else f"{voice}|{speed}|{pitch}|{text}"
+    return {"text": text, "voice": voice, "speed": speed, "pitch": pitch,
+            "path": f"wav/{hashlib.sha1(spec.encode()).hexdigest()[:16]}.wav"}
+
+
+# Each builder returns (records, utterances); record audio paths are relative to OUT_DIR/<task>/.
+
+def _asr(split: str, sentences: List[str], seed: int) -> Tuple[List[dict], List[dict]]:
     rng = random.Random(f"{split}-{seed}")
-    records = []
+    records, wavs = [], []
     for i, text in enumerate(sentences):
-        voice, speed = VOICES[i % len(VOICES)], rng.choice(SPEEDS_WPM)
-        # Named by content, so a re-run with other arguments never reuses a wav that says something else.
-        name = hashlib.sha1(f"{voice}|{speed}|{text}".encode()).hexdigest()[:16]
-        records.append({"id": f"{split}-{i:05d}", "audio": f"wav/{name}.wav", "text": text,
-                        "speaker": voice, "language": "en", "speed": speed})
-    return records
+        wav = _wav(text, VOICES[i % len(VOICES)], rng.choice(SPEEDS_WPM))
+        records.append({"id": f"{split}-{i:05d}", "audio": "../" + wav["path"], "text": text,
+                        "speaker": wav["voice"], "language": "en", "speed": wav["speed"]})
+        wavs.append(wav)
+    return records, wavs
 
 
-def _write_jsonl(path: str, records: list[dict]) -> None:
+def _tts(split: str, sentences: List[str], seed: int) -> Tuple[List[dict], List[dict]]:
+    wavs = [_wav(text, TTS_VOICE, 175) for text in sentences]
+    return [{"id": f"tts-{split}-{i:05d}", "audio": "../" + wav["path"], "text": wav["text"], "speaker": TTS_VOICE,
+             "language": "en", "task": "tts"} for i, wav in enumerate(wavs)], wavs
+
+
+def _s2tt(split: str, sentences: List[str], seed: int) -> Tuple[List[dict], List[dict]]:
+    records, wavs = _asr(split, sentences, seed + _TASK_SEEDS["s2tt"])
+    return [{**r, "id": f"s2tt-{r['id']}", "translation": translate_to_german(r["text"]),
+             "target_language": TARGET_LANGUAGE, "task": "s2tt"} for r in records], wavs
+
+
+def dialogue_request(sentence: str, style: str) -> str:
+    return f"say {sentence} {style}"
+
+
+def _dialogue(split: str, sentences: List[str], seed: int) -> Tuple[List[dict], List[dict]]:
+    """Conversations: a spoken request in one of the demo voices, a speech answer in TTS_VOICE delivered
+    as asked. The style stays out of the system prompt: the model must hear it in the request."""
+    rng = random.Random(f"dialogue-{split}-{seed}")
+    styles = list(STYLES)
+    records, wavs = [], []
+    for i, text in enumerate(sentences):
+        style = styles[i % len(styles)]
+        request = _wav(dialogue_request(text, style), VOICES[i % len(VOICES)], rng.choice(SPEEDS_WPM))
+        answer = _wav(text, TTS_VOICE, **STYLES[style])
+        records.append({"id": f"dialogue-{split}-{i:05d}", "style": style, "language": "en", "messages": [
+            {"role": "system", "text": DIALOGUE_SYSTEM},
+            {"role": "user", "audio": "../" + request["path"]},
+            {"role": "assistant", "text": text, "audio": "../" + answer["path"]}]})
+        wavs += [request, answer]
+    return records, wavs
+
+
+_BUILDERS = {"asr": _asr, "tts": _tts, "s2tt": _s2tt, "dialogue": _dialogue}
+
+
+def _template_texts() -> List[str]:
+    """The fixed texts the chat templates write around the demo data (system prompts, role headers)."""
+    from data.tasks.dialogue import DIALOGUE_SYSTEM as DEFAULT_SYSTEM
+    from data.tasks.speech import TTS_SYSTEM
+    from data.templates import DEFAULT_ASR_INSTRUCTION
+    return [DEFAULT_ASR_INSTRUCTION, TTS_SYSTEM, f"Translate the speech into {TARGET_LANGUAGE}.", DEFAULT_SYSTEM,
+            DIALOGUE_SYSTEM, "system\n", "human\n", "assistant\n"]
+
+
+def _write_jsonl(path: str, records: List[dict]) -> None:
     with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     os.replace(path + ".tmp", path)
 
 
-def make_demo(out_dir: str, num_train: int = 400, num_heldout: int = 40, seed: int = 0,
-              workers: int = 2) -> dict[str, list[dict]]:
-    """Speak the demo corpus into OUT_DIR/wav and write train.jsonl and heldout.jsonl; returns the records."""
+def make_demo(out_dir: str, num_train: int = 400, num_heldout: int = 40, seed: int = 0, workers: int = 2,
+              tasks: Sequence[str] = ("asr",), num_task_train: Optional[Dict[str, int]] = None
+              ) -> Dict[str, Dict[str, List[dict]]]:
+    """Speak the corpus of `tasks` into OUT_DIR/wav and write OUT_DIR/<task>/{train,heldout}.jsonl (ASR
+    also as OUT_DIR/{train,heldout}.jsonl) and OUT_DIR/texts.jsonl; returns {task: {split: records}}.
+
+    ASR trains on `num_train` sentences, every other task on num_task_train[task] (default: 3/4 of
+    num_train for TTS and S2TT, 1/2 for dialogue); all tasks hold out the same `num_heldout` sentences.
+    """
+    unknown = sorted(set(tasks) - set(TASK_NAMES))
+    if unknown or not tasks:
+        raise ValueError(f"tasks {list(tasks)}: expected some of {list(TASK_NAMES)}")
+    sizes = {"asr": num_train, "tts": num_train * 3 // 4, "s2tt": num_train * 3 // 4, "dialogue": num_train // 2,
+             **(num_task_train or {})}
     espeak_binary()
-    train = make_sentences(num_train, seed)
-    heldout = make_sentences(num_heldout, seed + _HELDOUT_SEED_OFFSET, exclude=frozenset(train))
-    splits = {"train": _records("train", train, seed), "heldout": _records("heldout", heldout, seed)}
+    asr_train = make_sentences(num_train, seed)
+    heldout = make_sentences(num_heldout, seed + _HELDOUT_SEED_OFFSET, exclude=frozenset(asr_train))
+    splits: Dict[str, Dict[str, List[dict]]] = {}
+    wavs: Dict[str, dict] = {}
+    texts = _template_texts()
+    for task in TASK_NAMES:
+        if task not in tasks:
+            continue
+        train = asr_train if task == "asr" else make_sentences(sizes[task], seed + _TASK_SEEDS[task],
+                                                               exclude=frozenset(heldout))
+        splits[task] = {}
+        for split, sentences in (("train", train), ("heldout", heldout)):
+            records, spoken = _BUILDERS[task](split, sentences, seed)
+            splits[task][split] = records
+            wavs.update((w["path"], w) for w in spoken)
+            texts += sentences + [w["text"] for w in spoken]
+            texts += [r["translation"] for r in records if "translation" in r]
     os.makedirs(os.path.join(out_dir, "wav"), exist_ok=True)
-    todo = [r for records in splits.values() for r in records
-            if not os.path.exists(os.path.join(out_dir, r["audio"]))]
+    todo = [w for path, w in wavs.items() if not os.path.exists(os.path.join(out_dir, path))]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # each thread waits on one espeak process
-        list(pool.map(lambda r: speak(r["text"], r["speaker"], os.path.join(out_dir, r["audio"]), r["speed"]),
-                      todo))
-    for split, records in splits.items():
-        _write_jsonl(os.path.join(out_dir, f"{split}.jsonl"), records)
-    total = num_train + num_heldout
-    print(f"data.demo: {num_train} train + {num_heldout} held-out sentences, {len(VOICES)} voices, "
-          f"{len(todo)} spoken, {total - len(todo)} reused -> {out_dir}", file=sys.stderr)
+        list(pool.map(lambda w: speak(w["text"], w["voice"], os.path.join(out_dir, w["path"]), w["speed"],
+                                      w["pitch"]), todo))
+    for task, by_split in splits.items():
+        os.makedirs(os.path.join(out_dir, task), exist_ok=True)
+        for split, records in by_split.items():
+            _write_jsonl(os.path.join(out_dir, task, f"{split}.jsonl"), records)
+            if task == "asr":  # the layout of earlier versions: audio relative to OUT_DIR
+                _write_jsonl(os.path.join(out_dir, f"{split}.jsonl"),
+                             [{**r, "audio": r["audio"][len("../"):]} for r in records])
+    _write_jsonl(os.path.join(out_dir, "texts.jsonl"), [{"text": t} for t in dict.fromkeys(texts)])
+    counts = ", ".join(f"{task} {len(s['train'])}+{len(s['heldout'])}" for task, s in splits.items())
+    print(f"data.demo: {counts} train+held-out, {len(VOICES)} voices, {len(todo)} spoken, "
+          f"{len(wavs) - len(todo)} reused -> {out_dir}", file=sys.stderr)
     return splits
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir", help="folder for wav/, train.jsonl and heldout.jsonl")
-    parser.add_argument("--num-train", type=int, default=400)
-    parser.add_argument("--num-heldout", type=int, default=40)
+    parser.add_argument("out_dir", help="folder for wav/, <task>/{train,heldout}.jsonl and texts.jsonl")
+    parser.add_argument("--num-train", type=int, default=400, help="ASR training sentences")
+    parser.add_argument("--num-heldout", type=int, default=40, help="held-out sentences (every task)")
+    for task in TASK_NAMES[1:]:
+        parser.add_argument(f"--num-{task}", type=int, default=None,
+                            help=f"{task} training samples (default: {'1/2' if task == 'dialogue' else '3/4'} "
+                                 f"of --num-train)")
+    parser.add_argument("--tasks", default=",".join(TASK_NAMES), help="comma-separated tasks to make")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=2, help="espeak-ng processes at once")
     args = parser.parse_args(argv)
+    sizes = {task: getattr(args, f"num_{task}") for task in TASK_NAMES[1:] if getattr(args, f"num_{task}") is not None}
     try:
-        make_demo(args.out_dir, args.num_train, args.num_heldout, args.seed)
+        make_demo(args.out_dir, args.num_train, args.num_heldout, args.seed, args.workers,
+                  [t for t in args.tasks.split(",") if t], sizes)
     except (RuntimeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -11,7 +11,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from data.shards import is_valid_key, sanitize_key
 
@@ -52,11 +52,14 @@ class Candidate:
     audio: AudioRef
     target_source: Optional[str] = None  # optional second audio (TTS / S2ST target speech)
     target: Optional[AudioRef] = None
+    # A sample of any number of audio members (a conversation: "turn1.flac", ...), member -> (source,
+    # AudioRef); when set, `audio` and `target` are unused and the sample may hold no audio at all.
+    members: Optional[Dict[str, Tuple[str, AudioRef]]] = None
 
 
 @dataclass
 class Corpus:
-    kind: str  # "manifest", "kaldi", "folder" or "hf"
+    kind: str  # "manifest", "kaldi", "folder", "hf" or "conversations"
     source: str  # the path the user gave
     candidates: List[Candidate]
     rejects: List[Reject]

@@ -1,4 +1,5 @@
-"""Corpus -> WebDataset shards + index.json: `python -m data.prepare {manifest,kaldi,folder,hf} ... OUT_DIR`.
+"""Corpus -> WebDataset shards + index.json: `python -m data.prepare {manifest,kaldi,folder,hf,conversations}
+... OUT_DIR`.
 
 Bad samples are rejected with a reason in index.json, never fatal; only a corpus with no usable sample
 is. Audio is decoded in a process pool but shards are written in corpus order, so output is
@@ -20,6 +21,7 @@ from typing import Iterator, List, Optional, Tuple
 from tqdm import tqdm
 
 from data.audio import AudioError, encode_flac, read_audio, read_audio_bytes
+from data.conversations import read_conversations
 from data.features import SAMPLE_RATE
 from data.formats import (Blob, Candidate, Corpus, PrepareError, Reject, describe, read_folder, read_hf,
                           read_kaldi, read_manifest)
@@ -31,7 +33,7 @@ STATE_NAME = "prepare_state.json"
 PREPARE_VERSION = 1
 _SHARD_FILE_RE = re.compile(r"shard-\d{6}\.tar(\.tmp)?")
 
-__all__ = ["PrepareError", "prepare", "prepare_manifest", "main"]
+__all__ = ["PrepareError", "prepare", "prepare_conversations", "prepare_manifest", "main"]
 
 
 # -------------------------------------------------------------------------------------- decoding
@@ -50,8 +52,23 @@ def _read(item):
     return read_audio_bytes(*item)
 
 
-def _load(job: tuple) -> tuple:
-    """("ok", flac, num_samples, target flac or None, target num_samples) or ("error", reason, kind)."""
+def _load_members(job: list) -> tuple:
+    """("ok", {member: (flac, num_samples)}) or ("error", reason, kind) for [(member, audio, source)]."""
+    out = {}
+    for member, audio, source in job:
+        try:
+            wave_T = _read(audio)
+        except AudioError as exc:
+            return "error", f"{member} ({source}): {exc}", exc.reason.split(" (")[0]
+        out[member] = (encode_flac(wave_T), len(wave_T))
+    return "ok", out
+
+
+def _load(job) -> tuple:
+    """("ok", flac, num_samples, target flac or None, target num_samples) or ("error", reason, kind);
+    a sample of named members (a list job) gives _load_members' result."""
+    if isinstance(job, list):
+        return _load_members(job)
     audio, target = job
     try:
         wave_T = _read(audio)
@@ -76,6 +93,8 @@ def _job(cand: Candidate) -> tuple:
             return data
         where = describe(cand.where)
         return data or b"", source if source == where else f"{source} ({where})"
+    if cand.members is not None:
+        return [(member, resolve(ref, source), source) for member, (source, ref) in cand.members.items()]
     return (resolve(cand.audio, cand.source),
             None if cand.target is None else resolve(cand.target, cand.target_source))
 
@@ -116,6 +135,8 @@ def _fingerprint(corpus: Corpus, candidates: List[Candidate], shard_size: int) -
     for cand in candidates:
         digest.update(json.dumps([cand.key, cand.record, cand.source, _identity(cand.audio),
                                   cand.target_source, _identity(cand.target)], ensure_ascii=False).encode())
+        if cand.members is not None:
+            digest.update(json.dumps([[m, s, _identity(ref)] for m, (s, ref) in cand.members.items()]).encode())
     return digest.hexdigest()
 
 
@@ -158,8 +179,23 @@ def _dedupe(candidates: List[Candidate]) -> Tuple[List[Candidate], List[Reject]]
 
 # ---------------------------------------------------------------------------------------- writing
 
+def _sample_of_members(cand: Candidate, decoded: dict) -> Tuple[dict, dict, float]:
+    """A conversation: one FLAC per audio turn; duration_s is their total (what the loader's limit
+    counts), "audio_members" each one's source and length."""
+    num_samples = sum(n for _, n in decoded.values())
+    meta = {**cand.record, "duration_s": num_samples / SAMPLE_RATE, "num_samples": num_samples,
+            "sample_rate": SAMPLE_RATE,
+            "audio_members": {m: {"source": cand.members[m][0], "num_samples": n, "duration_s": n / SAMPLE_RATE}
+                              for m, (_, n) in decoded.items()}}
+    members = {m: flac for m, (flac, _) in decoded.items()}
+    members["json"] = json.dumps(meta, ensure_ascii=False).encode()
+    return meta, members, meta["duration_s"]
+
+
 def _sample(cand: Candidate, result: tuple) -> Tuple[dict, dict, float]:
     """(metadata, members, duration_s) of one decoded sample: members are its FLAC(s) and .json."""
+    if cand.members is not None:
+        return _sample_of_members(cand, result[1])
     _, flac, num_samples, target_flac, target_num_samples = result
     duration_s = num_samples / SAMPLE_RATE
     meta = {**cand.record, "duration_s": duration_s, "num_samples": num_samples, "sample_rate": SAMPLE_RATE,
@@ -313,6 +349,12 @@ def prepare_manifest(manifest: str, out_dir: str, shard_size: int = 1000, worker
     return prepare(read_manifest(manifest), out_dir, shard_size, workers, progress)
 
 
+def prepare_conversations(path: str, out_dir: str, shard_size: int = 1000, workers: int = 2,
+                          progress: bool = True) -> dict:
+    """Write the shards and index.json for a JSONL file of conversations (data.conversations)."""
+    return prepare(read_conversations(path), out_dir, shard_size, workers, progress)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__.splitlines()[0])
     formats = parser.add_subparsers(dest="format", required=True, metavar="FORMAT")
@@ -332,7 +374,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_hf.add_argument("--target-audio-column", default=None, help="second audio per row (TTS/S2ST target)")
     p_hf.add_argument("--split", default="train", help="split of a DatasetDict, or the parquet files "
                       "whose names say it")
-    for p in (p_manifest, p_kaldi, p_folder, p_hf):
+    p_conv = formats.add_parser("conversations", help="JSONL lines of {'messages': [turns with text/audio "
+                                "parts], 'tools': [...]}, for SFT (task 'sft')")
+    p_conv.add_argument("conversations", help="JSONL file; relative audio paths resolve against its folder")
+    for p in (p_manifest, p_kaldi, p_folder, p_hf, p_conv):
         p.add_argument("out_dir", help="folder for shard-*.tar and index.json")
         p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
         p.add_argument("--workers", type=int, default=2, help="decoding processes")
@@ -347,6 +392,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             corpus = read_kaldi(args.data_dir, args.root)
         elif args.format == "folder":
             corpus = read_folder(args.dir)
+        elif args.format == "conversations":
+            corpus = read_conversations(args.conversations)
         else:
             corpus = read_hf(args.path, args.audio_column, args.text_column, args.split,
                              args.target_audio_column)

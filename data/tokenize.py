@@ -29,10 +29,18 @@ from data.stats import categories
 
 STATE_NAME = "tokenize_state.json"
 TOKENIZER_NAME = "tokenizer.json"
-# audio member -> the codes member written from it; a ".wav" of the same name also counts
-CODE_MEMBERS = {"flac": "codes.npy", "target.flac": "target.codes.npy"}
 
 __all__ = ["tokenize_shards", "fit_tokenizer", "read_tokenizer_record", "main"]
+
+
+def codes_member_of(member: str) -> Optional[str]:
+    """The codes member written from an audio member: "flac" -> "codes.npy", "target.flac" ->
+    "target.codes.npy", "turn2.flac" (a conversation's turn) -> "turn2.codes.npy", a ".wav" likewise;
+    None for a member that is not audio."""
+    for suffix in ("flac", "wav"):
+        if member == suffix or member.endswith("." + suffix):
+            return member[:-len(suffix)] + "codes.npy"
+    return None
 
 
 # ------------------------------------------------------------------------------------------ tar I/O
@@ -87,10 +95,10 @@ def _tokenizer(spec: str) -> AudioTokenizer:
 def _sample_codes(tok: AudioTokenizer, where: str, members: Dict[str, bytes]) -> Dict[str, bytes]:
     """{codes member: .npy bytes} of every audio member; AudioError if any audio is unusable."""
     out = {}
-    for audio, codes_member in CODE_MEMBERS.items():
-        data = members.get(audio, members.get(audio[:-4] + "wav"))
-        if data is not None:
-            out[codes_member] = _npy(tok.encode(read_audio_bytes(data, f"{where}.{audio}")))
+    for member, data in members.items():
+        codes_member = codes_member_of(member)
+        if codes_member is not None and codes_member not in out:  # of "x.flac" and "x.wav", the first
+            out[codes_member] = _npy(tok.encode(read_audio_bytes(data, f"{where}.{member}")))
     return out
 
 
@@ -114,7 +122,7 @@ def _tokenize_shard(job: tuple) -> dict:
                 dropped.append([meta if isinstance(meta, dict) else {}, sample_s])
                 continue
             for ext, data in members.items():
-                if ext not in CODE_MEMBERS.values():  # codes of an earlier tokenizer are replaced
+                if not ext.endswith("codes.npy"):  # codes of an earlier tokenizer are replaced
                     _add(tar, f"{key}.{ext}", data)
             for ext, data in codes.items():
                 _add(tar, f"{key}.{ext}", data)

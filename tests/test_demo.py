@@ -1,4 +1,5 @@
-"""The espeak-ng demo corpus: sentence splits, one real utterance, and demo -> prepare end to end."""
+"""The espeak-ng demo corpus: sentence splits, one real utterance, the German translations, and every
+task's manifests -> prepare end to end."""
 import json
 import os
 
@@ -9,8 +10,8 @@ import webdataset as wds
 
 from data import demo
 from data.audio import read_audio
-from data.demo import SLOTS, make_demo, make_sentences, speak
-from data.prepare import prepare_manifest
+from data.demo import SLOTS, STYLES, TTS_VOICE, make_demo, make_sentences, speak, translate_to_german
+from data.prepare import prepare_conversations, prepare_manifest
 from data.shards import shard_paths
 
 
@@ -51,23 +52,73 @@ def test_missing_espeak_names_the_package(monkeypatch):
         speak("two", "en+f2", "/tmp/never.wav")
 
 
+def test_speed_and_pitch_change_the_speech(tmp_path):
+    durations = {}
+    for name, settings in STYLES.items():
+        speak("two quiet cats paint the red table", TTS_VOICE, str(tmp_path / f"{name}.wav"), **settings)
+        durations[name] = sf.info(str(tmp_path / f"{name}.wav")).duration
+    speak("two quiet cats paint the red table", TTS_VOICE, str(tmp_path / "plain.wav"))
+    plain_s = sf.info(str(tmp_path / "plain.wav")).duration
+    assert durations["slowly"] > 1.3 * plain_s > 1.3 * 1.3 * durations["quickly"]
+    assert abs(durations["in a high voice"] - plain_s) < 0.2 * plain_s
+    assert (tmp_path / "in a high voice.wav").read_bytes() != (tmp_path / "plain.wav").read_bytes()
+
+
+def test_german_translation_word_by_word():
+    assert translate_to_german("two quiet cats paint the red table") == "zwei ruhige Katzen malen den roten Tisch"
+    assert translate_to_german("twelve sleepy sailors open the pink door") == \
+        "zwölf müde Seeleute öffnen die rosa Tür"
+    assert translate_to_german("eleven wild frogs follow the silver house") == \
+        "elf wilde Frösche verfolgen das silberne Haus"
+    with pytest.raises(ValueError, match="^'a cat sat' is not a demo template sentence$"):
+        translate_to_german("a cat sat")
+
+
+def _jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def test_demo_corpus_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert demo.main([str(out), "--num-train", "6", "--num-heldout", "2", "--seed", "4"]) == 0
-    train = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
-    heldout = [json.loads(line) for line in (out / "heldout.jsonl").read_text().splitlines()]
+    assert demo.main([str(out), "--num-train", "6", "--num-heldout", "2", "--seed", "4", "--num-tts", "2",
+                      "--num-s2tt", "2", "--num-dialogue", "3"]) == 0
+    # ASR as in earlier versions: OUT/{train,heldout}.jsonl with audio relative to OUT.
+    train = _jsonl(out / "train.jsonl")
+    heldout = _jsonl(out / "heldout.jsonl")
     assert [r["id"] for r in train] == [f"train-{i:05d}" for i in range(6)]
     assert len(heldout) == 2 and not {r["text"] for r in train} & {r["text"] for r in heldout}
     assert {r["speaker"] for r in train} == set(demo.VOICES)
     assert all(r["language"] == "en" and 150 <= r["speed"] <= 190 for r in train + heldout)
-    assert len(os.listdir(out / "wav")) == 8
-    assert capsys.readouterr().err.strip().endswith("8 spoken, 0 reused -> " + str(out))
+    assert _jsonl(out / "asr" / "train.jsonl") == [{**r, "audio": "../" + r["audio"]} for r in train]
+
+    tasks = {task: {split: _jsonl(out / task / f"{split}.jsonl") for split in ("train", "heldout")}
+             for task in ("tts", "s2tt", "dialogue")}
+    assert [len(tasks[t]["train"]) for t in tasks] == [2, 2, 3]
+    held_texts = {r["text"] for r in heldout}
+    assert {r["text"] for r in tasks["tts"]["heldout"]} == held_texts == {r["text"] for r in tasks["s2tt"]["heldout"]}
+    assert {r["messages"][2]["text"] for r in tasks["dialogue"]["heldout"]} == held_texts
+    trained = {r["text"] for r in tasks["tts"]["train"] + tasks["s2tt"]["train"]} | {
+        r["messages"][2]["text"] for r in tasks["dialogue"]["train"]}
+    assert not trained & held_texts
+    assert all(r["task"] == "tts" and r["speaker"] == TTS_VOICE for r in tasks["tts"]["train"])
+    assert all(r["task"] == "s2tt" and r["translation"] == translate_to_german(r["text"])
+               and r["target_language"] == "German" for r in tasks["s2tt"]["train"])
+    dialogue = tasks["dialogue"]["train"]
+    assert [r["style"] for r in dialogue] == list(STYLES)
+    assert [m["role"] for m in dialogue[0]["messages"]] == ["system", "user", "assistant"]
+    assert "slowly" not in dialogue[0]["messages"][0]["text"]  # the request, not the system prompt, asks
+
+    texts = {r["text"] for r in _jsonl(out / "texts.jsonl")}
+    assert {translate_to_german(t) for t in held_texts} <= texts
+    assert f"say {dialogue[1]['messages'][2]['text']} quickly" in texts and "Read the text aloud." in texts
+    spoken = len(os.listdir(out / "wav"))
+    assert capsys.readouterr().err.strip().endswith(f"{spoken} spoken, 0 reused -> {out}")
 
     # A re-run reuses every wav and writes the same manifests.
     mtimes = {name: os.stat(out / "wav" / name).st_mtime_ns for name in os.listdir(out / "wav")}
-    splits = make_demo(str(out), 6, 2, seed=4)
-    assert capsys.readouterr().err.strip().endswith("0 spoken, 8 reused -> " + str(out))
-    assert splits["train"] == train
+    splits = make_demo(str(out), 6, 2, seed=4, tasks=("asr", "dialogue"), num_task_train={"dialogue": 3})
+    assert capsys.readouterr().err.strip().endswith(f"0 spoken, {8 + 2 * 5} reused -> {out}")
+    assert splits["asr"]["train"] == _jsonl(out / "asr" / "train.jsonl") and splits["dialogue"]["train"] == dialogue
     assert {name: os.stat(out / "wav" / name).st_mtime_ns for name in os.listdir(out / "wav")} == mtimes
 
     index = prepare_manifest(str(out / "train.jsonl"), str(tmp_path / "shards"), workers=1, progress=False)
@@ -77,3 +128,14 @@ def test_demo_corpus_end_to_end(tmp_path, capsys):
     metas = [json.loads(s["json"]) for s in samples]
     assert [m["text"] for m in metas] == [r["text"] for r in train]
     assert all(1.0 < m["duration_s"] < 5.0 for m in metas)
+
+    index = prepare_conversations(str(out / "dialogue" / "train.jsonl"), str(tmp_path / "dialogue"), workers=1,
+                                  progress=False)
+    assert index["num_samples"] == 3 and index["counts"]["style"].keys() == set(STYLES)
+    sample = next(iter(wds.WebDataset(shard_paths(str(tmp_path / "dialogue")), shardshuffle=False)))
+    meta = json.loads(sample["json"])
+    assert "turn1.flac" in sample and "turn2.flac" in sample and meta["task"] == "sft"
+    assert meta["messages"][2] == {"role": "assistant", "text": dialogue[0]["messages"][2]["text"],
+                                   "codes": "turn2.codes.npy"}
+    # Seven words asked for "slowly" (110 words per minute) take over 3 s.
+    assert meta["style"] == "slowly" and meta["audio_members"]["turn2.flac"]["duration_s"] > 3.0

@@ -1,19 +1,29 @@
-"""ASR evaluation: greedy transcripts of held-out samples and their word error rate.
+"""Held-out metrics of a curriculum stage: ASR word error rate, teacher-forced audio-code accuracy of
+speech answers (TTS, spoken dialogue), and BLEU of text answers (speech translation).
 
-Every rank decodes the same samples (under ZeRO-3 each forward is a collective, so all ranks must take
+Every rank evaluates the same samples (under ZeRO-3 each forward is a collective, so all ranks must take
 the same number of steps); rank 0 reports.
 """
 from __future__ import annotations
 
+import logging
 import re
-from typing import Any, Dict, List
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import jiwer
+import sacrebleu
 import torch
 
-from data.loader import iter_eval_samples
+from data.loader import _read_shard, _render, _Skip, iter_eval_samples, resolve_shards
+from data.templates import IGNORE_INDEX
 from data.tokenizer import SpecialIds
 from model.generate import greedy_generate
+
+logger = logging.getLogger(__name__)
+
+METRICS = ("wer", "code_accuracy", "bleu")
+_NUM_EXAMPLES = 3
+_EXAMPLE_CODES = 16  # codes shown per code_accuracy example
 
 
 def normalize_text(text: str) -> str:
@@ -43,4 +53,114 @@ def evaluate_asr(model: torch.nn.Module, tok, ids: SpecialIds, shards: List[str]
         raise ValueError(f"eval.shards {shards} yielded no samples")
     wer = jiwer.wer(refs, hyps)  # an empty hypothesis counts as deletions of every reference word
     return {"wer": float(wer), "num_samples": len(refs),
-            "examples": [{"key": k, "ref": r, "hyp": h} for k, r, h in list(zip(keys, refs, hyps))[:3]]}
+            "examples": [{"key": k, "ref": r, "hyp": h} for k, r, h in list(zip(keys, refs, hyps))[:_NUM_EXAMPLES]]}
+
+
+# ------------------------------------------------------------------------------ labelled samples
+
+def _labelled_samples(shards: List[str], tok, ids: SpecialIds, instruction: str) -> Iterator[Dict[str, Any]]:
+    """Held-out samples rendered with their answers, in file order; unusable ones are skipped with a warning."""
+    for path in resolve_shards(shards):
+        for raw in _read_shard(path):
+            try:
+                yield _render(raw, tok, ids, instruction, max_audio_s=None)
+            except _Skip as skip:
+                logger.warning("evaluation skips %s: %s", raw.get("__key__"), skip)
+
+
+def _batch_mels(chunks: List[torch.Tensor],
+                dtype: torch.dtype) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """[N, 128, Fmax] zero-padded mels and their lengths [N], or (None, None) without audio."""
+    if not chunks:
+        return None, None
+    lengths = torch.tensor([m.shape[1] for m in chunks], dtype=torch.long)
+    mels = torch.zeros(len(chunks), chunks[0].shape[0], int(lengths.max()), dtype=dtype)
+    for i, m in enumerate(chunks):
+        mels[i, :, :m.shape[1]] = m
+    return mels, lengths
+
+
+def _first_answer(labels: List[int]) -> Tuple[int, int]:
+    """[start, end) of the first labelled run: the answer that follows the prompt input_ids[:start]."""
+    start = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    end = next((i for i in range(start, len(labels)) if labels[i] == IGNORE_INDEX), len(labels))
+    return start, end
+
+
+@torch.no_grad()
+def _code_accuracy(model, tok, ids: SpecialIds, shards: List[str], instruction: str, max_samples: int,
+                   dtype: torch.dtype) -> Dict[str, Any]:
+    """Share of labelled audio-code positions (the audio pad excluded) whose next-token argmax is right,
+    over all positions of the first `max_samples` samples that have any; one forward pass per sample."""
+    correct, total, num_samples, examples = 0, 0, 0, []
+    first, last = ids.first_audio_code, ids.first_audio_code + ids.num_audio_codes - 1
+    for sample in _labelled_samples(shards, tok, ids, instruction):
+        if num_samples >= max_samples:
+            break
+        targets_T = torch.tensor(sample["labels"][1:])  # position t predicts labels[t + 1]
+        is_code_T = (targets_T >= first) & (targets_T <= last)
+        if not bool(is_code_T.any()):
+            logger.warning("code_accuracy skips %s: its answer holds no audio codes", sample["key"])
+            continue
+        mels, mel_lengths = _batch_mels(sample["mels"], dtype)
+        logits_TV = model(torch.tensor([sample["input_ids"]]), mels=mels, mel_lengths=mel_lengths).logits[0, :-1]
+        predicted_T = logits_TV.argmax(dim=-1)[is_code_T].cpu()
+        wanted_T = targets_T[is_code_T]
+        correct += int((predicted_T == wanted_T).sum())
+        total += int(wanted_T.numel())
+        num_samples += 1
+        if len(examples) < _NUM_EXAMPLES:
+            def shown(ids_T: torch.Tensor) -> str:
+                return " ".join(str(int(i) - first) for i in ids_T[:_EXAMPLE_CODES])
+            examples.append({"key": sample["key"], "ref": shown(wanted_T), "hyp": shown(predicted_T)})
+    if total == 0:
+        raise ValueError(f"eval.shards {shards} hold no sample with audio codes in its answer (run data.tokenize "
+                         f"on them, or pick another metric)")
+    return {"value": correct / total, "num_samples": num_samples, "examples": examples}
+
+
+@torch.no_grad()
+def _bleu(model, tok, ids: SpecialIds, shards: List[str], instruction: str, max_samples: int,
+          max_new_tokens: int, dtype: torch.dtype) -> Dict[str, Any]:
+    """sacrebleu corpus BLEU (0-100) of greedy answers against each sample's first labelled answer."""
+    refs, hyps, keys = [], [], []
+    for sample in _labelled_samples(shards, tok, ids, instruction):
+        if len(refs) >= max_samples:
+            break
+        start, end = _first_answer(sample["labels"])
+        prompt = sample["input_ids"][:start]
+        # Audio spans after the answer (a later turn) are not part of the prompt, nor their mels.
+        mels, mel_lengths = _batch_mels(sample["mels"][:prompt.count(ids.audio_start)], dtype)
+        new_ids = greedy_generate(model, torch.tensor([prompt]), mels=mels, mel_lengths=mel_lengths,
+                                  max_new_tokens=max_new_tokens, stop_token_ids=(ids.end_of_text, ids.eot))
+        hyps.append(tok.decode(new_ids, skip_special_tokens=True).strip())
+        refs.append(tok.decode(sample["labels"][start:end], skip_special_tokens=True).strip())
+        keys.append(sample["key"])
+    if not refs:
+        raise ValueError(f"eval.shards {shards} yielded no samples")
+    bleu = sacrebleu.corpus_bleu(hyps, [refs]).score
+    return {"value": float(bleu), "num_samples": len(refs),
+            "examples": [{"key": k, "ref": r, "hyp": h} for k, r, h in list(zip(keys, refs, hyps))[:_NUM_EXAMPLES]]}
+
+
+def run_eval(metric: str, model: torch.nn.Module, tok, ids: SpecialIds, shards: List[str], instruction: str,
+             max_samples: int, max_new_tokens: int, dtype: torch.dtype = torch.float32) -> Dict[str, Any]:
+    """{"metric", "value", "num_samples", "examples": [{"key", "ref", "hyp"}]} of `metric` on the first
+    `max_samples` usable held-out samples of `shards`: "wer" (ASR, greedy, 0-1), "code_accuracy"
+    (speech answers, teacher-forced, 0-1) or "bleu" (text answers, greedy, 0-100)."""
+    if metric not in METRICS:
+        raise ValueError(f"unknown eval metric {metric!r}: expected one of {list(METRICS)}")
+    if metric == "wer":
+        result = evaluate_asr(model, tok, ids, shards, instruction, max_samples, max_new_tokens, dtype)
+        return {"metric": metric, "value": result["wer"], "num_samples": result["num_samples"],
+                "examples": result["examples"]}
+    was_training = model.training
+    model.eval()
+    try:
+        if metric == "code_accuracy":
+            result = _code_accuracy(model, tok, ids, shards, instruction, max_samples, dtype)
+        else:
+            result = _bleu(model, tok, ids, shards, instruction, max_samples, max_new_tokens, dtype)
+    finally:
+        model.train(was_training)
+    return {"metric": metric, **result}

@@ -2,7 +2,8 @@
 answers as TA4, tool calls; every chat task builds a list of `Message`s and renders it here.
 
 Loss falls on the answer: every assistant turn after the last human turn (a tool call, the tool's
-result and the final answer all belong to it). Earlier turns, speech answers included, are context.
+result and the final answer all belong to it). Earlier turns, speech answers included, are context,
+unless the task trains on every assistant turn (SFT: `every_answer=True`).
 """
 from __future__ import annotations
 
@@ -77,13 +78,16 @@ def parse_messages(value: Any, where: str = "messages") -> List[Message]:
 
 
 def render_chat(messages: List[Message], sample: Sample, tok: PreTrainedTokenizerFast, ids: SpecialIds,
-                options: RenderOptions) -> Rendered:
-    """Token ids and labels of a chat; the answer is every assistant turn after the last human one."""
+                options: RenderOptions, every_answer: bool = False) -> Rendered:
+    """Token ids and labels of a chat; the answer is every assistant turn after the last human one, or
+    with `every_answer` every assistant turn. Without options.with_answer: the prompt up to the first
+    labelled turn's header."""
     humans = [i for i, m in enumerate(messages) if m.role == "human"]
-    first_answer = next((i for i, m in enumerate(messages) if m.role == "assistant" and i > max(humans, default=-1)),
-                        None)
+    after = -1 if every_answer else max(humans, default=-1)
+    first_answer = next((i for i, m in enumerate(messages) if m.role == "assistant" and i > after), None)
     if first_answer is None:
-        raise TemplateError("bad_messages", f"sample {sample.key!r}: no assistant turn after the last human turn "
+        where = "" if every_answer else " after the last human turn"
+        raise TemplateError("bad_messages", f"sample {sample.key!r}: no assistant turn{where} "
                                             f"(roles {[m.role for m in messages]})")
     out = Builder()
     for i, msg in enumerate(messages):

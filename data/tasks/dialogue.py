@@ -1,4 +1,5 @@
-"""Multi-turn tasks from a record's "messages": styled or emotional spoken dialogue, and tool calls."""
+"""Multi-turn tasks from a record's "messages": styled or emotional spoken dialogue, tool calls, and SFT
+conversations (data.conversations), which train on every assistant turn."""
 from __future__ import annotations
 
 from typing import Any, Dict, List
@@ -38,12 +39,25 @@ def tool_messages(meta: Dict[str, Any]) -> List[Message]:
     return messages[:1] + [Message(TOOL_SCHEMAS_ROLE, tool_schemas_text(tools))] + messages[1:]
 
 
+def sft_messages(meta: Dict[str, Any]) -> List[Message]:
+    """Dialogue turns plus, where the record has "tools" and no schemas turn of its own, the schemas
+    right after the system turn."""
+    messages = dialogue_messages(meta)
+    if "tools" in meta and not any(m.role == TOOL_SCHEMAS_ROLE for m in messages):
+        messages = tool_messages(meta)
+    return messages
+
+
 def _dialogue(s: Sample, tok, ids, opt: RenderOptions) -> Rendered:
     return render_chat(dialogue_messages(s.meta), s, tok, ids, opt)
 
 
 def _tool_call(s: Sample, tok, ids, opt: RenderOptions) -> Rendered:
     return render_chat(tool_messages(s.meta), s, tok, ids, opt)
+
+
+def _sft(s: Sample, tok, ids, opt: RenderOptions) -> Rendered:
+    return render_chat(sft_messages(s.meta), s, tok, ids, opt, every_answer=True)
 
 
 DIALOGUE_TASKS = [
@@ -53,4 +67,7 @@ DIALOGUE_TASKS = [
     Task("tool_call", _tool_call, lambda meta: message_members(tool_messages(meta))[0],
          lambda meta: message_members(tool_messages(meta))[1],
          doc="dialogue with \"tools\" schemas, assistant tool_call turns and \"input\" results"),
+    Task("sft", _sft, lambda meta: message_members(sft_messages(meta))[0],
+         lambda meta: message_members(sft_messages(meta))[1],
+         doc="conversation (python -m data.prepare conversations): loss on every assistant turn"),
 ]
