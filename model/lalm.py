@@ -63,6 +63,54 @@ def resolve_attention(name: str) -> str:
     return name
 
 
+def _check_segment_ids(segment_ids_BT: torch.Tensor) -> None:
+    if segment_ids_BT.dim() != 2 or segment_ids_BT.is_floating_point() or segment_ids_BT.dtype == torch.bool:
+        raise ValueError(f"segment_ids must be an integer tensor [B, T], got {segment_ids_BT.dtype} "
+                         f"{tuple(segment_ids_BT.shape)}")
+
+
+def packed_position_ids(segment_ids_BT: torch.Tensor) -> torch.Tensor:
+    """Positions [B, T] that restart at 0 wherever the segment id changes (padding counts as a segment)."""
+    _check_segment_ids(segment_ids_BT)
+    B, T = segment_ids_BT.shape
+    index_BT = torch.arange(T, device=segment_ids_BT.device).expand(B, T)
+    starts_BT = torch.ones_like(segment_ids_BT, dtype=torch.bool)
+    starts_BT[:, 1:] = segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]
+    start_index_BT = torch.where(starts_BT, index_BT, torch.zeros_like(index_BT)).cummax(dim=1).values
+    return index_BT - start_index_BT
+
+
+def packed_attention(segment_ids_BT: torch.Tensor, implementation: str,
+                     dtype: torch.dtype) -> Tuple[Optional[torch.Tensor], dict]:
+    """(attention_mask, extra decoder kwargs) that keep attention causal within each segment of a packed row.
+
+    sdpa gets a boolean [B, 1, T, T] mask and eager an additive one (transformers passes 4D masks through
+    unchanged). Padding (segment 0) attends to earlier padding only, so no softmax row is empty (an empty
+    row is NaN, and NaN leaks into gradients). flash_attention_2 takes no mask: every segment, padding
+    included, becomes one varlen sequence of the flattened batch (cu_seq_lens), which its kernel isolates.
+    (transformers would also guess packing from position_ids alone; explicit segments cannot be misread.)
+    """
+    _check_segment_ids(segment_ids_BT)
+    B, T = segment_ids_BT.shape
+    if implementation == "flash_attention_2":
+        flat_N = segment_ids_BT.reshape(-1)
+        starts_N = torch.ones_like(flat_N, dtype=torch.bool)
+        starts_N[1:] = flat_N[1:] != flat_N[:-1]
+        starts_N[::T] = True  # a row boundary always starts a sequence
+        cu_seq_lens = torch.cat([starts_N.nonzero().view(-1), flat_N.new_tensor([flat_N.numel()])]).to(torch.int32)
+        max_length = int(cu_seq_lens.diff().max())
+        return None, {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens,
+                      "max_length_q": max_length, "max_length_k": max_length}
+    causal_TT = torch.ones(T, T, dtype=torch.bool, device=segment_ids_BT.device).tril()
+    allowed_B1TT = ((segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]) & causal_TT)[:, None]
+    if implementation == "sdpa":
+        return allowed_B1TT, {}
+    if implementation == "eager":
+        bias_B1TT = torch.zeros(allowed_B1TT.shape, dtype=dtype, device=segment_ids_BT.device)
+        return bias_B1TT.masked_fill(~allowed_B1TT, torch.finfo(dtype).min), {}
+    raise ValueError(f"segment_ids with attention {implementation!r}: expected sdpa, eager or flash_attention_2")
+
+
 class StepAudio2ForCausalLM(nn.Module):
     def __init__(self, config: StepAudio2Config, gradient_checkpointing: Union[bool, Iterable[str]] = False,
                  attention: str = "sdpa"):
@@ -135,15 +183,26 @@ class StepAudio2ForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, mels: Optional[torch.Tensor] = None,
                 mel_lengths: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
-                past_key_values: Optional[Any] = None, use_cache: bool = False) -> StepAudio2Output:
+                past_key_values: Optional[Any] = None, use_cache: bool = False,
+                segment_ids: Optional[torch.Tensor] = None) -> StepAudio2Output:
         """Decoder pass over input_ids [B, T] with the audio chunks written into the audio patch rows.
 
         labels [B, T] use -100 for ignored positions; position t predicts labels[t + 1].
+        segment_ids [B, T] (packed rows: 1, 2, ... per sample, 0 on padding) keep each sample's attention
+        inside itself; it then replaces attention_mask, and position_ids default to restarting per sample.
+        Audio chunks (mels) are listed in row-major order of their patch rows, packed or not.
         """
         embeds_BTH = self.model.embed_tokens(input_ids)
         embeds_BTH = self._splice_audio(input_ids, embeds_BTH, mels, mel_lengths)
+        attention_kwargs = {}
+        if segment_ids is not None:
+            if past_key_values is not None or use_cache:
+                raise ValueError("segment_ids (packed training rows) cannot be combined with a KV cache")
+            position_ids = packed_position_ids(segment_ids) if position_ids is None else position_ids
+            attention_mask, attention_kwargs = packed_attention(
+                segment_ids, self.model.config._attn_implementation, embeds_BTH.dtype)
         out = self.model(inputs_embeds=embeds_BTH, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, use_cache=use_cache)
+                         past_key_values=past_key_values, use_cache=use_cache, **attention_kwargs)
         hidden_BTH = out.last_hidden_state
         cache = out.past_key_values if use_cache else None
         if labels is None:
