@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torchaudio
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
+from webdataset.tariterators import base_plus_ext
 
 from data import epochs
 from data.audio import AudioError, decode_audio
@@ -132,15 +132,32 @@ def check_audio_tokenizer(paths: List[str], expected: Optional[str]) -> None:
 
 
 def _read_shard(path: str) -> Iterator[Dict[str, Any]]:
-    """Raw samples of one tar ({"__key__", "flac", "json", ...} bytes); a read error ends it with a marker."""
+    """Raw samples of one tar ({"__key__", "flac", "json", ...} bytes), members grouped by key in file order.
+
+    A read error (a tar cut off, corrupt blocks) ends the shard with one marker sample named after the
+    key being read; every sample completed before it still comes out.
+    """
+    key, sample = None, None
     try:
-        with open(path, "rb") as f:
-            members = ({**m, "__url__": path} for m in tar_file_iterator(f))
-            yield from group_by_keys(members)
+        with tarfile.open(path, "r|*") as tar:  # stream mode: one sequential pass, as webdataset reads
+            for info in tar:
+                if not info.isreg() or _META_MEMBER.match(info.name):
+                    continue
+                prefix, ext = base_plus_ext(info.name)
+                if prefix is None:
+                    continue
+                if prefix != key:
+                    if sample is not None:
+                        yield sample
+                    key, sample = prefix, {"__key__": prefix, "__url__": path}
+                sample[ext.lower()] = tar.extractfile(info).read()
+        if sample is not None:
+            yield sample
     except Exception as e:  # a truncated or corrupt tar must not stop training
-        logger.warning("shard %s is unreadable from some point on (%s: %s); its rest is skipped",
-                       path, type(e).__name__, e)
-        yield {"__key__": "<unreadable rest of shard>", "__url__": path, "__error__": f"{type(e).__name__}: {e}"}
+        logger.warning("shard %s is unreadable from sample %s on (%s: %s); its rest is skipped",
+                       path, key, type(e).__name__, e)
+        # The sample being read when it broke may be incomplete: it becomes the marker.
+        yield {"__key__": key or "<unreadable shard>", "__url__": path, "__error__": f"{type(e).__name__}: {e}"}
 
 
 _META_MEMBER = re.compile(r"__[^/]*__($|/)")  # what webdataset's tar iterator leaves out
@@ -365,15 +382,16 @@ class _EpochReader:
         while self.broken is None:
             raw = next(self.raws, None)
             if raw is None:
-                self.broken = (self.local, "the tar holds fewer samples than its index.json says")
+                self.broken = (self.local, "the tar holds fewer samples than its index.json says",
+                               "<missing samples>")
             elif "__error__" in raw:
-                self.broken = (self.local, raw["__error__"])
+                self.broken = (self.local, raw["__error__"], raw["__key__"])
             else:
                 self.local += 1
                 if self.local - 1 == local:
                     return position, raw
         if position == epochs.first_at_or_after(self.plan, self.starts[shard] + self.broken[0]):
-            return position, {"__key__": "<unreadable rest of shard>", "__url__": self.paths[shard],
+            return position, {"__key__": self.broken[2], "__url__": self.paths[shard],
                               "__error__": self.broken[1]}
         return position, _MISSING
 
