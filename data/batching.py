@@ -240,9 +240,10 @@ def _pad_mels(mels: List[torch.Tensor]):
     if not mels:
         return None, torch.zeros(0, dtype=torch.long)
     lengths = torch.tensor([m.shape[1] for m in mels], dtype=torch.long)
-    out = torch.zeros(len(mels), N_MELS, int(lengths.max()), dtype=mels[0].dtype)
-    for i, m in enumerate(mels):
+    out = torch.empty(len(mels), N_MELS, int(lengths.max()), dtype=mels[0].dtype)
+    for i, m in enumerate(mels):  # write each chunk and zero only its padding (a full zero fill costs more)
         out[i, :, :m.shape[1]] = m
+        out[i, :, m.shape[1]:] = 0
     return out, lengths
 
 

@@ -6,6 +6,7 @@ they live in this one file so a correction is one edit.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 import torchaudio
@@ -30,6 +31,14 @@ def _mel_filters_MF(n_mels: int) -> torch.Tensor:
     return fb_FM.T.contiguous()
 
 
+@functools.lru_cache(maxsize=4)
+def _mel_filters_sparse_MF(n_mels: int) -> torch.Tensor:
+    # 394 of the 25,728 filter weights are non-zero: a sparse product is about twice as fast on CPU.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+        return _mel_filters_MF(n_mels).to_sparse_csr()
+
+
 @functools.lru_cache(maxsize=1)
 def _window() -> torch.Tensor:
     return torch.hann_window(N_FFT)
@@ -46,8 +55,9 @@ def log_mel(wave_T: torch.Tensor, n_mels: int = N_MELS) -> torch.Tensor:
         raise ValueError(f"log_mel expects a mono waveform [T], got shape {tuple(wave_T.shape)}")
     wave_T = torch.nn.functional.pad(wave_T.float(), (0, RIGHT_PAD_SAMPLES))
     stft = torch.stft(wave_T, N_FFT, HOP, window=_window(), return_complex=True)
-    power_FT = stft[..., :-1].abs() ** 2
-    mel_MT = _mel_filters_MF(n_mels) @ power_FT
+    stft = stft[..., :-1]
+    power_FT = stft.real.square() + stft.imag.square()  # |z|^2 without the square root abs() takes
+    mel_MT = torch.sparse.mm(_mel_filters_sparse_MF(n_mels), power_FT)
     log_MT = torch.clamp(mel_MT, min=1e-10).log10()
     log_MT = torch.maximum(log_MT, log_MT.max() - 8.0)
     return (log_MT + 4.0) / 4.0

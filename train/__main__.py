@@ -1,4 +1,7 @@
-"""`python -m train RECIPE.yaml [dotted.key=value ...] [--print-config]`."""
+"""`python -m train RECIPE.yaml [dotted.key=value ...] [stages=[name,...]] [--print-config]`.
+
+A recipe with `stages` runs as a curriculum (train.curriculum); `stages=[name]` runs only those stages.
+"""
 from __future__ import annotations
 
 import argparse
@@ -11,19 +14,36 @@ from train.config import ConfigError, deepspeed_config, load_config, to_yaml
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train", description=__doc__)
     parser.add_argument("recipe", help="recipe YAML (see recipes/)")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. optim.lr=1e-4")
+    parser.add_argument("overrides", nargs="*",
+                        help="dotted.key=value overrides, e.g. optim.lr=1e-4; stages=[name] runs only that stage")
     parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved config and the generated DeepSpeed JSON, then exit")
+                        help="print the resolved config and the generated DeepSpeed JSON (per stage), then exit")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.recipe, args.overrides)
+        if cfg.stages:
+            from train.curriculum import plan
+
+            plan(cfg)  # a selected stage whose starting export is missing fails here, before any work
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.print_config:
+        from train.curriculum import stage_config
+
         print(to_yaml(cfg), end="")
-        print("# deepspeed:")
-        print(json.dumps(deepspeed_config(cfg), indent=2))
+        resolved = [(f"stage {i} {s.name}: ", stage_config(cfg, i)) for i, s in enumerate(cfg.stages)]
+        for label, one in resolved or [("", cfg)]:
+            if label:
+                print(f"# {label}resolved config:")
+                print(to_yaml(one), end="")
+            print(f"# {label}deepspeed:")
+            print(json.dumps(deepspeed_config(one), indent=2))
+        return 0
+    if cfg.stages:
+        from train.curriculum import run_curriculum
+
+        run_curriculum(cfg)
         return 0
     from train.loop import run
 

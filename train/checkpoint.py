@@ -1,6 +1,7 @@
-"""Training checkpoints: engine state + every rank's loader state and RNG + step, written atomically.
+"""Training checkpoints: engine state + every rank's loader state and RNG + step and tokens, written atomically.
 
-Layout: RUN_DIR/checkpoints/step_00000100/ (DeepSpeed files, rank_00000.pt ..., train_state.json,
+Layout: RUN_DIR/checkpoints/step_00000100/ (DeepSpeed files, rank_00000.pt ... (RNG), loader.pt (every
+rank's loader state, {"ranks": [...]}, so a loader can re-split them), train_state.json (step, tokens, ...),
 config.yaml, model_config.json) and RUN_DIR/checkpoints/latest naming the newest complete one. A save goes to
 `step_N.tmp` and is renamed only when every rank has written its part, so a crash mid-save leaves the
 previous checkpoint as `latest`. `latest` moves only after the folder is verified (every rank's file
@@ -66,7 +67,9 @@ class Checkpointer:
                 f"checkpoint.resume: {folder / tag} is not a complete checkpoint (no train_state.json)")
         return folder, tag
 
-    def save(self, engine, step: int, loader_state: Dict[str, Any], config_yaml: str) -> Path:
+    def save(self, engine, step: int, loader_state: Dict[str, Any], config_yaml: str,
+             extra: Optional[Dict[str, Any]] = None) -> Path:
+        """Collective. loader_state is this rank's; extra (JSON data: tokens, wall_s ...) goes to train_state.json."""
         tag = f"step_{step:08d}"
         tmp_tag = tag + ".tmp"
         tmp_dir = self.root / tmp_tag
@@ -74,9 +77,12 @@ class Checkpointer:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp_dir, ignore_errors=True)  # left by a save that crashed
         dist.barrier()
+        gathered: list = [None] * self.world_size
+        dist.all_gather_object(gathered, loader_state)
         engine.save(str(self.root), tmp_tag, client_state={"step": step})
-        torch.save({"loader": loader_state, "rng": _rng_state(), "step": step},
-                   tmp_dir / f"rank_{self.rank:05d}.pt")
+        torch.save({"rng": _rng_state(), "step": step}, tmp_dir / f"rank_{self.rank:05d}.pt")
+        if self.rank == 0:
+            torch.save({"ranks": gathered}, tmp_dir / "loader.pt")
         maybe_fault("save", step, self.rank)
         dist.barrier()
         if self.rank == 0:
@@ -86,7 +92,7 @@ class Checkpointer:
             (tmp_dir / "model_config.json").write_text(
                 json.dumps(engine.module.config.to_dict(), indent=2), encoding="utf-8")
             (tmp_dir / "train_state.json").write_text(
-                json.dumps({"step": step, "world_size": self.world_size}), encoding="utf-8")
+                json.dumps({**(extra or {}), "step": step, "world_size": self.world_size}), encoding="utf-8")
             final = self.root / tag
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp_dir, final)
@@ -95,8 +101,9 @@ class Checkpointer:
         dist.barrier()
         return self.root / tag
 
-    def load(self, engine, folder: Path, tag: str) -> Tuple[int, Dict[str, Any]]:
-        """Restores engine, RNG and this rank's loader state; returns (step, loader_state)."""
+    def load(self, engine, folder: Path, tag: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+        """Restores engine and RNG; returns (train_state.json's content, the loader state: {"ranks": [...]},
+        every rank's, as data.loader's load_state_dict takes it)."""
         state = json.loads((folder / tag / "train_state.json").read_text(encoding="utf-8"))
         if state["world_size"] != self.world_size:
             raise ValueError(
@@ -105,7 +112,11 @@ class Checkpointer:
         engine.load(str(folder), tag)
         mine = torch.load(folder / tag / f"rank_{self.rank:05d}.pt", weights_only=False)
         _set_rng_state(mine["rng"])
-        return int(state["step"]), mine["loader"]
+        if (folder / tag / "loader.pt").is_file():
+            loader_state = torch.load(folder / tag / "loader.pt", weights_only=False)
+        else:  # written before loader.pt existed: each rank file held its own rank's state
+            loader_state = mine["loader"]
+        return state, loader_state
 
     def _prune(self) -> None:
         done = sorted(p for p in self.root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
@@ -115,9 +126,10 @@ class Checkpointer:
 
 def _verify(folder: Path, world_size: int) -> None:
     """A checkpoint is complete when every rank's file is there and no .pt file is cut short."""
-    missing = [r for r in range(world_size) if not (folder / f"rank_{r:05d}.pt").is_file()]
+    missing = [f"rank_{r:05d}.pt" for r in range(world_size) if not (folder / f"rank_{r:05d}.pt").is_file()]
+    missing += [] if (folder / "loader.pt").is_file() else ["loader.pt"]
     # torch.save writes a zip whose directory sits at the end: a truncated file is not a zip.
     broken = [p.name for p in sorted(folder.rglob("*.pt")) if not zipfile.is_zipfile(p)]
     if missing or broken:
-        raise RuntimeError(f"checkpoint {folder} is incomplete (missing ranks {missing}, truncated {broken}); "
+        raise RuntimeError(f"checkpoint {folder} is incomplete (missing {missing}, truncated {broken}); "
                            f"`latest` still names the previous one")

@@ -6,6 +6,7 @@ fails at load time naming the key. The DeepSpeed JSON is generated from this tre
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -14,6 +15,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data.loader import DataConfig
+from train.schedule import SCHEDULES
 
 # Parameter groups a recipe can train or freeze, by StepFun parameter-name prefix.
 PARAM_GROUPS = {
@@ -24,12 +26,24 @@ PARAM_GROUPS = {
     "lm_head": ("lm_head.",),
 }
 
+# eval.metric values (train.evaluate.run_eval).
+EVAL_METRICS = ("wer", "code_accuracy", "bleu")
+
 # The decoder layer's linear layers LoRA may target (lora.target_modules).
 DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class ConfigError(ValueError):
     """A recipe or override that does not fit the schema; the message names the key."""
+
+
+@dataclass
+class InitPartsConfig:
+    """A model built from parts: the vocabulary grows to data.tokenizer's once, into RUN_DIR/init/."""
+    qwen: Optional[str] = None
+    """Folder of a Qwen2.5 decoder (transformers layout: config.json + safetensors)."""
+    audio_encoder: Optional[str] = None
+    """Folder of a Qwen2-Audio model (or its bare encoder) whose audio tower becomes the encoder."""
 
 
 @dataclass
@@ -47,6 +61,8 @@ class ModelConfig:
     attention: str = "auto"
     """Decoder attention kernel: auto (flash-attention 2 when installed on a GPU, else sdpa), sdpa, eager or
     flash_attention_2."""
+    init_parts: InitPartsConfig = field(default_factory=InitPartsConfig)
+    """Start from a Qwen2.5 decoder and a Qwen2-Audio encoder instead of init_from (the paper's stage 1)."""
 
 
 @dataclass
@@ -60,12 +76,17 @@ class OptimConfig:
     weight_decay: float = 0.01
     """Decoupled weight decay, applied to matrices only (not to biases and norms)."""
     warmup_steps: int = 50
-    """Linear warmup from 0 to lr over this many optimizer steps."""
+    """Linear warmup from 0 to lr over this many optimizer steps (again at each stage's start)."""
+    schedule: str = "cosine"
+    """After the warmup: cosine, linear (both decay to the floor over the budget), constant, or wsd
+    (warmup-stable-decay: the peak, then a linear decay over the last decay_ratio of the budget)."""
     decay_steps: Optional[int] = None
-    """Length of the cosine schedule in optimizer steps; None = max_steps. Set it to stop a run early
-    on the same schedule it would follow to the end."""
+    """Length of the schedule in optimizer steps; None = max_steps. Set it to stop a run early on the
+    same schedule it would follow to the end. Unused with a token budget (max_tokens)."""
     min_lr_ratio: float = 0.1
-    """The cosine decays to lr * min_lr_ratio."""
+    """The schedule decays to lr * min_lr_ratio (constant: unused)."""
+    decay_ratio: float = 0.1
+    """wsd only: the final fraction of the budget over which the lr decays to the floor."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
 
@@ -121,6 +142,9 @@ class EvalConfig:
     """Evaluate after the last step."""
     every_steps: int = 0
     """Also evaluate every N steps; 0 = never in between."""
+    metric: str = "wer"
+    """wer (ASR, lower is better), code_accuracy (teacher-forced accuracy of audio-code answers, higher is
+    better) or bleu (speech translation, sacrebleu corpus BLEU 0-100)."""
 
 
 @dataclass
@@ -158,13 +182,37 @@ class LoraConfig:
 
 
 @dataclass
+class StageConfig:
+    """One stage of a curriculum: its budget, its learning-rate multipliers, and what it changes."""
+    name: str = ""
+    """Stage name (letters, digits, - and _); its run folder is RUN_DIR/stages/<index>-<name>."""
+    max_steps: Optional[int] = None
+    """Budget in optimizer steps (with max_tokens too: whichever is reached first)."""
+    max_tokens: Optional[int] = None
+    """Budget in real decoder tokens summed over all ranks; the schedule's progress then counts tokens."""
+    overrides: Dict[str, Any] = field(default_factory=dict)
+    """Config keys merged over the top-level config for this stage, nested (optim: {lr: 2e-5}) or dotted
+    (optim.lr: 2e-5): data mixture, model.trainable, optim.*, eval.*, engine.grad_accum_steps, ..."""
+    lr_multipliers: Dict[str, float] = field(default_factory=dict)
+    """Per parameter group (encoder, adapter, embeddings, decoder, lm_head): lr = optim.lr x multiplier;
+    unlisted trained groups get 1.0."""
+
+
+@dataclass
 class TrainConfig:
     run_dir: str = "runs/default"
-    """Folder for checkpoints, metrics.jsonl, the resolved config and the export."""
+    """Folder for checkpoints, metrics.jsonl, the resolved config and the export (a curriculum: one
+    sub-folder per stage under RUN_DIR/stages/)."""
     seed: int = 0
     """Seeds the weights, the data order and every random number generator."""
-    max_steps: int = 1000
-    """Optimizer steps to train for."""
+    max_steps: Optional[int] = 1000
+    """Optimizer steps to train for; None = only max_tokens limits the run."""
+    max_tokens: Optional[int] = None
+    """Token budget: stop once this many real decoder tokens (summed over ranks) are trained on; the
+    schedule's progress then counts tokens. None = a step budget only."""
+    lr_multipliers: Dict[str, float] = field(default_factory=dict)
+    """Per parameter group (encoder, adapter, embeddings, decoder, lm_head): lr = optim.lr x multiplier;
+    unlisted trained groups get 1.0. In a curriculum each stage sets its own."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -174,12 +222,53 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    stages: List[StageConfig] = field(default_factory=list)
+    """A curriculum: stages run in order, each from the previous one's export. Empty = one plain run."""
+    run_stages: List[str] = field(default_factory=list)
+    """Names of the stages to run (command line: `stages=[name]`); empty = all of them, done ones skipped."""
+
+
+def _stage_selection(item: str) -> Optional[List[str]]:
+    """`stages=[a,b]` on the command line names stages to run; returns the names, or None for other items."""
+    key, _, value = item.partition("=")
+    if key.strip() != "stages":
+        return None
+    names = OmegaConf.from_dotlist([f"x={value}"]).x
+    names = [names] if isinstance(names, str) else names
+    if not OmegaConf.is_list(names) and not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"override {item!r}: expected stages=[name,...] with stage names of the recipe")
+    return list(names)
+
+
+def _update_stage(merged, item: str) -> None:
+    """Applies `stages[i].key=value` (or `stages.i.key=value`) to the merged recipe; the key must exist."""
+    key, _, value = item.partition("=")
+    match = re.match(r"^stages(?:\[(\d+)\]|\.(\d+))\.(.+)$", key.strip())
+    if match is None:
+        raise ConfigError(f"override {item!r}: expected stages[INDEX].key=value, e.g. stages[1].max_steps=500")
+    index = int(match.group(1) or match.group(2))
+    if index >= len(merged.stages):
+        raise ConfigError(f"override {item!r}: the recipe has {len(merged.stages)} stages (indices from 0)")
+    parsed = OmegaConf.from_dotlist([f"x={value}"]).x
+    value = OmegaConf.to_container(parsed) if OmegaConf.is_config(parsed) else parsed
+    OmegaConf.update(merged, f"stages[{index}].{match.group(3)}", value, merge=True)
+
+
+def config_error(e: OmegaConfBaseException, prefix: str, where: str) -> ConfigError:
+    key = getattr(e, "full_key", None) or "?"
+    first = str(e).splitlines()[0]
+    return ConfigError(f"config key '{prefix}{key}'{where}: {first}")
 
 
 def load_config(recipe: Optional[str] = None, overrides: List[str] = ()) -> TrainConfig:
-    """Recipe YAML + dotted `key=value` overrides -> a validated TrainConfig (ConfigError names the key)."""
+    """Recipe YAML + dotted `key=value` overrides -> a validated TrainConfig (ConfigError names the key).
+
+    `stages=[name,...]` selects curriculum stages to run. Every stage's merged config is built and
+    validated here, before any work starts."""
     schema = OmegaConf.structured(TrainConfig)
     layers = []
+    selected: Optional[List[str]] = None
+    where = f" in {recipe}" if recipe else ""
     try:
         if recipe is not None:
             path = Path(recipe)
@@ -189,18 +278,33 @@ def load_config(recipe: Optional[str] = None, overrides: List[str] = ()) -> Trai
             if not isinstance(loaded, type(schema)):
                 raise ConfigError(f"recipe {recipe} must be a YAML mapping at the top level")
             layers.append(loaded)
+        stage_items = []
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} must look like dotted.key=value")
-            layers.append(OmegaConf.from_dotlist([item]))
+            names = _stage_selection(item)
+            if names is not None:
+                selected = names
+            elif item.startswith(("stages.", "stages[")):
+                stage_items.append(item)  # e.g. stages[1].max_steps=5: one stage's own field
+            else:
+                layers.append(OmegaConf.from_dotlist([item]))
         merged = OmegaConf.merge(schema, *layers)
+        for item in stage_items:
+            _update_stage(merged, item)
         cfg: TrainConfig = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or "?"
-        first = str(e).splitlines()[0]
-        where = f" in {recipe}" if recipe else ""
-        raise ConfigError(f"config key '{key}'{where}: {first}") from None
-    validate(cfg)
+        raise config_error(e, "", where) from None
+    if selected is not None:
+        cfg.run_stages = selected
+    if not cfg.stages:
+        if cfg.run_stages:
+            raise ConfigError(f"config key 'stages' = {cfg.run_stages!r}: the recipe has no stages to select")
+        validate(cfg)
+        return cfg
+    from train.curriculum import validate_stages  # the stage rules live with the runner
+
+    validate_stages(cfg, where)
     return cfg
 
 
@@ -215,27 +319,59 @@ def validate(cfg: TrainConfig) -> None:
         bad("engine.precision", cfg.engine.precision, "fp32 or bf16")
     if cfg.engine.grad_accum_steps < 1:
         bad("engine.grad_accum_steps", cfg.engine.grad_accum_steps, "an integer >= 1")
-    if cfg.max_steps < 1:
+    if cfg.max_steps is None and cfg.max_tokens is None:
+        bad("max_steps", cfg.max_steps, "a budget: max_steps, max_tokens or both")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
         bad("max_steps", cfg.max_steps, "an integer >= 1")
+    if cfg.max_tokens is not None and cfg.max_tokens < 1:
+        bad("max_tokens", cfg.max_tokens, "an integer >= 1 (or unset)")
     if cfg.data.batch_size < 1:
         bad("data.batch_size", cfg.data.batch_size, "an integer >= 1")
-    if not cfg.data.shards:
-        bad("data.shards", cfg.data.shards, "at least one shard folder, glob or pattern")
+    if not cfg.data.shards and not cfg.data.datasets:
+        bad("data.shards", cfg.data.shards, "at least one shard folder, glob or pattern (or data.datasets)")
+    if cfg.data.shards and cfg.data.datasets:
+        bad("data.shards", cfg.data.shards, "empty when data.datasets is set (one or the other)")
     if not cfg.data.tokenizer:
         bad("data.tokenizer", cfg.data.tokenizer, "the path of a tokenizer folder")
     if len(cfg.optim.betas) != 2:
         bad("optim.betas", cfg.optim.betas, "two numbers")
     if cfg.optim.lr <= 0:
         bad("optim.lr", cfg.optim.lr, "a positive number")
+    if cfg.optim.schedule not in SCHEDULES:
+        bad("optim.schedule", cfg.optim.schedule, ", ".join(SCHEDULES))
+    if cfg.optim.warmup_steps < 0:
+        bad("optim.warmup_steps", cfg.optim.warmup_steps, "an integer >= 0")
+    if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
+        bad("optim.min_lr_ratio", cfg.optim.min_lr_ratio, "a number in [0, 1]")
+    if not 0.0 < cfg.optim.decay_ratio <= 1.0:
+        bad("optim.decay_ratio", cfg.optim.decay_ratio, "a number in (0, 1]")
     unknown = [g for g in cfg.model.trainable if g not in PARAM_GROUPS]
     if unknown:
         bad("model.trainable", cfg.model.trainable, f"names from {sorted(PARAM_GROUPS)}")
+    if not cfg.model.trainable:
+        bad("model.trainable", cfg.model.trainable, "at least one parameter group")
+    for group, multiplier in cfg.lr_multipliers.items():
+        if group not in PARAM_GROUPS:
+            bad(f"lr_multipliers.{group}", multiplier, f"group names from {sorted(PARAM_GROUPS)}")
+        if group not in cfg.model.trainable and not cfg.lora.enabled:
+            bad(f"lr_multipliers.{group}", multiplier, f"a group that trains (model.trainable = {cfg.model.trainable})")
+        if not multiplier > 0:
+            bad(f"lr_multipliers.{group}", multiplier, "a positive number (freeze a group by leaving it out of "
+                                                       "model.trainable)")
     if any(p not in ("encoder", "decoder") for p in cfg.model.gradient_checkpointing):
         bad("model.gradient_checkpointing", cfg.model.gradient_checkpointing, "a list from [encoder, decoder]")
     if cfg.model.attention not in ("auto", "sdpa", "eager", "flash_attention_2"):
         bad("model.attention", cfg.model.attention, "auto, sdpa, eager or flash_attention_2")
-    if not cfg.model.trainable:
-        bad("model.trainable", cfg.model.trainable, "at least one parameter group")
+    parts = cfg.model.init_parts
+    if bool(parts.qwen) != bool(parts.audio_encoder):
+        bad("model.init_parts", {"qwen": parts.qwen, "audio_encoder": parts.audio_encoder},
+            "both folders (qwen and audio_encoder) or neither")
+    if parts.qwen and cfg.model.init_from:
+        bad("model.init_from", cfg.model.init_from, "unset when model.init_parts is given (one starting point)")
+    if parts.qwen and cfg.lora.enabled:
+        bad("model.init_parts", parts.qwen, "unset when lora.enabled (the base is lora.init_from)")
+    if cfg.eval.metric not in EVAL_METRICS:
+        bad("eval.metric", cfg.eval.metric, ", ".join(EVAL_METRICS))
     if cfg.checkpoint.keep_last < 1:
         bad("checkpoint.keep_last", cfg.checkpoint.keep_last, "an integer >= 1")
     if cfg.resilience.watchdog_s < 0:

@@ -4,15 +4,15 @@ Nothing else in the project imports deepspeed; the step loop talks to `Engine`.
 """
 from __future__ import annotations
 
-import math
 import os
 import socket
 from contextlib import nullcontext
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
 from train.config import PARAM_GROUPS, TrainConfig, deepspeed_config
+from train.schedule import Schedule
 
 
 def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
@@ -53,27 +53,22 @@ def gathered_for_write(params):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
-def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
-    """Linear warmup, then cosine decay to lr * min_lr_ratio over decay_steps (default max_steps)."""
-    warmup = cfg.optim.warmup_steps
-    total = cfg.optim.decay_steps or cfg.max_steps
-    floor = cfg.optim.min_lr_ratio
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
+def param_group_name(name: str) -> str:
+    """The PARAM_GROUPS group a parameter belongs to, by its StepFun name ("other" for none)."""
+    for group, prefixes in PARAM_GROUPS.items():
+        if name.startswith(prefixes):
+            return group
+    return "other"
 
 
 def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> List[Dict[str, Any]]:
-    """AdamW groups of the trainable parameters; groups not listed in model.trainable are frozen.
+    """AdamW groups of the trainable parameters, one per (group, decay or not), lr = optim.lr x multiplier.
 
-    With LoRA, what trains was decided when the adapters were applied (train.lora): the base is frozen."""
+    Groups not in model.trainable are frozen (requires_grad False) and left out. With LoRA, what trains
+    was decided when the adapters were applied (train.lora): the base is frozen. Each group carries its
+    "name" (e.g. "adapter.decay") and "base_lr" (the peak; Engine.set_lr_factor scales it)."""
     trainable_prefixes = tuple(p for g in cfg.model.trainable for p in PARAM_GROUPS[g])
-    decay, no_decay = [], []
+    by_key: Dict[tuple, List[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if cfg.lora.enabled:
             if not param.requires_grad:
@@ -82,30 +77,46 @@ def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> List[Dict[str, Any
             param.requires_grad_(False)
             continue
         param.requires_grad_(True)
-        # Norm weights and biases are 1-D; decaying them only hurts.
-        (decay if param.dim() >= 2 else no_decay).append(param)
-    return [
-        {"params": decay, "weight_decay": cfg.optim.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+        # Norm weights and biases are 1-D; decaying them only hurts. (ds_shape: a ZeRO-3 parameter is
+        # built partitioned, its local tensor empty and 1-D.)
+        matrix = len(getattr(param, "ds_shape", param.shape)) >= 2
+        by_key.setdefault((param_group_name(name), matrix), []).append(param)
+    groups = []
+    for (group, decay), params in by_key.items():
+        lr = cfg.optim.lr * cfg.lr_multipliers.get(group, 1.0)
+        groups.append({"params": params, "weight_decay": cfg.optim.weight_decay if decay else 0.0, "lr": lr,
+                       "base_lr": lr, "name": f"{group}.{'decay' if decay else 'no_decay'}"})
+    return groups
 
 
 class Engine:
-    """A DeepSpeed engine around the model, with our optimizer and schedule."""
+    """A DeepSpeed engine around the model, with our optimizer; the loop sets the lr factor of each step."""
 
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig):
         import deepspeed
 
         self.cfg = cfg
-        groups = [g for g in param_groups(model, cfg) if g["params"]]
+        groups = param_groups(model, cfg)
         optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-        factor = lr_lambda(cfg)
-        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model,
-            optimizer=optimizer,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
-            config=deepspeed_config(cfg),
-        )
+        # No DeepSpeed scheduler: the lr of a step is a function of (step, tokens) the checkpoint holds
+        # (train.schedule), set before each step, so a resume needs no scheduler state.
+        self.ds, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                              config=deepspeed_config(cfg))
+        self._base_lrs = [g["base_lr"] for g in groups]
+        self._group_names = [g["name"].split(".")[0] for g in groups]
+        self._factor = 1.0
+        self.set_lr_factor(Schedule.from_config(cfg).factor(0, 0))
+
+    def set_lr_factor(self, factor: float) -> None:
+        """Every group's lr becomes its peak (optim.lr x multiplier) times factor."""
+        self._factor = factor
+        # By position: DeepSpeed's ZeRO wrappers keep the groups in order but may drop extra keys on load.
+        for group, base_lr in zip(self.optimizer.param_groups, self._base_lrs, strict=True):
+            group["lr"] = base_lr * factor
+
+    def group_lrs(self) -> Dict[str, float]:
+        """The current lr of each parameter group (encoder, adapter, ...) that trains."""
+        return {name: g["lr"] for name, g in zip(self._group_names, self.optimizer.param_groups)}
 
     @property
     def module(self) -> torch.nn.Module:
@@ -124,6 +135,9 @@ class Engine:
             labels=batch["labels"],
             mels=None if mels is None else mels.to(dtype),
             mel_lengths=batch.get("mel_lengths"),
+            position_ids=batch.get("position_ids"),
+            # Packed rows (data.batching) attend within their own sample only.
+            **({"segment_ids": batch["segment_ids"]} if batch.get("segment_ids") is not None else {}),
         )
 
     def backward_and_step(self, loss: torch.Tensor) -> None:
@@ -132,7 +146,8 @@ class Engine:
         self.ds.step()
 
     def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
+        """optim.lr times the current factor (a group's own lr is this times its multiplier)."""
+        return self.cfg.optim.lr * self._factor
 
     def grad_norm(self) -> Optional[float]:
         norm = self.ds.get_global_grad_norm()

@@ -1,7 +1,14 @@
-"""The training run: build everything from the config, resume, loop over steps, checkpoint, export."""
+"""The training run: build everything from the config, resume, loop over steps, checkpoint, export.
+
+One run is one stage of a curriculum (train.curriculum drives several); its position is (step, tokens),
+and its budget is max_steps and/or max_tokens.
+"""
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -15,14 +22,15 @@ from data.tokenizer import load_tokenizer, special_ids
 from model.checkpoint import load_stepfun, save_stepfun
 from model.config import preset_config
 from model.lalm import StepAudio2ForCausalLM
+from train import evaluate as evaluation
 from train.checkpoint import Checkpointer
-from train.config import TrainConfig, to_yaml
+from train.config import InitPartsConfig, TrainConfig, to_yaml
 from train.engine import Engine, gathered_for_write, init_distributed, model_init_context
-from train.evaluate import evaluate_asr
 from train.faults import maybe_fault
 from train.lora import apply_lora, audio_rows, save_adapter
 from train.metrics import make_sink
 from train.preempt import PREEMPTED_EXIT_CODE, Preempted, PreemptionFlag
+from train.schedule import Schedule
 from train.watchdog import Watchdog
 
 
@@ -43,6 +51,9 @@ def build_model(cfg: TrainConfig, tok) -> StepAudio2ForCausalLM:
             raise ValueError(
                 f"{key} {init_from} expects <audio_patch> id "
                 f"{model.config.audio_patch_token_id}, the tokenizer {cfg.data.tokenizer} has {ids.audio_patch}")
+        if model.config.vocab_size < len(tok):
+            raise ValueError(f"{key} {init_from} has {model.config.vocab_size} vocabulary rows, fewer than the "
+                             f"tokenizer {cfg.data.tokenizer} ({len(tok)} tokens)")
         if cfg.lora.enabled:
             apply_lora(model, cfg.lora, audio_rows(ids.first_audio_code, ids.num_audio_codes))
         return model
@@ -55,9 +66,52 @@ def build_model(cfg: TrainConfig, tok) -> StepAudio2ForCausalLM:
                                      attention=cfg.model.attention)
 
 
-def _new_window() -> Dict[str, float]:
-    """Sums since the last log line: loss, decoder tokens, audio seconds, micro-batches, start time."""
-    return {"loss": 0.0, "tokens": 0, "audio_s": 0.0, "micro": 0, "t0": time.perf_counter()}
+def init_parts_once(cfg: TrainConfig, tok, rank: int) -> TrainConfig:
+    """With model.init_parts: rank 0 builds the model from the Qwen2.5 and Qwen2-Audio folders and writes it
+    to RUN_DIR/init once (the vocabulary grows there, and only there); returns cfg starting from that folder.
+
+    A resume, or a later start of the same run, finds RUN_DIR/init/DONE and reuses it: the grown rows are
+    drawn once, and every rank then loads the folder like any init_from (partitioned under ZeRO-3)."""
+    from model.init_parts import init_from_parts
+
+    parts = cfg.model.init_parts
+    folder = Path(cfg.run_dir) / "init"
+    if rank == 0 and not (folder / "DONE").is_file():
+        model = init_from_parts(parts.qwen, parts.audio_encoder, tok, seed=cfg.seed)
+        tmp = folder.with_name("init.tmp")
+        save_stepfun(model.state_dict(), model.config, tmp, tokenizer=tok)
+        (tmp / "DONE").write_text(json.dumps({"qwen": parts.qwen, "audio_encoder": parts.audio_encoder}))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+        del model
+    dist.barrier()
+    model_cfg = dataclasses.replace(cfg.model, init_from=str(folder), init_parts=InitPartsConfig())
+    return dataclasses.replace(cfg, model=model_cfg)
+
+
+def run_eval(cfg: TrainConfig, model, tok, ids, dtype) -> Dict[str, Any]:
+    """{"metric", "value", "num_samples", "examples"} of eval.metric on eval.shards (every rank runs it)."""
+    args = (model, tok, ids, cfg.eval.shards, cfg.data.asr_instruction, cfg.eval.max_samples,
+            cfg.eval.max_new_tokens, dtype)
+    if hasattr(evaluation, "run_eval"):
+        return evaluation.run_eval(cfg.eval.metric, *args)
+    if cfg.eval.metric != "wer":
+        raise ValueError(f"eval.metric={cfg.eval.metric!r} needs train.evaluate.run_eval, which this version "
+                         f"lacks; only wer is available")
+    result = evaluation.evaluate_asr(*args)
+    return {"metric": "wer", "value": result["wer"], "num_samples": result["num_samples"],
+            "examples": result["examples"]}
+
+
+def budget_left(cfg: TrainConfig, state: Dict[str, Any]) -> bool:
+    """True while neither max_steps nor max_tokens is reached (tokens: summed over ranks)."""
+    steps_left = cfg.max_steps is None or state["step"] < cfg.max_steps
+    return steps_left and (cfg.max_tokens is None or state["tokens"] < cfg.max_tokens)
+
+
+def _new_window(state: Dict[str, Any]) -> Dict[str, float]:
+    """Sums since the last log line: loss, audio seconds, micro-batches; tokens and time at its start."""
+    return {"loss": 0.0, "audio_s": 0.0, "micro": 0, "tokens0": state["tokens"], "t0": time.perf_counter()}
 
 
 def _sum_over_ranks(values: Dict[str, float], device: torch.device) -> Dict[str, float]:
@@ -67,7 +121,21 @@ def _sum_over_ranks(values: Dict[str, float], device: torch.device) -> Dict[str,
     return dict(zip(values, t.tolist()))
 
 
+def _log_window(sink, engine, loader, window, state, world_size: int) -> None:
+    elapsed = time.perf_counter() - window["t0"]
+    totals = _sum_over_ranks({"loss": window["loss"] / window["micro"], "audio_s": window["audio_s"]},
+                             engine.device)
+    loss, tokens_per_s = totals["loss"] / world_size, (state["tokens"] - window["tokens0"]) / elapsed
+    skipped = sum(loader.stats()["skipped"].values())
+    sink.log(state["step"], {"loss": loss, "lr": engine.lr(), "grad_norm": engine.grad_norm(),
+                             "tokens": state["tokens"], "tokens_per_s": tokens_per_s,
+                             "audio_s_per_s": totals["audio_s"] / elapsed, "skipped_samples": skipped,
+                             **{f"lr/{group}": lr for group, lr in engine.group_lrs().items()}})
+    sink.advance(state["step"], f"loss {loss:.3f} lr {engine.lr():.2e} {tokens_per_s:.0f} tok/s")
+
+
 def run(cfg: TrainConfig) -> Dict[str, Any]:
+    t_start = time.perf_counter()
     rank, world_size = init_distributed(timeout_s=cfg.resilience.collective_timeout_s)
     preempt = PreemptionFlag(cfg.resilience.preempt_signals)
     torch.manual_seed(cfg.seed)
@@ -79,67 +147,72 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
         (Path(cfg.run_dir) / "config.yaml").write_text(config_yaml, encoding="utf-8")
     sink = make_sink(cfg.metrics, cfg.run_dir, rank, run_config=asdict(cfg))
 
-    model = build_model(cfg, tok)
-    engine = Engine(model, cfg)
+    model_cfg = init_parts_once(cfg, tok, rank) if cfg.model.init_parts.qwen else cfg
+    engine = Engine(build_model(model_cfg, tok), cfg)
     loader = build_loader(cfg.data, rank=rank, world_size=world_size, seed=cfg.seed)
     ckpt = Checkpointer(cfg.run_dir, cfg.checkpoint, rank, world_size)
-    step = 0
+    # The run's position, saved in train_state.json: the schedule and the budget are functions of it.
+    state: Dict[str, Any] = {"step": 0, "tokens": 0, "wall_s": 0.0, "eval_start": None}
     resume = ckpt.resume_point()
     if resume is not None:
-        step, loader_state = ckpt.load(engine, *resume)
-        loader.load_state_dict(loader_state)
-        sink.message(f"resumed from {resume[0] / resume[1]} at step {step}")
+        saved, loader_state = ckpt.load(engine, *resume)
+        state.update({k: saved[k] for k in state if k in saved})
+        loader.load_state_dict(loader_state)  # every rank's state: the loader picks (or re-splits) its own
+        sink.message(f"resumed from {resume[0] / resume[1]} at step {state['step']}")
     dtype = torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float32
+    metric = cfg.eval.metric
+    t_start -= state["wall_s"]  # wall time counts every attempt: the ones before a resume, and this one
 
-    def evaluate(tag: str) -> Dict[str, Any]:
-        result = evaluate_asr(engine.module, tok, ids, cfg.eval.shards, cfg.data.asr_instruction,
-                              cfg.eval.max_samples, cfg.eval.max_new_tokens, dtype)
-        sink.log(step, {f"eval/wer_{tag}": result["wer"], "eval/num_samples": result["num_samples"]})
-        sink.message(f"[eval {tag} @ step {step}] WER {100 * result['wer']:.1f}% on {result['num_samples']} "
-                     f"held-out samples; e.g. ref: {result['examples'][0]['ref']!r} "
-                     f"hyp: {result['examples'][0]['hyp']!r}")
-        return result
+    def evaluate(tag: str) -> float:
+        result = run_eval(cfg, engine.module, tok, ids, dtype)
+        value, examples = result["value"], result["examples"]
+        sink.log(state["step"], {f"eval/{metric}_{tag}": value, "eval/num_samples": result["num_samples"]})
+        shown = f"{100 * value:.1f}%" if metric == "wer" else f"{value:.4g}"
+        example = f"; e.g. ref: {examples[0]['ref']!r} hyp: {examples[0]['hyp']!r}" if examples else ""
+        sink.message(f"[eval {tag} @ step {state['step']}] {metric.upper()} {shown} on {result['num_samples']} "
+                     f"held-out samples{example}")
+        return value
 
-    results: Dict[str, Any] = {"start_step": step}
-    if cfg.eval.shards and cfg.eval.at_start and step == 0:
-        results["wer_start"] = evaluate("start")["wer"]
+    def save() -> None:
+        state["wall_s"] = time.perf_counter() - t_start
+        ckpt.save(engine, state["step"], loader.state_dict(), config_yaml, extra=dict(state))
+
+    results: Dict[str, Any] = {"start_step": state["step"]}
+    if cfg.eval.shards and cfg.eval.at_start and state["step"] == 0:
+        state["eval_start"] = evaluate("start")
 
     batches = iter(loader)
-    sink.start(step, cfg.max_steps)
-    window = _new_window()
+    schedule = Schedule.from_config(cfg)
+    sink.start(state["step"], cfg.max_steps)
+    window = _new_window(state)
     engine.module.train()
     watchdog = Watchdog(cfg.run_dir, rank, cfg.resilience.watchdog_s)
     watchdog.beat()
-    while step < cfg.max_steps:
+    while budget_left(cfg, state):
+        engine.set_lr_factor(schedule.factor(state["step"], state["tokens"]))
+        step_tokens = 0
         for _ in range(cfg.engine.grad_accum_steps):
             batch = next(batches)
             out = engine.forward(batch)
             engine.backward_and_step(out.loss)
             loss_value = out.loss.item()  # one device sync per micro-batch
             window["loss"] += loss_value
-            window["tokens"] += int(batch["attention_mask"].sum())
             window["audio_s"] += float(batch["num_audio_s"])
             window["micro"] += 1
-        step += 1
+            step_tokens += int(batch["attention_mask"].sum())
+        state["step"] += 1
+        state["tokens"] += int(_sum_over_ranks({"tokens": step_tokens}, engine.device)["tokens"])
+        step, finished = state["step"], not budget_left(cfg, state)
         maybe_fault("step", step, rank)
         sink.advance(step, f"loss {loss_value:.3f}")
-        if step % cfg.metrics.log_every == 0 or step == cfg.max_steps:
-            elapsed = time.perf_counter() - window["t0"]
-            totals = _sum_over_ranks({"loss": window["loss"] / window["micro"], "tokens": window["tokens"],
-                                      "audio_s": window["audio_s"]}, engine.device)
-            loss = totals["loss"] / world_size
-            skipped = sum(loader.stats()["skipped"].values())
-            sink.log(step, {"loss": loss, "lr": engine.lr(), "grad_norm": engine.grad_norm(),
-                            "tokens_per_s": totals["tokens"] / elapsed, "audio_s_per_s": totals["audio_s"] / elapsed,
-                            "skipped_samples": skipped})
-            sink.advance(step, f"loss {loss:.3f} lr {engine.lr():.2e} {totals['tokens'] / elapsed:.0f} tok/s")
-            window = _new_window()
-        if cfg.eval.shards and cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < cfg.max_steps:
+        if step % cfg.metrics.log_every == 0 or finished:
+            _log_window(sink, engine, loader, window, state, world_size)
+            window = _new_window(state)
+        if cfg.eval.shards and cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and not finished:
             evaluate(f"step{step}")
-        preempted = preempt.any_rank_received() and step < cfg.max_steps  # at the end, just finish
-        periodic = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
-        if preempted or periodic or step == cfg.max_steps:
-            ckpt.save(engine, step, loader.state_dict(), config_yaml)
+        preempted = preempt.any_rank_received() and not finished  # at the end, just finish
+        if preempted or finished or cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
+            save()
         if preempted:
             watchdog.stop()
             sink.message(f"preempted ({preempt.received or 'signal on another rank'}): checkpoint at step {step} "
@@ -148,26 +221,38 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
             raise Preempted()
         watchdog.beat()
     watchdog.stop()
-    sink.advance(step)
+    sink.advance(state["step"])
 
+    results.update(metric=metric, eval_start=state["eval_start"], eval_end=None)
     if cfg.eval.shards and cfg.eval.at_end:
-        results["wer_end"] = evaluate("end")["wer"]
+        results["eval_end"] = evaluate("end")
+    for tag in ("start", "end"):
+        if results[f"eval_{tag}"] is not None:
+            results[f"{metric}_{tag}"] = results[f"eval_{tag}"]
     if cfg.checkpoint.export:
-        state = engine.full_state_dict()
-        if rank == 0 and cfg.lora.enabled:
-            adapter_dir = save_adapter(engine.module, state, Path(cfg.run_dir) / "adapter")
-            sink.message(f"wrote the peft adapter to {adapter_dir} (merge: python -m train.merge_lora)")
-            results["adapter_dir"] = str(adapter_dir)
-        elif rank == 0:
-            export_dir = Path(cfg.run_dir) / "export"
-            # config.json must name the dtype the tensors are stored in (bf16 training exports bf16).
-            stored = next(t.dtype for t in state.values() if t.is_floating_point())
-            config = dataclasses.replace(engine.module.config, torch_dtype=str(stored).removeprefix("torch."))
-            save_stepfun(state, config, str(export_dir), tokenizer=tok)
-            sink.message(f"exported StepFun-layout weights to {export_dir}")
-            results["export_dir"] = str(export_dir)
-        dist.barrier()
-    results["final_step"] = step
-    sink.log(step, {"done": True, **{k: v for k, v in results.items() if isinstance(v, (int, float))}})
+        results.update(_export(cfg, engine, tok, rank, sink))
+    results.update(final_step=state["step"], tokens=state["tokens"], wall_s=time.perf_counter() - t_start)
+    sink.log(state["step"], {"done": True, **{k: v for k, v in results.items()
+                                              if isinstance(v, (int, float)) and not isinstance(v, bool)}})
     sink.close()
     return results
+
+
+def _export(cfg: TrainConfig, engine: Engine, tok, rank: int, sink) -> Dict[str, Any]:
+    """The final weights: a peft adapter for LoRA, else RUN_DIR/export in StepFun's layout (collective)."""
+    state = engine.full_state_dict()
+    out: Dict[str, Any] = {}
+    if rank == 0 and cfg.lora.enabled:
+        adapter_dir = save_adapter(engine.module, state, Path(cfg.run_dir) / "adapter")
+        sink.message(f"wrote the peft adapter to {adapter_dir} (merge: python -m train.merge_lora)")
+        out["adapter_dir"] = str(adapter_dir)
+    elif rank == 0:
+        export_dir = Path(cfg.run_dir) / "export"
+        # config.json must name the dtype the tensors are stored in (bf16 training exports bf16).
+        stored = next(t.dtype for t in state.values() if t.is_floating_point())
+        config = dataclasses.replace(engine.module.config, torch_dtype=str(stored).removeprefix("torch."))
+        save_stepfun(state, config, str(export_dir), tokenizer=tok)
+        sink.message(f"exported StepFun-layout weights to {export_dir}")
+        out["export_dir"] = str(export_dir)
+    dist.barrier()
+    return out

@@ -1,0 +1,79 @@
+"""Every recipe under recipes/ loads against the schema (every curriculum stage merged and validated), and
+the paper's and the demo's curricula carry the budgets, rates and data their comments promise."""
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import REPO
+from train.config import load_config
+from train.curriculum import stage_config
+from train.schedule import Schedule
+
+RECIPES = sorted(str(p.relative_to(REPO)) for p in (REPO / "recipes").rglob("*.yaml"))
+
+
+def test_the_expected_recipes_exist():
+    for name in ("recipes/demo/asr.yaml", "recipes/demo/curriculum.yaml", "recipes/lora/custom_voice.yaml",
+                 "recipes/step_audio2/curriculum.yaml", "recipes/step_audio2/sft.yaml"):
+        assert name in RECIPES
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_loads_against_the_schema(recipe):
+    cfg = load_config(str(REPO / recipe))  # merges and validates every stage too
+    runs = [stage_config(cfg, i) for i in range(len(cfg.stages))] or [cfg]
+    for one in runs:
+        assert one.max_steps or one.max_tokens
+        assert one.data.shards or one.data.datasets
+        assert one.data.tokenizer
+
+
+def paper_stages():
+    cfg = load_config(str(REPO / "recipes/step_audio2/curriculum.yaml"))
+    return cfg, {s.name: stage_config(cfg, i) for i, s in enumerate(cfg.stages)}
+
+
+def start_and_end_lr(one) -> tuple:
+    s = Schedule.from_config(one)
+    return one.optim.lr * s.factor(s.warmup_steps, 0), one.optim.lr * s.factor(10**9, one.max_tokens)
+
+
+def test_paper_curriculum_budgets_rates_and_sequence_lengths():
+    cfg, st = paper_stages()
+    assert list(st) == ["align", "extend", "main", "cooldown", "sft"]
+    assert [st[n].max_tokens for n in st] == [100e9, 256e9, 800e9, 200e9, 4e9]
+    assert [st[n].data.max_seq_len for n in st] == [8192, 16384, 16384, 16384, 8192]
+    assert start_and_end_lr(st["align"]) == pytest.approx((1e-4, 2e-5))
+    assert start_and_end_lr(st["main"]) == pytest.approx((2e-5, 2e-5))
+    assert start_and_end_lr(st["cooldown"]) == pytest.approx((2e-5, 5e-6))
+    assert start_and_end_lr(st["sft"]) == pytest.approx((1e-5, 1e-6))
+    ext = st["extend"]
+    group_lrs = {g: ext.optim.lr * ext.lr_multipliers.get(g, 1.0) for g in ext.model.trainable}
+    assert group_lrs == pytest.approx({"adapter": 5e-5, "embeddings": 5e-5, "decoder": 2e-5, "lm_head": 4e-5})
+    assert st["align"].model.trainable == ["adapter"]
+    assert all("encoder" not in one.model.trainable for one in st.values())  # frozen throughout the report
+    assert all(one.engine.zero_stage == 3 and one.engine.precision == "bf16" for one in st.values())
+    assert cfg.model.init_parts.qwen and cfg.model.init_parts.audio_encoder and cfg.model.init_from is None
+    # Stage 1: 100B tokens in ~12K steps on 8 nodes x 8 GPUs.
+    align = st["align"]
+    tokens_per_step = 8 * 8 * align.engine.grad_accum_steps * align.data.max_tokens
+    assert align.max_tokens / tokens_per_step == pytest.approx(12_000, rel=0.01)
+    stage2_weights = {d.task: d.weight for d in ext.data.datasets}
+    assert stage2_weights == {"tts": 80.0, "dialogue": 32.0, "interleaved_continuation": 16.0}
+
+
+def test_demo_curriculum_stages_data_and_metrics():
+    cfg = load_config(str(REPO / "recipes/demo/curriculum.yaml"))
+    st = [stage_config(cfg, i) for i in range(len(cfg.stages))]
+    assert [s.name for s in cfg.stages] == ["asr", "tts", "mix", "dialogue"]
+    assert [one.eval.metric for one in st] == ["wer", "code_accuracy", "bleu", "code_accuracy"]
+    assert [one.eval.shards for one in st] == [[f"runs/demo/shards/{t}/heldout"] for t in ("asr", "tts", "s2tt",
+                                                                                        "dialogue")]
+    assert st[0].data.shards == ["runs/demo/shards/asr/train"] and st[3].data.task == "dialogue"
+    assert {d.name: d.shards for d in st[2].data.datasets} == {
+        t: [f"runs/demo/shards/{t}/train"] for t in ("asr", "tts", "s2tt")}
+    assert [one.run_dir for one in st] == [f"runs/demo/curriculum/stages/{i}-{n}"
+                                           for i, n in enumerate(["asr", "tts", "mix", "dialogue"])]
+    # The CPU budget: ~1.3 steps/s at batch 16 -> at most ~12 minutes of steps for the whole curriculum.
+    assert sum(one.max_steps * one.data.batch_size for one in st) / 16 / 1.3 <= 12 * 60
+    assert all(one.model.preset == "demo" and one.data.audio_tokenizer == "kmeans:runs/demo/kmeans.pt" for one in st)
