@@ -13,7 +13,7 @@ export TOKENIZERS_PARALLELISM ?= false
 
 DEMO := runs/demo
 
-.PHONY: setup system-deps test-deps test demo clean-demo
+.PHONY: setup system-deps test-deps test demo demo-data voice-demo clean-demo
 
 setup: $(VENV)/.installed system-deps
 
@@ -34,13 +34,33 @@ test-deps:
 test: setup test-deps
 	$(PY) -m pytest -q tests
 
-demo: setup
+# The demo curriculum (recipes/demo/curriculum.yaml): ASR -> TTS on k-means codes -> a mixture with
+# translation -> styled spoken dialogue SFT, on an espeak corpus, on CPU.
+demo: demo-data
+	$(PY) -m train recipes/demo/curriculum.yaml
+
+demo-data: setup
 	$(PY) -m data.demo $(DEMO)/corpus
-	$(PY) -m data.tokenizer build --manifest $(DEMO)/corpus/train.jsonl --out $(DEMO)/tokenizer
-	$(PY) -m data.prepare manifest $(DEMO)/corpus/train.jsonl $(DEMO)/shards/train --shard-size 100
-	$(PY) -m data.prepare manifest $(DEMO)/corpus/heldout.jsonl $(DEMO)/shards/heldout
-	rm -rf $(DEMO)/asr
-	$(PY) -m train recipes/demo/asr.yaml
+	$(PY) -m data.tokenizer build --manifest $(DEMO)/corpus/texts.jsonl --out $(DEMO)/tokenizer \
+		--vocab-size 1024 --num-audio-codes 256
+	for t in asr tts s2tt; do for s in train heldout; do \
+		$(PY) -m data.prepare manifest $(DEMO)/corpus/$$t/$$s.jsonl $(DEMO)/shards/$$t/$$s --shard-size 100 \
+			--workers 1 --no-progress || exit 1; done; done
+	for s in train heldout; do \
+		$(PY) -m data.prepare conversations $(DEMO)/corpus/dialogue/$$s.jsonl $(DEMO)/shards/dialogue/$$s \
+			--shard-size 100 --workers 1 --no-progress || exit 1; done
+	$(PY) -m data.tokenize fit $(DEMO)/shards/tts/train --num-codes 256 --out $(DEMO)/kmeans.pt --no-progress
+	$(PY) -m data.tokenize $(DEMO)/shards/tts/train $(DEMO)/shards/tts/heldout $(DEMO)/shards/dialogue/train \
+		$(DEMO)/shards/dialogue/heldout --tokenizer kmeans:$(DEMO)/kmeans.pt --no-progress
+
+# A custom voice in an afternoon: LoRA on the real voice of asterisk-core-sounds-en-wav, measured with a
+# speaker embedding trained on espeak voices (after `make demo`, whose TTS stage is the base).
+voice-demo: setup
+	@[ -d /usr/share/asterisk/sounds/en ] || { $(SUDO) apt-get update -qq && \
+		$(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq asterisk-core-sounds-en-wav; }
+	$(PY) -m model.speaker fit runs/speaker/speaker.pt --asterisk /usr/share/asterisk/sounds/en \
+		--transcripts /usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz
+	$(PY) -m train.voice_demo --out runs/voice_demo
 
 clean-demo:
 	rm -rf $(DEMO)

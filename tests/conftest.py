@@ -27,7 +27,8 @@ def espeak_data(tmp_path_factory) -> dict:
     """24 training and 6 held-out sentences spoken by espeak-ng, a tokenizer, and shards of both."""
     root = tmp_path_factory.mktemp("espeak")
     py = sys.executable
-    run_cli(py, "-m", "data.demo", str(root / "corpus"), "--num-train", "24", "--num-heldout", "6")
+    run_cli(py, "-m", "data.demo", str(root / "corpus"), "--num-train", "24", "--num-heldout", "6",
+            "--tasks", "asr")
     run_cli(py, "-m", "data.tokenizer", "build", "--manifest", str(root / "corpus" / "train.jsonl"),
             "--out", str(root / "tokenizer"), "--vocab-size", "300", "--num-audio-codes", "16")
     run_cli(py, "-m", "data.prepare", "manifest", str(root / "corpus" / "train.jsonl"), str(root / "train"),

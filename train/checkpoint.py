@@ -105,12 +105,18 @@ class Checkpointer:
         """Restores engine and RNG; returns (train_state.json's content, the loader state: {"ranks": [...]},
         every rank's, as data.loader's load_state_dict takes it)."""
         state = json.loads((folder / tag / "train_state.json").read_text(encoding="utf-8"))
-        if state["world_size"] != self.world_size:
+        old_world = state["world_size"]
+        if old_world != self.world_size and engine.cfg.engine.zero_stage != 0:
+            # ZeRO 1-3 files hold the optimizer state cut into old_world pieces; DeepSpeed cannot re-cut them.
             raise ValueError(
-                f"checkpoint {folder / tag} was written by {state['world_size']} ranks, this run has "
-                f"{self.world_size}; resuming with another world size is not supported yet")
+                f"checkpoint {folder / tag} was written by {old_world} ranks with ZeRO stage "
+                f"{engine.cfg.engine.zero_stage}, this run has {self.world_size}: ZeRO 1-3 optimizer state is "
+                f"partitioned per rank, so resume with {old_world} ranks (ZeRO-0 checkpoints resume on any "
+                f"number; the data loader re-splits its epoch either way)")
         engine.load(str(folder), tag)
-        mine = torch.load(folder / tag / f"rank_{self.rank:05d}.pt", weights_only=False)
+        # A rank that did not exist before takes an old rank's RNG streams (dropout etc.; data order is
+        # the loader's and does not depend on them).
+        mine = torch.load(folder / tag / f"rank_{self.rank % old_world:05d}.pt", weights_only=False)
         _set_rng_state(mine["rng"])
         if (folder / tag / "loader.pt").is_file():
             loader_state = torch.load(folder / tag / "loader.pt", weights_only=False)

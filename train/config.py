@@ -126,6 +126,10 @@ class MetricsConfig:
     """Also log to Weights & Biases (offline unless WANDB_MODE says otherwise; needs `pip install wandb`)."""
     wandb_project: str = "stepaudio2"
     """The wandb project name."""
+    sample_keys: bool = False
+    """Write the key and epoch of every sample each rank trains on to RUN_DIR/sample_keys/rank_N.jsonl
+    (one line per micro-batch: step, keys, epochs), to audit what a run saw. Steps after the last
+    checkpoint of a killed attempt appear again when the resumed run repeats them."""
 
 
 @dataclass

@@ -134,6 +134,15 @@ def _log_window(sink, engine, loader, window, state, world_size: int) -> None:
     sink.advance(state["step"], f"loss {loss:.3f} lr {engine.lr():.2e} {tokens_per_s:.0f} tok/s")
 
 
+def _open_key_log(cfg: TrainConfig, rank: int):
+    """RUN_DIR/sample_keys/rank_N.jsonl opened for appending (metrics.sample_keys), else None."""
+    if not cfg.metrics.sample_keys:
+        return None
+    folder = Path(cfg.run_dir) / "sample_keys"
+    folder.mkdir(parents=True, exist_ok=True)
+    return open(folder / f"rank_{rank}.jsonl", "a", encoding="utf-8")
+
+
 def run(cfg: TrainConfig) -> Dict[str, Any]:
     t_start = time.perf_counter()
     rank, world_size = init_distributed(timeout_s=cfg.resilience.collective_timeout_s)
@@ -182,6 +191,7 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
         state["eval_start"] = evaluate("start")
 
     batches = iter(loader)
+    key_log = _open_key_log(cfg, rank)
     schedule = Schedule.from_config(cfg)
     sink.start(state["step"], cfg.max_steps)
     window = _new_window(state)
@@ -193,6 +203,10 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
         step_tokens = 0
         for _ in range(cfg.engine.grad_accum_steps):
             batch = next(batches)
+            if key_log is not None:
+                key_log.write(json.dumps({"step": state["step"] + 1, "keys": batch["keys"],
+                                          "epochs": batch.get("epochs")}) + "\n")
+                key_log.flush()
             out = engine.forward(batch)
             engine.backward_and_step(out.loss)
             loss_value = out.loss.item()  # one device sync per micro-batch
