@@ -48,10 +48,16 @@ def generate(model: StepAudio2ForCausalLM, input_ids: torch.Tensor, attention_ma
     out = model(input_ids, attention_mask=mask_BT, mels=mels, mel_lengths=mel_lengths, position_ids=positions_BT,
                 use_cache=True)
     next_pos_B1 = positions_BT[:, -1:] + 1
+    # <audio_patch> only marks where input audio goes: chosen as output, the next step would need audio
+    # that does not exist, so it is never generated.
+    patch_id = getattr(getattr(model, "config", None), "audio_patch_token_id", None)
     new_tokens: List[List[int]] = [[] for _ in range(B)]
     done_B = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     for step in range(max_new_tokens):
-        token_B = _pick(out.logits[:, -1], temperature, top_p, generator)
+        logits_BV = out.logits[:, -1].clone()
+        if patch_id is not None:
+            logits_BV[:, patch_id] = float("-inf")
+        token_B = _pick(logits_BV, temperature, top_p, generator)
         done_B |= torch.isin(token_B, stops)
         for b in (~done_B).nonzero().flatten().tolist():
             new_tokens[b].append(int(token_B[b]))

@@ -89,3 +89,20 @@ def test_split_ta4_follows_the_reference_rule():
     text, codes = split_ta4(stream, audio_start_id=151688, first_audio_code_id=151696, num_audio_codes=6561)
     assert text == [1000, 2000]
     assert codes == [0, 1, 6560, 4, 5, 6, 7, 8, 9, 10]
+
+
+def test_audio_patch_is_never_generated(model):
+    # Bias the output layer so <audio_patch> would win every greedy step; generation must pick the runner-up.
+    patch = model.config.audio_patch_token_id
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        saved = model.lm_head.weight[patch].clone()
+        runner_up = model(ids).logits[0, -1].argmax().item()
+        model.lm_head.weight[patch] = 50.0 * model.model.norm(model.model.embed_tokens(ids))[0, -1]
+        try:
+            assert model(ids).logits[0, -1].argmax().item() == patch
+            new = generate(model, ids, max_new_tokens=4)[0]
+        finally:
+            model.lm_head.weight[patch] = saved
+    assert patch not in new and len(new) == 4
+    assert new[0] == runner_up

@@ -98,26 +98,11 @@ def code_accuracy(model: StepAudio2ForCausalLM, tok, ids: SpecialIds, records: S
     return {"accuracy": correct / max(total, 1), "nll": nll / max(total, 1), "num_codes": total}
 
 
-class _NoAudioPatch(torch.nn.Module):
-    """The model with <audio_patch> never chosen: the token marks where input audio goes, and a sampled
-    one would ask the next step for audio that does not exist."""
-
-    def __init__(self, model: StepAudio2ForCausalLM, audio_patch_id: int):
-        super().__init__()
-        self.model, self.audio_patch_id = model, audio_patch_id
-
-    def forward(self, *args, **kwargs):
-        out = self.model(*args, **kwargs)
-        out.logits[..., self.audio_patch_id] = float("-inf")
-        return out
-
-
 @torch.no_grad()
 def synthesize(model: StepAudio2ForCausalLM, tok, ids: SpecialIds, vocoder: KMeansVocoder, texts: Sequence[str],
                max_new_tokens: int = 300, temperature: float = 0.7, seed: int = 0, batch_size: int = 8) -> tuple:
     """(waves, stats): the model's TA4 speech for each text, vocoded; codes the vocoder lacks are dropped."""
     model.eval()
-    sampler = _NoAudioPatch(model, ids.audio_patch)
     gen = torch.Generator().manual_seed(seed)
     waves, num_codes, dropped, unfinished = [], [], 0, 0
     stops = [ids.eot, ids.end_of_text, ids.tts_end]
@@ -127,7 +112,7 @@ def synthesize(model: StepAudio2ForCausalLM, tok, ids: SpecialIds, vocoder: KMea
         width = max(len(p) for p in prompts)
         input_ids = torch.tensor([[ids.end_of_text] * (width - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        for new in generate(sampler, input_ids, mask, max_new_tokens=max_new_tokens, stop_token_ids=stops,
+        for new in generate(model, input_ids, mask, max_new_tokens=max_new_tokens, stop_token_ids=stops,
                             temperature=temperature, top_p=0.95 if temperature > 0 else 1.0, generator=gen):
             unfinished += len(new) == max_new_tokens
             _, codes = split_ta4(new, ids.audio_start, ids.first_audio_code, ids.num_audio_codes)
