@@ -13,6 +13,8 @@ import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -106,14 +108,18 @@ class Checkpointer:
         every rank's, as data.loader's load_state_dict takes it)."""
         state = json.loads((folder / tag / "train_state.json").read_text(encoding="utf-8"))
         old_world = state["world_size"]
-        if old_world != self.world_size and engine.cfg.engine.zero_stage != 0:
-            # ZeRO 1-3 files hold the optimizer state cut into old_world pieces; DeepSpeed cannot re-cut them.
+        if old_world != self.world_size and engine.cfg.engine.zero_stage in (1, 2):
+            # ZeRO 1-2 optimizer state is cut into old_world pieces: DeepSpeed's universal checkpoint holds
+            # it per parameter, and any number of ranks loads that.
+            universal = self._universal(folder, tag, old_world)
+            engine.load(str(universal.parent), universal.name, universal=True)
+        elif old_world != self.world_size and engine.cfg.engine.zero_stage == 3:
             raise ValueError(
-                f"checkpoint {folder / tag} was written by {old_world} ranks with ZeRO stage "
-                f"{engine.cfg.engine.zero_stage}, this run has {self.world_size}: ZeRO 1-3 optimizer state is "
-                f"partitioned per rank, so resume with {old_world} ranks (ZeRO-0 checkpoints resume on any "
-                f"number; the data loader re-splits its epoch either way)")
-        engine.load(str(folder), tag)
+                f"checkpoint {folder / tag} was written by {old_world} ranks with ZeRO stage 3, this run has "
+                f"{self.world_size}: resuming ZeRO-3 on another number of ranks is not supported (ZeRO 0-2 "
+                f"checkpoints resume on any number; the data loader re-splits its epoch either way)")
+        else:
+            engine.load(str(folder), tag)
         # A rank that did not exist before takes an old rank's RNG streams (dropout etc.; data order is
         # the loader's and does not depend on them).
         mine = torch.load(folder / tag / f"rank_{self.rank % old_world:05d}.pt", weights_only=False)
@@ -124,10 +130,30 @@ class Checkpointer:
             loader_state = mine["loader"]
         return state, loader_state
 
+    def _universal(self, folder: Path, tag: str, old_world: int) -> Path:
+        """RUN_DIR/checkpoints/universal/<tag>: DeepSpeed's per-parameter form of a ZeRO 1-2 checkpoint,
+        converted once by rank 0 (python -m deepspeed.checkpoint.ds_to_universal), then read by every rank."""
+        out = self.root / "universal" / tag
+        if self.rank == 0 and not out.is_dir():
+            tmp = out.with_name(tag + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                                   "--input_folder", str(folder / tag), "--output_folder", str(tmp),
+                                   "--inject_missing_state", "--num_extract_workers", "1",
+                                   "--num_merge_workers", "1"], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"converting {folder / tag} (written by {old_world} ranks) to DeepSpeed's "
+                                   f"universal checkpoint failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+            os.replace(tmp, out)
+        dist.barrier()
+        return out
+
     def _prune(self) -> None:
         done = sorted(p for p in self.root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
         for old in done[:-self.cfg.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(self.root / "universal" / old.name, ignore_errors=True)
 
 
 def _verify(folder: Path, world_size: int) -> None:

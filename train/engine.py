@@ -158,7 +158,9 @@ class Engine:
         self.ds.save_checkpoint(folder, tag=tag, client_state=client_state, save_latest=False,
                                 exclude_frozen_parameters=self.cfg.lora.enabled)
 
-    def load(self, folder: str, tag: str) -> Dict[str, Any]:
+    def load(self, folder: str, tag: str, universal: bool = False) -> Dict[str, Any]:
+        """universal: the folder is DeepSpeed's universal form (any number of ranks; see train.checkpoint)."""
+        self.ds._config.load_universal_checkpoint = universal
         # Non-strict only for LoRA, whose checkpoint lacks the frozen base by design.
         path, client_state = self.ds.load_checkpoint(folder, tag=tag, load_module_strict=not self.cfg.lora.enabled)
         if path is None:
