@@ -235,7 +235,7 @@ class Batcher:
 
 # ---------------------------------------------------------------------------------------------- collate
 
-def _pad_mels(mels: List[torch.Tensor]):
+def pad_mels(mels: List[torch.Tensor]):
     """[N, 128, Fmax] zero padded and the true frame counts [N]; (None, empty) without audio."""
     if not mels:
         return None, torch.zeros(0, dtype=torch.long)
@@ -271,7 +271,7 @@ def _batch(rows: List[List[Dict[str, Any]]], pad_id: int, length: int, packed: b
         positions.append(r_pos + [0] * pad)
         segments.append(r_seg + [0] * pad)
     samples = [s for row in rows for s in row]
-    mels, mel_lengths = _pad_mels([m for s in samples for m in s["mels"]])
+    mels, mel_lengths = pad_mels([m for s in samples for m in s["mels"]])
     batch = {"input_ids": torch.tensor(ids, dtype=torch.long),
              "attention_mask": torch.tensor(mask, dtype=torch.long),
              "labels": torch.tensor(labels, dtype=torch.long),

@@ -25,7 +25,7 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 from data.audio import decode_audio
 from data.batching import collate, collate_packed, packing_efficiency
 from data.demo import VOICES, make_sentences, speak
-from data.features import SAMPLE_RATE, log_mel, num_audio_tokens, split_chunks
+from data.features import SAMPLE_RATE, log_mel, split_chunks
 from data.loader import DataConfig, build_loader
 from data.prepare import prepare_manifest
 from data.shards import shard_paths

@@ -31,8 +31,8 @@ from webdataset.tariterators import base_plus_ext
 from data import epochs
 from data.audio import AudioError, decode_audio
 from data.audio_tokenizers import audio_tokenizer_hash
-from data.batching import BATCHING_MODES, Batcher
-from data.features import N_MELS, SAMPLE_RATE, log_mel, num_audio_tokens, split_chunks
+from data.batching import BATCHING_MODES, Batcher, pad_mels
+from data.features import SAMPLE_RATE, log_mel, num_audio_tokens, split_chunks
 from data.shards import INDEX_NAME, read_index, shard_paths
 from data.tasks import DEFAULT_TASK, TASKS, RenderOptions, Sample
 from data.templates import DEFAULT_ASR_INSTRUCTION, TemplateError
@@ -311,21 +311,8 @@ def render_raw(raw: Dict[str, Any], tok, ids: SpecialIds, instruction: str = DEF
             "input_ids": rendered.input_ids, "labels": rendered.labels}
 
 
-_render = render_raw  # the name data.show imports
-
-
 def _sample_name(raw: Dict[str, Any]) -> str:
     return f"{os.path.basename(raw['__url__'])}:{raw['__key__']}"
-
-
-
-def _pad_mels(mels: List[torch.Tensor]) -> tuple:
-    """[N, 128, Fmax] zero padded, and the true frame counts [N]."""
-    lengths = torch.tensor([m.shape[1] for m in mels], dtype=torch.long)
-    out = torch.zeros(len(mels), N_MELS, int(lengths.max()))
-    for i, m in enumerate(mels):
-        out[i, :, :m.shape[1]] = m
-    return out, lengths
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -790,26 +777,34 @@ def build_loader(cfg: DataConfig, rank: int, world_size: int, seed: int) -> Shar
     return ShardLoader(cfg, datasets, rank, world_size, seed)
 
 
-def iter_eval_samples(shards: List[str], tok, ids: SpecialIds, instruction: str = DEFAULT_ASR_INSTRUCTION,
-                      max_samples: Optional[int] = None) -> Iterator[Dict[str, Any]]:
-    """Evaluation samples in file order, one process: {key, text, prompt_ids, mels [N,128,F], mel_lengths [N]}.
-
-    Undecodable samples are skipped with a warning; no duration limit applies.
-    """
-    produced = 0
+def iter_rendered(shards: List[str], tok, ids: SpecialIds, instruction: str = DEFAULT_ASR_INSTRUCTION,
+                  with_answer: bool = True) -> Iterator[Dict[str, Any]]:
+    """Every usable sample of `shards` rendered (render_raw's dict), in file order, in this process; no
+    duration limit applies, and samples that cannot be used are skipped with a warning naming them."""
     for path in resolve_shards(shards):
         for raw in _read_shard(path):
-            if max_samples is not None and produced >= max_samples:
-                return
             try:
-                sample = render_raw(raw, tok, ids, instruction, max_audio_s=None, with_answer=False)
+                yield render_raw(raw, tok, ids, instruction, max_audio_s=None, with_answer=with_answer)
             except _Skip as s:
                 logger.warning("evaluation skips %s: %s", _sample_name(raw), s.reason)
-                continue
-            if not sample["mels"]:  # e.g. a TTS record: nothing to transcribe
-                logger.warning("evaluation skips %s: task %s has no audio input", _sample_name(raw), sample["task"])
-                continue
-            mels, mel_lengths = _pad_mels(sample["mels"])
-            produced += 1
-            yield {"key": sample["key"], "text": sample["text"], "prompt_ids": sample["input_ids"],
-                   "mels": mels, "mel_lengths": mel_lengths}
+
+
+def iter_eval_samples(shards: List[str], tok, ids: SpecialIds, instruction: str = DEFAULT_ASR_INSTRUCTION,
+                      max_samples: Optional[int] = None) -> Iterator[Dict[str, Any]]:
+    """ASR evaluation samples in file order: {key, text, prompt_ids, mels [N,128,F], mel_lengths [N]}.
+
+    Samples without audio input (e.g. TTS records: nothing to transcribe) are skipped with a warning.
+    """
+    produced = 0
+    if max_samples is not None and max_samples <= 0:
+        return
+    for sample in iter_rendered(shards, tok, ids, instruction, with_answer=False):
+        if not sample["mels"]:
+            logger.warning("evaluation skips %s: task %s has no audio input", sample["key"], sample["task"])
+            continue
+        mels, mel_lengths = pad_mels(sample["mels"])
+        produced += 1
+        yield {"key": sample["key"], "text": sample["text"], "prompt_ids": sample["input_ids"],
+               "mels": mels, "mel_lengths": mel_lengths}
+        if max_samples is not None and produced >= max_samples:
+            return  # before reading the next sample: it would be decoded for nothing

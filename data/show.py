@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Any, Dict, List, Optional
 
-from data.loader import _read_shard, _render, _Skip, resolve_shards
+from data.loader import _read_shard, _Skip, render_raw, resolve_shards
 from data.tasks import TASKS
 from data.templates import AUDIO_PER_GROUP, DEFAULT_ASR_INSTRUCTION, IGNORE_INDEX, TEXT_PER_GROUP
 from data.tokenizer import SpecialIds, load_tokenizer, special_ids
@@ -79,7 +79,7 @@ def show(shards: List[str], key: str, tokenizer: str, task: Optional[str] = None
     ids = special_ids(tok)
     raw = find_sample(shards, key)
     try:
-        sample = _render(raw, tok, ids, asr_instruction, max_audio_s=None, force_task=task)
+        sample = render_raw(raw, tok, ids, asr_instruction, max_audio_s=None, force_task=task)
     except _Skip as skip:
         raise ValueError(f"sample {key!r} cannot be rendered as task {task or '(its own)'}: {skip}") from None
     meta = json.loads(raw["json"].decode("utf-8"))

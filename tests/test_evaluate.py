@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from data.audio import encode_flac
-from data.loader import _read_shard, _render, resolve_shards
+from data.loader import _read_shard, render_raw, resolve_shards
 from data.shards import ShardWriter
 from data.tokenizer import build_text_tokenizer, extend_tokenizer, special_ids
 from model.config import preset_config
@@ -173,7 +173,7 @@ def test_code_accuracy_on_the_real_model_matches_its_own_logits(shards, tok_ids)
     result = run_eval("code_accuracy", model, tok, ids, [str(shards["root"] / "tts" / "*.tar")], "", 2, 1)
     right = total = 0
     for raw in list(_read_shard(resolve_shards([str(shards["root"] / "tts" / "*.tar")])[0]))[:2]:
-        sample = _render(raw, tok, ids, "", None)
+        sample = render_raw(raw, tok, ids, "", None)
         with torch.no_grad():
             logits = model(torch.tensor([sample["input_ids"]])).logits[0]
         for t, label in enumerate(sample["labels"][1:]):

@@ -13,7 +13,7 @@ import soundfile as sf
 import webdataset as wds
 
 from data.conversations import read_conversations
-from data.loader import _render
+from data.loader import render_raw
 from data.prepare import main as prepare_main
 from data.prepare import prepare_conversations
 from data.shards import shard_paths
@@ -119,7 +119,7 @@ def test_golden_render_labels_every_assistant_turn(golden_shards, tok_ids):
     # Through the loader's own decoding (mels from the stored FLAC), with codes as data.tokenize adds them.
     buffer = io.BytesIO()
     np.save(buffer, np.array([1, 2, 3, 4, 5], dtype=np.int64))
-    sample = _render({**raw, "turn4.codes.npy": buffer.getvalue()}, tok, ids, "", max_audio_s=30.0)
+    sample = render_raw({**raw, "turn4.codes.npy": buffer.getvalue()}, tok, ids, "", max_audio_s=30.0)
     assert (sample["task"], sample["input_ids"], sample["labels"]) == ("sft", GOLDEN_IDS, GOLDEN_LABELS)
     assert [m.shape for m in sample["mels"]] == [(128, 22)]
 

@@ -19,7 +19,8 @@ from data.shards import file_sha256
 from data.voice import main as voice_main
 from data.voice import prepare_voice, read_transcribed_folder, speaker_corpus, split_heldout, spoken_text
 from model.speaker import SpeakerEncoder, SpeakerNet, equal_error_rate, fit_speaker_encoder
-from train.voice_demo import code_hits, measure, read_records
+from train.evaluate import code_hits
+from train.voice_demo import measure, read_records
 
 torch.set_num_threads(1)
 SENTENCES = ["two quiet cats paint the red table", "three happy dogs push the green chair",

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import jiwer
 import sacrebleu
 import torch
+import torch.nn.functional as F
 
-from data.loader import _read_shard, _render, _Skip, iter_eval_samples, resolve_shards
+from data.batching import pad_mels
+from data.loader import iter_eval_samples, iter_rendered
 from data.templates import IGNORE_INDEX
 from data.tokenizer import SpecialIds
 from model.generate import greedy_generate
@@ -58,26 +60,21 @@ def evaluate_asr(model: torch.nn.Module, tok, ids: SpecialIds, shards: List[str]
 
 # ------------------------------------------------------------------------------ labelled samples
 
-def _labelled_samples(shards: List[str], tok, ids: SpecialIds, instruction: str) -> Iterator[Dict[str, Any]]:
-    """Held-out samples rendered with their answers, in file order; unusable ones are skipped with a warning."""
-    for path in resolve_shards(shards):
-        for raw in _read_shard(path):
-            try:
-                yield _render(raw, tok, ids, instruction, max_audio_s=None)
-            except _Skip as skip:
-                logger.warning("evaluation skips %s: %s", raw.get("__key__"), skip)
+def _mels(chunks: List[torch.Tensor], dtype: torch.dtype) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+    mels, lengths = pad_mels(chunks)
+    return (None if mels is None else mels.to(dtype)), lengths
 
 
-def _batch_mels(chunks: List[torch.Tensor],
-                dtype: torch.dtype) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """[N, 128, Fmax] zero-padded mels and their lengths [N], or (None, None) without audio."""
-    if not chunks:
-        return None, None
-    lengths = torch.tensor([m.shape[1] for m in chunks], dtype=torch.long)
-    mels = torch.zeros(len(chunks), chunks[0].shape[0], int(lengths.max()), dtype=dtype)
-    for i, m in enumerate(chunks):
-        mels[i, :, :m.shape[1]] = m
-    return mels, lengths
+def code_hits(logits_TV: torch.Tensor, labels_T: torch.Tensor, first_code: int, num_codes: int) -> tuple:
+    """(correct, total, summed NLL) of next-token predictions at the label positions that hold audio codes
+    (not the audio pad): position t predicts labels[t + 1], as in the model's loss."""
+    pred_logits, target = logits_TV[:-1].float(), labels_T[1:]
+    is_code = (target >= first_code) & (target < first_code + num_codes)
+    if not bool(is_code.any()):
+        return 0, 0, 0.0
+    logits, target = pred_logits[is_code], target[is_code]
+    correct = int((logits.argmax(-1) == target).sum())
+    return correct, int(is_code.sum()), float(F.cross_entropy(logits, target, reduction="sum"))
 
 
 def _first_answer(labels: List[int]) -> Tuple[int, int]:
@@ -92,31 +89,31 @@ def _code_accuracy(model, tok, ids: SpecialIds, shards: List[str], instruction: 
                    dtype: torch.dtype) -> Dict[str, Any]:
     """Share of labelled audio-code positions (the audio pad excluded) whose next-token argmax is right,
     over all positions of the first `max_samples` samples that have any; one forward pass per sample."""
-    correct, total, num_samples, examples = 0, 0, 0, []
-    first, last = ids.first_audio_code, ids.first_audio_code + ids.num_audio_codes - 1
-    for sample in _labelled_samples(shards, tok, ids, instruction):
+    correct, total, nll, num_samples, examples = 0, 0, 0.0, 0, []
+    first = ids.first_audio_code
+    for sample in iter_rendered(shards, tok, ids, instruction):
         if num_samples >= max_samples:
             break
-        targets_T = torch.tensor(sample["labels"][1:])  # position t predicts labels[t + 1]
-        is_code_T = (targets_T >= first) & (targets_T <= last)
-        if not bool(is_code_T.any()):
+        labels_T = torch.tensor(sample["labels"])
+        targets_T = labels_T[1:]  # position t predicts labels[t + 1]
+        is_code_T = (targets_T >= first) & (targets_T < first + ids.num_audio_codes)
+        if not bool(is_code_T.any()):  # known from the labels: no forward pass spent on it
             logger.warning("code_accuracy skips %s: its answer holds no audio codes", sample["key"])
             continue
-        mels, mel_lengths = _batch_mels(sample["mels"], dtype)
-        logits_TV = model(torch.tensor([sample["input_ids"]]), mels=mels, mel_lengths=mel_lengths).logits[0, :-1]
-        predicted_T = logits_TV.argmax(dim=-1)[is_code_T].cpu()
-        wanted_T = targets_T[is_code_T]
-        correct += int((predicted_T == wanted_T).sum())
-        total += int(wanted_T.numel())
-        num_samples += 1
+        mels, mel_lengths = _mels(sample["mels"], dtype)
+        logits_TV = model(torch.tensor([sample["input_ids"]]), mels=mels, mel_lengths=mel_lengths).logits[0].cpu()
+        hits, codes, nll_sum = code_hits(logits_TV, labels_T, first, ids.num_audio_codes)
+        correct, total, nll, num_samples = correct + hits, total + codes, nll + nll_sum, num_samples + 1
         if len(examples) < _NUM_EXAMPLES:
             def shown(ids_T: torch.Tensor) -> str:
                 return " ".join(str(int(i) - first) for i in ids_T[:_EXAMPLE_CODES])
-            examples.append({"key": sample["key"], "ref": shown(wanted_T), "hyp": shown(predicted_T)})
+            examples.append({"key": sample["key"], "ref": shown(targets_T[is_code_T]),
+                             "hyp": shown(logits_TV[:-1].argmax(dim=-1)[is_code_T])})
     if total == 0:
         raise ValueError(f"eval.shards {shards} hold no sample with audio codes in its answer (run data.tokenize "
                          f"on them, or pick another metric)")
-    return {"value": correct / total, "num_samples": num_samples, "examples": examples}
+    return {"value": correct / total, "nll": nll / total, "num_codes": total, "num_samples": num_samples,
+            "examples": examples}
 
 
 @torch.no_grad()
@@ -124,13 +121,13 @@ def _bleu(model, tok, ids: SpecialIds, shards: List[str], instruction: str, max_
           max_new_tokens: int, dtype: torch.dtype) -> Dict[str, Any]:
     """sacrebleu corpus BLEU (0-100) of greedy answers against each sample's first labelled answer."""
     refs, hyps, keys = [], [], []
-    for sample in _labelled_samples(shards, tok, ids, instruction):
+    for sample in iter_rendered(shards, tok, ids, instruction):
         if len(refs) >= max_samples:
             break
         start, end = _first_answer(sample["labels"])
         prompt = sample["input_ids"][:start]
         # Audio spans after the answer (a later turn) are not part of the prompt, nor their mels.
-        mels, mel_lengths = _batch_mels(sample["mels"][:prompt.count(ids.audio_start)], dtype)
+        mels, mel_lengths = _mels(sample["mels"][:prompt.count(ids.audio_start)], dtype)
         new_ids = greedy_generate(model, torch.tensor([prompt]), mels=mels, mel_lengths=mel_lengths,
                                   max_new_tokens=max_new_tokens, stop_token_ids=(ids.end_of_text, ids.eot))
         hyps.append(tok.decode(new_ids, skip_special_tokens=True).strip())
@@ -147,7 +144,8 @@ def run_eval(metric: str, model: torch.nn.Module, tok, ids: SpecialIds, shards: 
              max_samples: int, max_new_tokens: int, dtype: torch.dtype = torch.float32) -> Dict[str, Any]:
     """{"metric", "value", "num_samples", "examples": [{"key", "ref", "hyp"}]} of `metric` on the first
     `max_samples` usable held-out samples of `shards`: "wer" (ASR, greedy, 0-1), "code_accuracy"
-    (speech answers, teacher-forced, 0-1) or "bleu" (text answers, greedy, 0-100)."""
+    (speech answers, teacher-forced, 0-1; also "nll", the codes' mean negative log-likelihood, and
+    "num_codes") or "bleu" (text answers, greedy, 0-100)."""
     if metric not in METRICS:
         raise ValueError(f"unknown eval metric {metric!r}: expected one of {list(METRICS)}")
     if metric == "wer":

@@ -24,14 +24,15 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+import soundfile
 import torch
-import torch.nn.functional as F
 
 from data.audio import decode_audio, read_audio
 from data.demo import VOICES, speak
 from data.features import SAMPLE_RATE
 from data.shards import shard_paths
 from data.tasks import TASKS, RenderOptions, Sample
+from data.templates import DEFAULT_ASR_INSTRUCTION
 from data.tasks.base import CODES
 from data.tokenizer import SpecialIds, load_tokenizer, special_ids
 from data.voice import prepare_voice
@@ -40,6 +41,7 @@ from model.generate import generate, split_ta4
 from model.lalm import StepAudio2ForCausalLM
 from model.speaker import SpeakerEncoder
 from model.vocoder import KMeansVocoder
+from train.evaluate import run_eval
 
 ASTERISK_DIR = "/usr/share/asterisk/sounds/en"
 ASTERISK_TRANSCRIPTS = "/usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz"
@@ -71,31 +73,10 @@ def read_records(folder: str, limit: Optional[int] = None) -> List[dict]:
 
 # ------------------------------------------------------------------------------------- measuring
 
-def code_hits(logits_TV: torch.Tensor, labels_T: torch.Tensor, first_code: int, num_codes: int) -> tuple:
-    """(correct, total, summed NLL) of next-token predictions at the label positions that hold audio codes
-    (not the audio pad): position t predicts labels[t + 1], as in the model's loss."""
-    pred_logits, target = logits_TV[:-1].float(), labels_T[1:]
-    is_code = (target >= first_code) & (target < first_code + num_codes)
-    if not bool(is_code.any()):
-        return 0, 0, 0.0
-    logits, target = pred_logits[is_code], target[is_code]
-    correct = int((logits.argmax(-1) == target).sum())
-    return correct, int(is_code.sum()), float(F.cross_entropy(logits, target, reduction="sum"))
-
-
-@torch.no_grad()
-def code_accuracy(model: StepAudio2ForCausalLM, tok, ids: SpecialIds, records: Sequence[dict]) -> dict:
-    """Teacher-forced accuracy and mean NLL of the audio codes of TTS answers for `records`."""
-    model.eval()
-    correct = total = 0
-    nll = 0.0
-    for r in records:
-        sample = Sample(r["key"], {"text": r["text"]}, codes={CODES: r["codes"]})
-        rendered = TASKS["tts"].render(sample, tok, ids, RenderOptions())
-        logits = model(torch.tensor([rendered.input_ids])).logits[0]
-        c, t, n = code_hits(logits, torch.tensor(rendered.labels), ids.first_audio_code, ids.num_audio_codes)
-        correct, total, nll = correct + c, total + t, nll + n
-    return {"accuracy": correct / max(total, 1), "nll": nll / max(total, 1), "num_codes": total}
+def code_accuracy(model: StepAudio2ForCausalLM, tok, ids: SpecialIds, folder: str, max_samples: int) -> dict:
+    """Teacher-forced accuracy and mean NLL of the audio codes of the TTS answers in a shard folder."""
+    result = run_eval("code_accuracy", model, tok, ids, [folder], DEFAULT_ASR_INSTRUCTION, max_samples, 0)
+    return {"accuracy": result["value"], "nll": result["nll"], "num_codes": result["num_codes"]}
 
 
 @torch.no_grad()
@@ -200,9 +181,8 @@ def run_demo(base: str, out: str, audio_tokenizer: str, speaker_model: str, over
     def evaluate(model: StepAudio2ForCausalLM, tag: str) -> None:
         waves, stats = synthesize(model, tok, ids, vocoder, texts, max_new_tokens, temperature)
         report[tag] = {"similarity": measure(encoder, allison, {"tts": waves})["tts"], **stats,
-                       "code_accuracy": code_accuracy(model, tok, ids, heldout)}
-        import soundfile as sf
-        sf.write(os.path.join(out, f"{tag}_example.wav"), waves[0].numpy(), vocoder.sample_rate)
+                       "code_accuracy": code_accuracy(model, tok, ids, os.path.join(data_dir, "heldout"), len(heldout))}
+        soundfile.write(os.path.join(out, f"{tag}_example.wav"), waves[0].numpy(), vocoder.sample_rate)
         print(f"voice_demo [{tag}] similarity {report[tag]['similarity']:.3f}, code accuracy "
               f"{report[tag]['code_accuracy']['accuracy']:.3f}", file=sys.stderr)
 
