@@ -5,7 +5,7 @@ replay a stream through it and land exactly where an uninterrupted run stood.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -250,7 +250,9 @@ def pad_mels(mels: List[torch.Tensor]):
 def _batch(rows: List[List[Dict[str, Any]]], pad_id: int, length: int, packed: bool) -> Dict[str, Any]:
     """The batch dict: input_ids, labels, attention_mask, position_ids (and segment_ids if packed) [R, L];
     mels [N, 128, Fmax] or None and mel_lengths [N] of every chunk in row-major sample order; keys, uids,
-    num_samples, num_tokens (real), num_audio_s."""
+    num_samples, num_tokens (real), num_loss_tokens (labelled targets, labels[:, 1:] != -100), num_audio_s;
+    packed: cu_seq_lens and max_length for flash-attention's varlen kernel. Counts are host-side ints built
+    here so that no GPU step syncs with the host to learn them."""
     ids, labels, mask, positions, segments = [], [], [], [], []
     for row in rows:
         r_ids, r_labels, r_pos, r_seg = [], [], [], []
@@ -272,17 +274,35 @@ def _batch(rows: List[List[Dict[str, Any]]], pad_id: int, length: int, packed: b
         segments.append(r_seg + [0] * pad)
     samples = [s for row in rows for s in row]
     mels, mel_lengths = pad_mels([m for s in samples for m in s["mels"]])
+    labels_RL = torch.tensor(labels, dtype=torch.long)
     batch = {"input_ids": torch.tensor(ids, dtype=torch.long),
              "attention_mask": torch.tensor(mask, dtype=torch.long),
-             "labels": torch.tensor(labels, dtype=torch.long),
+             "labels": labels_RL,
              "position_ids": torch.tensor(positions, dtype=torch.long),
              "mels": mels, "mel_lengths": mel_lengths, "keys": [s["key"] for s in samples],
              "uids": [s.get("uid") for s in samples], "num_samples": len(samples),
              "num_tokens": sum(len(s["input_ids"]) for s in samples),
+             "num_loss_tokens": int((labels_RL[:, 1:] != IGNORE_INDEX).sum()),
              "num_audio_s": float(sum(s["num_audio_s"] for s in samples))}
     if packed:
         batch["segment_ids"] = torch.tensor(segments, dtype=torch.long)
+        batch["cu_seq_lens"], batch["max_length"] = packed_cu_seq_lens(batch["segment_ids"])
     return batch
+
+
+def packed_cu_seq_lens(segment_ids_BT: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """(cu_seq_lens int32 [S + 1], max_length) of the flattened batch, one sequence per segment of a row
+    (padding included, and a row boundary always starts one): what flash-attention's varlen kernel takes.
+    On the host this costs nothing; the collate builds it so no GPU step waits for it."""
+    if segment_ids_BT.dim() != 2:
+        raise ValueError(f"segment_ids must be [B, T], got shape {tuple(segment_ids_BT.shape)}")
+    T = segment_ids_BT.shape[1]
+    flat_N = segment_ids_BT.reshape(-1)
+    starts_N = torch.ones_like(flat_N, dtype=torch.bool)
+    starts_N[1:] = flat_N[1:] != flat_N[:-1]
+    starts_N[::T] = True
+    cu_seq_lens = torch.cat([starts_N.nonzero().view(-1), flat_N.new_tensor([flat_N.numel()])]).to(torch.int32)
+    return cu_seq_lens, int(cu_seq_lens.diff().max())
 
 
 def collate(samples: List[Dict[str, Any]], pad_id: int) -> Dict[str, Any]:

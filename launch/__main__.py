@@ -15,10 +15,10 @@ import sys
 from pathlib import Path
 from typing import List
 
-from launch.checks import check_devices, check_run_dir, network_settings
-from launch.topology import Topology, detect
+from launch.checks import CudaUnavailableError, check_devices, check_run_dir, network_settings
+from launch.topology import Topology, detect, rank_threads
 from train.config import ConfigError, load_config
-from train.preempt import PREEMPTED_EXIT_CODE
+from train.preempt import MARKER_ENV, PREEMPTED_EXIT_CODE
 
 
 def torchrun_command(topo: Topology, run_dir: str, train_args: List[str]) -> List[str]:
@@ -74,9 +74,11 @@ def main(argv=None) -> int:
             f"{topo.master_addr}:{topo.master_port}")
         say(check_devices(topo.procs_per_node))
         say(check_run_dir(cfg.run_dir, args.min_free_gb))
-    except (ConfigError, ValueError) as e:
+    except (ConfigError, ValueError, CudaUnavailableError) as e:
         say(f"error: {e}")
         return 2
+    rank_env, threads = rank_threads(topo.procs_per_node)
+    say(threads)
     for line in network_settings():
         say(line)
     latest = Path(cfg.run_dir) / "checkpoints" / "latest"
@@ -87,7 +89,10 @@ def main(argv=None) -> int:
     if args.dry_run:
         return 0
 
-    child = subprocess.Popen(cmd, preexec_fn=_ignore_usr1, start_new_session=True)
+    marker = Path(cfg.run_dir) / f".preempted-node{topo.node_rank}-{os.getpid()}"
+    marker.unlink(missing_ok=True)
+    rank_env[MARKER_ENV] = str(marker)
+    child = subprocess.Popen(cmd, env=rank_env, preexec_fn=_ignore_usr1, start_new_session=True)
     preempted = []
 
     def forward_preemption(signum, frame):
@@ -107,6 +112,9 @@ def main(argv=None) -> int:
     if code == 0:
         say("finished")
         return 0
+    if marker.is_file():  # the signal reached a rank (not this launcher), which checkpointed and stopped
+        marker.unlink()
+        preempted.append(preempted[0] if preempted else "a signal to a rank")
     if preempted:
         say(f"preempted: checkpoint written, exit {PREEMPTED_EXIT_CODE} (requeue to continue)")
         # srun may kill this node once another node exits 75, so its exit code can get lost; a file

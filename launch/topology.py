@@ -1,5 +1,5 @@
 """Where this process sits in a job: node count, this node's rank and the master, from Slurm's
-environment, a hostfile, or the command line (one machine)."""
+environment, a hostfile, or the command line (one machine); and how many CPU threads each rank gets."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,7 @@ import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Mapping, Optional, Tuple
 
 
 @dataclass
@@ -101,3 +101,37 @@ def detect(nodes: Optional[int], procs_per_node: int, hostfile: Optional[str] = 
     master = env.get("MASTER_ADDR") or (_address(hosts[0]) if len(hosts) > 1 else "127.0.0.1")
     return Topology(nodes=len(hosts), node_rank=node_rank, procs_per_node=procs_per_node,
                     master_addr=master, master_port=port or 29500, source=source)
+
+
+def node_cpus(env: Optional[Mapping[str, str]] = None, affinity: Optional[int] = None) -> Tuple[int, str]:
+    """CPUs this node's ranks share, and where that number came from.
+
+    What this process may run on (its affinity: the cores Slurm's cgroup or binding left it), capped by
+    Slurm's allotment to the task (SLURM_CPUS_PER_TASK; train.sbatch runs one task per node, so it holds
+    all of the node's ranks): without cgroups Slurm does not confine the task, but other jobs share the rest."""
+    env = os.environ if env is None else env
+    if affinity is None:
+        affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    slurm = env.get("SLURM_CPUS_PER_TASK", "").strip()
+    if not (slurm.isdigit() and int(slurm) > 0):
+        return affinity, "this process's CPU affinity"
+    if int(slurm) <= affinity:
+        return int(slurm), f"SLURM_CPUS_PER_TASK={slurm}"
+    return affinity, f"this process's CPU affinity, below SLURM_CPUS_PER_TASK={slurm}"
+
+
+def rank_threads(procs_per_node: int, env: Optional[Mapping[str, str]] = None,
+                 affinity: Optional[int] = None) -> Tuple[Dict[str, str], str]:
+    """The environment torchrun and its ranks start with, and a line saying what it set.
+
+    Each rank gets OMP_NUM_THREADS = the node's CPUs / ranks per node (at least 1), unless the user set it:
+    left unset, torchrun gives every rank of a multi-rank node one thread, whatever the node has."""
+    env = dict(os.environ if env is None else env)
+    cpus, source = node_cpus(env, affinity)
+    threads = max(1, cpus // procs_per_node)
+    if env.get("OMP_NUM_THREADS"):
+        return env, (f"threads: OMP_NUM_THREADS={env['OMP_NUM_THREADS']} per rank, as set "
+                     f"({cpus} CPU(s) for {procs_per_node} rank(s) would give {threads}; from {source})")
+    env["OMP_NUM_THREADS"] = str(threads)
+    return env, (f"threads: OMP_NUM_THREADS={threads} per rank = {cpus} CPU(s) / {procs_per_node} rank(s) "
+                 f"(from {source})")

@@ -4,29 +4,37 @@ Parameter names match StepFun's release. Batched chunks give the same features a
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from model.checks import check
+
 
 def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> torch.Tensor:
-    """Whisper's fixed positional table [length, channels]: sines then cosines of geometric frequencies."""
+    """Whisper's fixed positional table [length, channels] in float32: sines then cosines of geometric
+    frequencies.
+
+    Computed in float64 numpy, not with torch constructors: under deepspeed.zero.Init those (torch.arange
+    ...) make bf16 tensors, where positions past 256 are no longer exact integers."""
     assert channels % 2 == 0
-    log_step = math.log(max_timescale) / (channels // 2 - 1)
-    inv_timescales = torch.exp(-log_step * torch.arange(channels // 2, dtype=torch.float32))
-    time_TC = torch.arange(length, dtype=torch.float32)[:, None] * inv_timescales[None, :]
-    return torch.cat([torch.sin(time_TC), torch.cos(time_TC)], dim=1)
+    log_step = np.log(max_timescale) / (channels // 2 - 1)
+    inv_timescales = np.exp(-log_step * np.arange(channels // 2, dtype=np.float64))
+    time_TC = np.arange(length, dtype=np.float64)[:, None] * inv_timescales[None, :]
+    table_TC = np.concatenate([np.sin(time_TC), np.cos(time_TC)], axis=1).astype(np.float32)
+    return torch.from_numpy(table_TC)
 
 
 class SinusoidEmbedding(nn.Embedding):
     """An nn.Embedding (so the weight keeps StepFun's name) initialised to Whisper's sinusoids.
 
     The fill happens in reset_parameters, which nn.Embedding calls inside its own __init__: that is
-    before deepspeed.zero.Init partitions the weight, and a no-op on the meta device.
+    before deepspeed.zero.Init partitions the weight, and a no-op on the meta device. The table is made in
+    float32 (see sinusoids) and rounded once, by the copy, to the weight's dtype.
     """
 
     def reset_parameters(self) -> None:
@@ -119,9 +127,8 @@ class AudioEncoder(nn.Module):
         own length reproduces, in a batch, exactly what the reference computes for the chunk alone.
         """
         T = mels_BMT.shape[-1]
-        if bool((mel_lengths_B < 3).any()) or bool((mel_lengths_B > T).any()):
-            raise ValueError(f"mel_lengths must lie in [3, {T}] (the padded mel length), "
-                             f"got {mel_lengths_B.tolist()}")
+        check(((mel_lengths_B >= 3) & (mel_lengths_B <= T)).all(),
+              lambda: f"mel_lengths must lie in [3, {T}] (the padded mel length), got {mel_lengths_B.tolist()}")
         frames_T = torch.arange(T, device=mels_BMT.device)
         x_BCT = F.gelu(self.conv1(mels_BMT.to(self.conv1.weight.dtype)))
         x_BCT = x_BCT * (frames_T[None, :] < mel_lengths_B[:, None])[:, None, :].to(x_BCT.dtype)

@@ -28,22 +28,30 @@ def _pick(logits_BV: torch.Tensor, temperature: float, top_p: float,
 def generate(model: StepAudio2ForCausalLM, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
              mels: Optional[torch.Tensor] = None, mel_lengths: Optional[torch.Tensor] = None,
              max_new_tokens: int = 64, stop_token_ids: Iterable[int] = (), temperature: float = 0.0,
-             top_p: float = 1.0, generator: Optional[torch.Generator] = None) -> List[List[int]]:
+             top_p: float = 1.0, generator: Optional[torch.Generator] = None,
+             stop_check_every: int = 8) -> List[List[int]]:
     """New token ids per prompt of input_ids [B, T] (left-padded; attention_mask marks real tokens).
 
     temperature 0 is greedy; otherwise sampling from softmax(logits / temperature), restricted to the top-p
     nucleus, drawn from `generator` (seed it for repeatable output). A stop token ends its row and is not
     returned. mels hold the audio chunks of all rows in row order.
+
+    Tokens and the rows' done flags stay on the model's device; the host looks at them only every
+    `stop_check_every` steps (has every row stopped?) and once at the end, so a GPU never waits for the host
+    per token. Steps taken after the last row stopped are discarded: the output does not depend on it (when
+    sampling they still draw from `generator`, so a generator shared by later calls moves on further).
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
-    B = input_ids.shape[0]
+    if stop_check_every < 1:
+        raise ValueError(f"stop_check_every must be >= 1, got {stop_check_every}")
+    B, device = input_ids.shape[0], input_ids.device
     mask_BT = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.dtype)
     if bool((mask_BT[:, -1] == 0).any()):
         raise ValueError("prompts must be left-padded: attention_mask has a 0 in its last column")
-    stops = torch.tensor(sorted(set(int(t) for t in stop_token_ids)), dtype=input_ids.dtype, device=input_ids.device)
+    stops = torch.tensor(sorted(set(int(t) for t in stop_token_ids)), dtype=input_ids.dtype, device=device)
     positions_BT = (mask_BT.cumsum(dim=-1) - 1).clamp(min=0)
     out = model(input_ids, attention_mask=mask_BT, mels=mels, mel_lengths=mel_lengths, position_ids=positions_BT,
                 use_cache=True)
@@ -51,23 +59,26 @@ def generate(model: StepAudio2ForCausalLM, input_ids: torch.Tensor, attention_ma
     # <audio_patch> only marks where input audio goes: chosen as output, the next step would need audio
     # that does not exist, so it is never generated.
     patch_id = getattr(getattr(model, "config", None), "audio_patch_token_id", None)
-    new_tokens: List[List[int]] = [[] for _ in range(B)]
-    done_B = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    tokens_BN = torch.zeros(B, max_new_tokens, dtype=input_ids.dtype, device=device)
+    kept_BN = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)  # generated before its row stopped
+    done_B = torch.zeros(B, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
         logits_BV = out.logits[:, -1].clone()
         if patch_id is not None:
             logits_BV[:, patch_id] = float("-inf")
         token_B = _pick(logits_BV, temperature, top_p, generator)
         done_B |= torch.isin(token_B, stops)
-        for b in (~done_B).nonzero().flatten().tolist():
-            new_tokens[b].append(int(token_B[b]))
-        if bool(done_B.all()) or step == max_new_tokens - 1:
+        tokens_BN[:, step] = token_B
+        kept_BN[:, step] = ~done_B
+        if step == max_new_tokens - 1 or (step + 1) % stop_check_every == 0 and bool(done_B.all()):
             break
         mask_BT = torch.cat([mask_BT, torch.ones_like(mask_BT[:, :1])], dim=1)
         out = model(token_B[:, None].to(input_ids.dtype), attention_mask=mask_BT, position_ids=next_pos_B1,
                     past_key_values=out.past_key_values, use_cache=True)
         next_pos_B1 = next_pos_B1 + 1
-    return new_tokens
+    # One copy to the host. A row's kept tokens are a prefix: done_B never turns back to False.
+    tokens_BN, kept_BN = tokens_BN.cpu(), kept_BN.cpu()
+    return [row[kept].tolist() for row, kept in zip(tokens_BN, kept_BN)]
 
 
 def greedy_generate(model: StepAudio2ForCausalLM, input_ids: torch.Tensor, mels: Optional[torch.Tensor] = None,

@@ -5,7 +5,9 @@ The training loss is computed on labelled rows only and in checkpointed chunks, 
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
+import logging
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Tuple, Union
 
@@ -18,8 +20,12 @@ from torch import nn
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Model
 from transformers.utils.generic import ModelOutput
 
+from data.batching import packed_cu_seq_lens
+from model.checks import check
 from model.config import ADAPTER_HIDDEN, StepAudio2Config
 from model.encoder import Adaptor, AudioEncoder
+
+logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 LOSS_CHUNK_ROWS = 1024
@@ -47,20 +53,56 @@ def _chunk_ce_sum(lm_head: nn.Linear, hidden_NH: torch.Tensor, targets_N: torch.
 
 
 ATTENTION_CHOICES = ("auto", "sdpa", "eager", "flash_attention_2")
+# flash-attention computes in half precision only; in fp32 it raises at the first forward.
+_FLASH_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def resolve_attention(name: str) -> str:
-    """The decoder's attention kernel: "auto" = flash-attention 2 on a CUDA machine that has flash_attn
-    installed, else PyTorch SDPA. The encoder always uses SDPA (which picks flash kernels on GPUs itself)."""
+@functools.lru_cache(maxsize=None)
+def flash_attention_status() -> Tuple[bool, str]:
+    """(usable, why) for flash-attention 2: a CUDA device, and flash_attn whose compiled kernel imports.
+
+    find_spec alone is not enough: a wheel built for another torch or CUDA imports its Python part and
+    fails only when the extension (flash_attn_2_cuda) loads, which would otherwise happen mid-run."""
+    if not torch.cuda.is_available():
+        return False, "no CUDA device"
+    if importlib.util.find_spec("flash_attn") is None:
+        return False, "flash_attn is not installed (pip install -e '.[gpu]' --no-build-isolation, see README)"
+    try:
+        import flash_attn_2_cuda  # noqa: F401  (the compiled kernel)
+        from flash_attn import flash_attn_varlen_func  # noqa: F401
+    except Exception as e:  # ImportError, OSError (undefined symbol), RuntimeError from a mismatched build
+        return False, f"flash_attn is installed but its kernel does not load ({type(e).__name__}: {e})"
+    import flash_attn
+
+    return True, f"flash_attn {getattr(flash_attn, '__version__', '?')}"
+
+
+def resolve_attention(name: str, dtype: Optional[torch.dtype] = None) -> str:
+    """The decoder's attention kernel for training or inference in `dtype` (default: torch's default dtype).
+
+    "auto" = flash-attention 2 when it is usable (flash_attention_status) and dtype is bf16/fp16, else
+    PyTorch SDPA; the choice and the reason are logged. The encoder always uses SDPA (which picks flash
+    kernels on GPUs itself)."""
     if name not in ATTENTION_CHOICES:
         raise ValueError(f"attention={name!r}: expected one of {ATTENTION_CHOICES}")
-    has_flash = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
-    if name == "flash_attention_2" and not has_flash:
-        raise ValueError("attention='flash_attention_2' needs a CUDA GPU and the flash_attn package "
-                         "(pip install flash-attn --no-build-isolation); use 'sdpa' or 'auto' here")
-    if name == "auto":
-        return "flash_attention_2" if has_flash else "sdpa"
-    return name
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    usable, why = flash_attention_status()
+    if name == "flash_attention_2":
+        if not usable:
+            raise ValueError(f"attention='flash_attention_2' is not usable here: {why}; use 'sdpa' or 'auto'")
+        if dtype not in _FLASH_DTYPES:
+            raise ValueError(f"attention='flash_attention_2' needs bf16 or fp16, the model computes in {dtype} "
+                             f"(set engine.precision=bf16, or use 'sdpa' or 'auto')")
+    if name != "auto":
+        chosen, reason = name, "asked for"
+    elif usable and dtype in _FLASH_DTYPES:
+        chosen, reason = "flash_attention_2", why
+    elif usable:
+        chosen, reason = "sdpa", f"flash-attention needs bf16/fp16, the model computes in {dtype}"
+    else:
+        chosen, reason = "sdpa", f"flash-attention not used: {why}"
+    logger.info("decoder attention: %s (%s)", chosen, reason)
+    return chosen
 
 
 def _check_segment_ids(segment_ids_BT: torch.Tensor) -> None:
@@ -80,27 +122,26 @@ def packed_position_ids(segment_ids_BT: torch.Tensor) -> torch.Tensor:
     return index_BT - start_index_BT
 
 
-def packed_attention(segment_ids_BT: torch.Tensor, implementation: str,
-                     dtype: torch.dtype) -> Tuple[Optional[torch.Tensor], dict]:
+def packed_attention(segment_ids_BT: torch.Tensor, implementation: str, dtype: torch.dtype,
+                     cu_seq_lens: Optional[torch.Tensor] = None,
+                     max_length: Optional[int] = None) -> Tuple[Optional[torch.Tensor], dict]:
     """(attention_mask, extra decoder kwargs) that keep attention causal within each segment of a packed row.
 
     sdpa gets a boolean [B, 1, T, T] mask and eager an additive one (transformers passes 4D masks through
     unchanged). Padding (segment 0) attends to earlier padding only, so no softmax row is empty (an empty
     row is NaN, and NaN leaks into gradients). flash_attention_2 takes no mask: every segment, padding
-    included, becomes one varlen sequence of the flattened batch (cu_seq_lens), which its kernel isolates.
+    included, becomes one varlen sequence of the flattened batch (cu_seq_lens, from packed_cu_seq_lens;
+    given precomputed, no host-device sync is spent on it), which its kernel isolates.
     (transformers would also guess packing from position_ids alone; explicit segments cannot be misread.)
     """
     _check_segment_ids(segment_ids_BT)
     B, T = segment_ids_BT.shape
     if implementation == "flash_attention_2":
-        flat_N = segment_ids_BT.reshape(-1)
-        starts_N = torch.ones_like(flat_N, dtype=torch.bool)
-        starts_N[1:] = flat_N[1:] != flat_N[:-1]
-        starts_N[::T] = True  # a row boundary always starts a sequence
-        cu_seq_lens = torch.cat([starts_N.nonzero().view(-1), flat_N.new_tensor([flat_N.numel()])]).to(torch.int32)
-        max_length = int(cu_seq_lens.diff().max())
+        if cu_seq_lens is None or max_length is None:
+            cu_seq_lens, max_length = packed_cu_seq_lens(segment_ids_BT)
+        cu_seq_lens = cu_seq_lens.to(device=segment_ids_BT.device, dtype=torch.int32, non_blocking=True)
         return None, {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens,
-                      "max_length_q": max_length, "max_length_k": max_length}
+                      "max_length_q": int(max_length), "max_length_k": int(max_length)}
     causal_TT = torch.ones(T, T, dtype=torch.bool, device=segment_ids_BT.device).tril()
     allowed_B1TT = ((segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]) & causal_TT)[:, None]
     if implementation == "sdpa":
@@ -125,6 +166,11 @@ class StepAudio2ForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.set_gradient_checkpointing(gradient_checkpointing)
 
+    @property
+    def attention_implementation(self) -> str:
+        """The decoder's attention kernel: sdpa, eager or flash_attention_2."""
+        return self.model.config._attn_implementation
+
     def set_gradient_checkpointing(self, enabled: Union[bool, Iterable[str]]) -> None:
         """Recompute encoder blocks and/or decoder layers in backward instead of storing their activations.
 
@@ -148,24 +194,29 @@ class StepAudio2ForCausalLM(nn.Module):
 
     def _splice_audio(self, input_ids: torch.Tensor, embeds_BTH: torch.Tensor, mels: Optional[torch.Tensor],
                       mel_lengths: Optional[torch.Tensor]) -> torch.Tensor:
-        is_patch_BT = input_ids == self.config.audio_patch_token_id
-        num_patches = int(is_patch_BT.sum())
+        # No boolean indexing or .item() here: on a GPU each would stall the host once per micro-batch.
+        patch_id = self.config.audio_patch_token_id
+        is_patch_BT = input_ids == patch_id
         if mels is None:
-            if num_patches:
-                raise ValueError(f"input_ids hold {num_patches} audio patch rows (id "
-                                 f"{self.config.audio_patch_token_id}) but no mels were given")
+            check(~is_patch_BT.any(), lambda: f"input_ids hold {int(is_patch_BT.sum())} audio patch rows (id "
+                                              f"{patch_id}) but no mels were given")
             return embeds_BTH + self._dummy_audio_term(embeds_BTH)
         if mel_lengths is None:
             raise ValueError("mels were given without mel_lengths (the true frame count of each chunk)")
         feats_NTH, lengths_N = self.encode_audio(mels, mel_lengths)
-        num_feats = int(lengths_N.sum())
-        if num_feats != num_patches:
-            raise ValueError(f"audio patch count mismatch: input_ids hold {num_patches} audio patch rows "
-                             f"(id {self.config.audio_patch_token_id}) but the audio gives {num_feats} "
-                             f"adapter outputs (per chunk {lengths_N.tolist()})")
-        valid_NT = torch.arange(feats_NTH.shape[1], device=feats_NTH.device)[None, :] < lengths_N[:, None]
-        audio_RH = feats_NTH[valid_NT].to(embeds_BTH.dtype)
-        return embeds_BTH.masked_scatter(is_patch_BT[..., None].expand_as(embeds_BTH), audio_RH)
+        check(lengths_N.sum() == is_patch_BT.sum(), lambda: (
+            f"audio patch count mismatch: input_ids hold {int(is_patch_BT.sum())} audio patch rows (id "
+            f"{patch_id}) but the audio gives {int(lengths_N.sum())} adapter outputs (per chunk "
+            f"{lengths_N.tolist()})"))
+        # The k-th patch row (row-major) takes the k-th valid adapter output (chunk-major). A stable sort
+        # lists the valid outputs first, in order, so the k-th is order[k]: an index, not a boolean mask.
+        N, F_out, H = feats_NTH.shape
+        valid_M = (torch.arange(F_out, device=feats_NTH.device)[None, :] < lengths_N[:, None]).reshape(-1)
+        order_M = torch.argsort((~valid_M).to(torch.int8), stable=True)
+        is_patch_P = is_patch_BT.reshape(-1)
+        patch_rank_P = (is_patch_P.cumsum(0) - 1).clamp(0, order_M.numel() - 1)
+        audio_PH = feats_NTH.reshape(N * F_out, H).index_select(0, order_M[patch_rank_P]).to(embeds_BTH.dtype)
+        return torch.where(is_patch_P[:, None], audio_PH, embeds_BTH.reshape(-1, H)).view_as(embeds_BTH)
 
     def _dummy_audio_term(self, like_BTH: torch.Tensor) -> torch.Tensor | float:
         """Zero that depends on every encoder/adapter parameter, while training without audio.
@@ -184,13 +235,17 @@ class StepAudio2ForCausalLM(nn.Module):
                 labels: Optional[torch.Tensor] = None, mels: Optional[torch.Tensor] = None,
                 mel_lengths: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
                 past_key_values: Optional[Any] = None, use_cache: bool = False,
-                segment_ids: Optional[torch.Tensor] = None) -> StepAudio2Output:
+                segment_ids: Optional[torch.Tensor] = None, num_loss_tokens: Optional[int] = None,
+                cu_seq_lens: Optional[torch.Tensor] = None, max_length: Optional[int] = None) -> StepAudio2Output:
         """Decoder pass over input_ids [B, T] with the audio chunks written into the audio patch rows.
 
         labels [B, T] use -100 for ignored positions; position t predicts labels[t + 1].
         segment_ids [B, T] (packed rows: 1, 2, ... per sample, 0 on padding) keep each sample's attention
         inside itself; it then replaces attention_mask, and position_ids default to restarting per sample.
         Audio chunks (mels) are listed in row-major order of their patch rows, packed or not.
+        num_loss_tokens (labelled positions), cu_seq_lens and max_length (packed rows under flash-attention,
+        see packed_cu_seq_lens) are host-side facts the collate already knows (data.batching): given, the
+        forward needs no host-device sync to learn them.
         """
         embeds_BTH = self.model.embed_tokens(input_ids)
         embeds_BTH = self._splice_audio(input_ids, embeds_BTH, mels, mel_lengths)
@@ -200,7 +255,7 @@ class StepAudio2ForCausalLM(nn.Module):
                 raise ValueError("segment_ids (packed training rows) cannot be combined with a KV cache")
             position_ids = packed_position_ids(segment_ids) if position_ids is None else position_ids
             attention_mask, attention_kwargs = packed_attention(
-                segment_ids, self.model.config._attn_implementation, embeds_BTH.dtype)
+                segment_ids, self.model.config._attn_implementation, embeds_BTH.dtype, cu_seq_lens, max_length)
         out = self.model(inputs_embeds=embeds_BTH, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, use_cache=use_cache, **attention_kwargs)
         hidden_BTH = out.last_hidden_state
@@ -210,19 +265,30 @@ class StepAudio2ForCausalLM(nn.Module):
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape "
                              f"{tuple(input_ids.shape)}")
-        loss, count = self.chunked_loss(hidden_BTH, labels)
+        loss, count = self.chunked_loss(hidden_BTH, labels, num_loss_tokens)
         return StepAudio2Output(loss=loss, past_key_values=cache, num_label_tokens=count)
 
-    def chunked_loss(self, hidden_BTH: torch.Tensor, labels_BT: torch.Tensor) -> Tuple[torch.Tensor, int]:
-        """Mean next-token cross-entropy over labelled positions, LOSS_CHUNK_ROWS rows at a time."""
+    def chunked_loss(self, hidden_BTH: torch.Tensor, labels_BT: torch.Tensor,
+                     num_loss_tokens: Optional[int] = None) -> Tuple[torch.Tensor, int]:
+        """Mean next-token cross-entropy over labelled positions, LOSS_CHUNK_ROWS rows at a time.
+
+        num_loss_tokens: the count of labelled targets (labels[:, 1:] != -100) when the caller knows it;
+        otherwise it is counted here, one host-device sync."""
         targets_BT = labels_BT[:, 1:]
-        keep_BT = targets_BT != IGNORE_INDEX
-        hidden_NH = hidden_BTH[:, :-1][keep_BT]
-        targets_N = targets_BT[keep_BT]
-        count = int(targets_N.numel())
+        keep_N = (targets_BT != IGNORE_INDEX).reshape(-1)
+        if num_loss_tokens is None:
+            count = int(keep_N.sum())
+        else:
+            count = int(num_loss_tokens)
+            check(keep_N.sum() == count, lambda: f"num_loss_tokens={count} but labels hold "
+                                                 f"{int(keep_N.sum())} labelled targets")
         if count == 0:
             # Keep the graph connected so backward still reaches every parameter on this rank.
             return hidden_BTH.sum() * 0.0 + self.lm_head.weight.sum() * 0.0, 0
+        # The labelled rows in order, by index (a boolean mask would sync to learn its size).
+        rows_N = torch.argsort((~keep_N).to(torch.int8), stable=True)[:count]
+        hidden_NH = hidden_BTH[:, :-1].reshape(-1, hidden_BTH.shape[-1]).index_select(0, rows_N)
+        targets_N = targets_BT.reshape(-1).index_select(0, rows_N)
         total = hidden_NH.new_zeros((), dtype=torch.float32)
         for start in range(0, count, LOSS_CHUNK_ROWS):
             rows = slice(start, start + LOSS_CHUNK_ROWS)

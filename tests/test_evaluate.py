@@ -25,10 +25,14 @@ ENGLISH = ["two red cats", "three blue dogs sing", "four tiny birds"]
 GERMAN = ["zwei rote Katzen", "drei blaue Hunde singen", "vier winzige Vögel"]
 
 
+def build_tokenizer():
+    return extend_tokenizer(build_text_tokenizer(ENGLISH + GERMAN + ["Read the text aloud.", "Translate the speech."],
+                                                 vocab_size=300), NUM_CODES)
+
+
 @pytest.fixture(scope="module")
 def tok_ids():
-    tok = extend_tokenizer(build_text_tokenizer(ENGLISH + GERMAN + ["Read the text aloud.", "Translate the speech."],
-                                                vocab_size=300), NUM_CODES)
+    tok = build_tokenizer()
     return tok, special_ids(tok)
 
 
@@ -38,11 +42,9 @@ def _codes_npy(codes):
     return buffer.getvalue()
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
+def write_shards(root):
     """tts/: 6 TTS samples with codes (one ASR sample among them, which has no codes to score);
     s2tt/: 3 speech-translation samples; asr/: 3 ASR samples."""
-    root = tmp_path_factory.mktemp("eval")
     rng = np.random.default_rng(0)
     codes = {f"t{i}": rng.integers(0, NUM_CODES, size=30 + 7 * i) for i in range(6)}
     with ShardWriter(str(root / "tts"), 100) as writer:
@@ -59,6 +61,11 @@ def shards(tmp_path_factory):
                 meta = {"task": task, "text": en, "translation": de}
                 writer.write(f"{task}{i}", {"flac": encode_flac(wave), "json": json.dumps(meta).encode()})
     return {"root": root, "codes": codes}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return write_shards(tmp_path_factory.mktemp("eval"))
 
 
 class TeacherForced(torch.nn.Module):
@@ -89,31 +96,43 @@ class Constant(torch.nn.Module):
 
 
 class Replay(torch.nn.Module):
-    """Generates answers[i] for the i-th prompt it is given, through generate()'s KV-cache protocol."""
+    """Generates answers[i] for the i-th prompt it is given, through generate()'s KV-cache protocol;
+    prompts come in left-padded batches (prompts: each one's ids; mels: the chunk count of each batch)."""
 
     def __init__(self, vocab_size, answers):
         super().__init__()
-        self.vocab_size, self.answers, self.prompts = vocab_size, list(answers), []
+        self.vocab_size, self.answers, self.prompts, self.mels = vocab_size, list(answers), [], []
 
-    def forward(self, input_ids, mels=None, mel_lengths=None, past_key_values=None, **kwargs):
+    def forward(self, input_ids, attention_mask=None, mels=None, mel_lengths=None, past_key_values=None, **kwargs):
         if past_key_values is None:
-            self.prompts.append((input_ids[0].tolist(), None if mels is None else mels.shape[0]))
+            mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+            rows = list(range(len(self.prompts), len(self.prompts) + input_ids.shape[0]))
+            self.prompts += [ids[m.bool()].tolist() for ids, m in zip(input_ids, mask)]
+            self.mels.append(0 if mels is None else mels.shape[0])
             step = 0
         else:
-            step = past_key_values + 1
-        answer = self.answers[len(self.prompts) - 1]
-        logits = torch.zeros(1, input_ids.shape[1], self.vocab_size)
-        logits[0, -1, answer[min(step, len(answer) - 1)]] = 1.0
-        return SimpleNamespace(logits=logits, past_key_values=step)
+            rows, step = past_key_values[0], past_key_values[1] + 1
+        logits = torch.zeros(*input_ids.shape, self.vocab_size)
+        for b, row in enumerate(rows):
+            answer = self.answers[row]
+            logits[b, -1, answer[min(step, len(answer) - 1)]] = 1.0
+        return SimpleNamespace(logits=logits, past_key_values=(rows, step))
 
 
 def test_code_accuracy_of_perfect_constant_and_random_models(shards, tok_ids):
     tok, ids = tok_ids
     folder = [str(shards["root"] / "tts" / "*.tar")]
     perfect = TeacherForced(len(tok))
-    result = run_eval("code_accuracy", perfect, tok, ids, folder, "", max_samples=5, max_new_tokens=8)
+    result = run_eval("code_accuracy", perfect, tok, ids, folder, "", max_samples=5, max_new_tokens=8,
+                      batch_size=1)
     assert (result["metric"], result["value"], result["num_samples"]) == ("code_accuracy", 1.0, 5)
     assert len(perfect.calls) == 5 and all(num_mels is None for _, num_mels in perfect.calls)  # one pass each
+    # Batched: one right-padded pass per batch of 2, the same value.
+    batched = TeacherForced(len(tok))
+    assert run_eval("code_accuracy", batched, tok, ids, folder, "", max_samples=5, max_new_tokens=8,
+                    batch_size=2) == result
+    lengths = [n for n, _ in perfect.calls]
+    assert [n for n, _ in batched.calls] == [max(lengths[0:2]), max(lengths[2:4]), lengths[4]]
     first = shards["codes"]["t0"]
     assert result["examples"][0] == {"key": "t0", "ref": " ".join(map(str, first[:16])),
                                      "hyp": " ".join(map(str, first[:16]))}
@@ -139,9 +158,14 @@ def test_bleu_of_perfect_and_empty_answers(shards, tok_ids):
     assert result["metric"] == "bleu" and result["value"] == pytest.approx(100.0)
     assert result["num_samples"] == 3
     assert result["examples"][1] == {"key": "s2tt1", "ref": GERMAN[1], "hyp": GERMAN[1]}
-    # Each prompt ends at the answer's header and carries its one audio chunk.
-    assert all(tok.decode(p).endswith("<audio_end><|EOT|><|BOT|>assistant\n") for p, _ in model.prompts)
-    assert [n for _, n in model.prompts] == [1, 1, 1]
+    # Each prompt ends at the answer's header and carries its one audio chunk; all 3 went in one batch.
+    assert all(tok.decode(p).endswith("<audio_end><|EOT|><|BOT|>assistant\n") for p in model.prompts)
+    assert model.mels == [3]
+    # One at a time, or split 2 + 1: the same prompts, the same result.
+    for batch_size, chunks in ((1, [1, 1, 1]), (2, [2, 1])):
+        again = Replay(len(tok), answers)
+        assert run_eval("bleu", again, tok, ids, folder, "", 10, 20, batch_size=batch_size) == result
+        assert (again.prompts, again.mels) == (model.prompts, chunks)
 
     silent = Replay(len(tok), [[ids.eot]] * 3)
     assert run_eval("bleu", silent, tok, ids, folder, "", max_samples=10, max_new_tokens=20)["value"] == 0.0

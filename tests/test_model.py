@@ -368,7 +368,7 @@ def test_fresh_encoder_output_carries_the_audio_not_only_its_position():
 def test_attention_switch_resolves_here_and_kernels_agree():
     from model.lalm import StepAudio2ForCausalLM, resolve_attention
     assert resolve_attention("auto") == "sdpa"  # no GPU, no flash_attn on this machine
-    with pytest.raises(ValueError, match="needs a CUDA GPU and the flash_attn package"):
+    with pytest.raises(ValueError, match="attention='flash_attention_2' is not usable here: no CUDA device"):
         resolve_attention("flash_attention_2")
     with pytest.raises(ValueError, match=r"attention='flash': expected one of"):
         resolve_attention("flash")
@@ -384,3 +384,53 @@ def test_attention_switch_resolves_here_and_kernels_agree():
         a = sdpa(ids, attention_mask=mask).logits
         b = eager(ids, attention_mask=mask).logits
     assert torch.allclose(a[0], b[0], atol=1e-5) and torch.allclose(a[1, :9], b[1, :9], atol=1e-5)
+
+
+def _fake_flash(monkeypatch, usable: bool, why: str = "flash_attn 2.8.3"):
+    import model.lalm as lalm
+    monkeypatch.setattr(lalm, "flash_attention_status", lambda: (usable, why))
+
+
+def test_auto_attention_picks_flash_only_in_half_precision(monkeypatch, caplog):
+    from model.lalm import resolve_attention
+    _fake_flash(monkeypatch, True)
+    with caplog.at_level("INFO", logger="model.lalm"):
+        assert resolve_attention("auto", torch.bfloat16) == "flash_attention_2"
+        assert resolve_attention("auto", torch.float16) == "flash_attention_2"
+        # fp32, the default precision: flash-attention would reject it at the first forward.
+        assert resolve_attention("auto", torch.float32) == "sdpa"
+    assert "decoder attention: flash_attention_2 (flash_attn 2.8.3)" in caplog.text
+    assert "decoder attention: sdpa (flash-attention needs bf16/fp16, the model computes in torch.float32)" \
+        in caplog.text
+    with pytest.raises(ValueError, match=r"needs bf16 or fp16, the model computes in torch.float32 "
+                                         r"\(set engine.precision=bf16"):
+        resolve_attention("flash_attention_2", torch.float32)
+    assert resolve_attention("flash_attention_2", torch.bfloat16) == "flash_attention_2"
+
+
+def test_broken_flash_build_is_reported_not_used(monkeypatch, caplog):
+    """flash_attn's Python part imports but its compiled kernel does not (a wheel for another torch)."""
+    import importlib.machinery
+    import sys
+    import types
+
+    import model.lalm as lalm
+    fake = types.ModuleType("flash_attn")
+    fake.__spec__ = importlib.machinery.ModuleSpec("flash_attn", None)
+    monkeypatch.setitem(sys.modules, "flash_attn", fake)
+    # Importing the kernel raises like a mismatched build does.
+    monkeypatch.setitem(sys.modules, "flash_attn_2_cuda", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    lalm.flash_attention_status.cache_clear()
+    try:
+        usable, why = lalm.flash_attention_status()
+        assert not usable
+        assert why.startswith("flash_attn is installed but its kernel does not load (ModuleNotFoundError:")
+        with caplog.at_level("INFO", logger="model.lalm"):
+            assert lalm.resolve_attention("auto", torch.bfloat16) == "sdpa"
+        assert "decoder attention: sdpa (flash-attention not used: flash_attn is installed but its kernel" \
+            in caplog.text
+        with pytest.raises(ValueError, match="is not usable here: flash_attn is installed but its kernel"):
+            lalm.resolve_attention("flash_attention_2", torch.bfloat16)
+    finally:
+        lalm.flash_attention_status.cache_clear()

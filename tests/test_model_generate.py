@@ -106,3 +106,66 @@ def test_audio_patch_is_never_generated(model):
             model.lm_head.weight[patch] = saved
     assert patch not in new and len(new) == 4
     assert new[0] == runner_up
+
+
+def reference_generate(model, ids, mask, mels, lengths, max_new_tokens, stops):
+    """Greedy decoding the straightforward way: one row at a time on the host, every step."""
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(ids, attention_mask=mask, mels=mels, mel_lengths=lengths, position_ids=positions, use_cache=True)
+    next_pos = positions[:, -1:] + 1
+    new, done = [[] for _ in range(ids.shape[0])], [False] * ids.shape[0]
+    for _ in range(max_new_tokens):
+        logits = out.logits[:, -1].clone()
+        logits[:, PATCH] = float("-inf")
+        token = logits.argmax(-1)
+        for b in range(ids.shape[0]):
+            done[b] = done[b] or int(token[b]) in stops
+            if not done[b]:
+                new[b].append(int(token[b]))
+        if all(done):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        out = model(token[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=out.past_key_values,
+                    use_cache=True)
+        next_pos = next_pos + 1
+    return new
+
+
+class CountingForwards(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config, self.calls = model, model.config, 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return self.model(*args, **kwargs)
+
+
+def test_rows_that_stop_at_different_steps_match_a_per_token_reference(model):
+    ids, mask, mels, lengths = left_pad([prompt(f, t, s) for (f, t), s in PROMPTS])
+    free = generate(model, ids, mask, mels, lengths, max_new_tokens=12)
+    # Stop tokens taken from the free-running rows (each first occurs there): rows 0 and 1 end at steps 7
+    # and 5, row 2 never.
+    stops = [free[0][7], free[1][5]]
+    expected = reference_generate(model, ids, mask, mels, lengths, 12, stops)
+    assert expected == [row[:min([row.index(s) for s in stops if s in row] + [12])] for row in free]
+    assert [len(row) for row in expected] == [7, 5, 12], expected
+    for every in (1, 3, 8, 64):
+        counted = CountingForwards(model)
+        assert generate(counted, ids, mask, mels, lengths, max_new_tokens=12, stop_token_ids=stops,
+                        stop_check_every=every) == expected
+    # Every row stopping early: with a check every step, decoding ends right after the last stop; with a
+    # check interval beyond the steps needed, it runs all 12 steps and the extra tokens are dropped.
+    early = [free[0][1], free[1][3], free[2][4]]
+    expected = reference_generate(model, ids, mask, mels, lengths, 12, early)
+    assert [len(row) for row in expected] == [1, 3, 4], expected
+    forwards = {}
+    for every in (1, 16):
+        counted = CountingForwards(model)
+        assert generate(counted, ids, mask, mels, lengths, max_new_tokens=12, stop_token_ids=early,
+                        stop_check_every=every) == expected
+        forwards[every] = counted.calls
+    last_stop = max(len(row) for row in expected)  # the step (0-based) at which the last row stopped
+    assert forwards == {1: 1 + last_stop, 16: 12}  # the prefill, then one forward per step that continued
+    with pytest.raises(ValueError, match="stop_check_every must be >= 1, got 0"):
+        generate(model, ids, mask, mels, lengths, stop_check_every=0)

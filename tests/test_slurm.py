@@ -1,5 +1,6 @@
-"""A real Slurm on this machine (munge, slurmctld, two fake nodes): slurm/train.sbatch trains on 2 nodes x 1
-CPU rank, is sent Slurm's preemption signal mid-run, requeues itself, resumes and finishes."""
+"""slurm/train.sbatch: what it asks Slurm for and hands srun (with a stand-in srun), and on a real Slurm on
+this machine (munge, slurmctld, two fake nodes) it trains on 2 nodes x 1 CPU rank, is sent Slurm's
+preemption signal mid-run, requeues itself, resumes and finishes."""
 from __future__ import annotations
 
 import json
@@ -17,9 +18,34 @@ from tests.conftest import REPO
 CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"
 MAX_STEPS = 40
 
-pytestmark = pytest.mark.skipif(
+SBATCH = REPO / "slurm" / "train.sbatch"
+needs_slurm = pytest.mark.skipif(
     not all(shutil.which(t) for t in ("munged", "slurmctld", "slurmd", "sbatch")),
-    reason="needs Debian packages slurm-wlm and munge (`make system-deps` installs them)")
+    reason="needs Debian packages slurm-wlm and munge (`make test-deps` installs them)")
+
+
+def test_sbatch_asks_for_the_nodes_cpus_and_hands_them_to_srun(tmp_path):
+    header = re.findall(r"^#SBATCH (\S+)$", SBATCH.read_text(), re.M)
+    assert "--ntasks-per-node=1" in header and "--cpus-per-task=16" in header
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$STUB_SRUN_ARGS"\n')
+    (bin_dir / "srun").chmod(0o755)
+    base = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_SUBMIT_DIR": str(tmp_path), "SLURM_JOB_ID": "7",
+            "SLURM_JOB_NODELIST": "gpu[1-3]", "SLURM_NNODES": "3", "SLURM_GPUS_ON_NODE": "8",
+            "STUB_SRUN_ARGS": str(tmp_path / "srun.args")}
+    # srun gets the fewest CPUs Slurm gave any node (e.g. whole nodes of two sizes under --exclusive) ...
+    for slurm_cpus, cpus in (({"SLURM_JOB_CPUS_PER_NODE": "96(x2),64", "SLURM_CPUS_PER_TASK": "16"}, 64),
+                             ({"SLURM_CPUS_PER_TASK": "12"}, 12), ({}, 1)):
+        proc = subprocess.run(["bash", str(SBATCH), "recipes/x.yaml", "max_steps=5"], env={**base, **slurm_cpus},
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert f"on gpu[1-3]: 3 node(s) x 8 rank(s), {cpus} CPU(s) per node" in proc.stdout
+        # ... explicitly: since Slurm 22.05 srun does not inherit --cpus-per-task from sbatch.
+        assert (tmp_path / "srun.args").read_text().splitlines() == [
+            "--ntasks-per-node=1", f"--cpus-per-task={cpus}", "--kill-on-bad-exit=1", "--label",
+            ".venv/bin/python", "-m", "launch", "--nodes", "3", "--gpus-per-node", "8", "recipes/x.yaml",
+            "max_steps=5"]
 
 
 @pytest.fixture
@@ -37,12 +63,15 @@ def job_info(job: str, env: dict) -> str:
     return subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True).stdout
 
 
+@needs_slurm
 def test_sbatch_two_nodes_requeues_on_the_signal_and_finishes(slurm, espeak_data, tmp_path):
     run_dir, out = tmp_path / "run", tmp_path / "job.out"
+    cpus = min(2, len(os.sched_getaffinity(0)))  # each fake node has this machine's CPUs
     env = {**slurm, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "WANDB_MODE": "offline"}
     submit = subprocess.run(
-        ["sbatch", "--parsable", "--nodes=2", f"--output={out}", "slurm/train.sbatch", "recipes/demo/asr.yaml",
+        ["sbatch", "--parsable", "--nodes=2", f"--cpus-per-task={cpus}", f"--output={out}", "slurm/train.sbatch",
+         "recipes/demo/asr.yaml",
          f"run_dir={run_dir}", f"data.shards=[{espeak_data['train']}]", f"data.tokenizer={espeak_data['tokenizer']}",
          "eval.shards=[]", "model.preset=tiny", "data.batch_size=2", "data.num_workers=1", "optim.warmup_steps=2",
          f"max_steps={MAX_STEPS}", "metrics.log_every=1", "metrics.progress=false", "checkpoint.export=false",
@@ -66,10 +95,14 @@ def test_sbatch_two_nodes_requeues_on_the_signal_and_finishes(slurm, espeak_data
         time.sleep(1)
     log = out.read_text()
     assert "Restarts=1" in info
-    assert "start 1 on node[1-2]: 2 node(s) x 1 rank(s)" in log and "start 2 on node[1-2]" in log
+    assert f"start 1 on node[1-2]: 2 node(s) x 1 rank(s), {cpus} CPU(s) per node" in log
+    assert "start 2 on node[1-2]" in log
     assert "requeueing job" in log
     for node in (0, 1):  # both nodes trained, in both attempts
         assert log.count(f"[launch node {node}] slurm: 2 node(s) x 1 rank(s)") == 2
+        # srun handed the step the job's CPUs; the test's own OMP_NUM_THREADS=1 is kept.
+        assert log.count(f"[launch node {node}] threads: OMP_NUM_THREADS=1 per rank, as set ({cpus} CPU(s) for 1 "
+                         f"rank(s) would give {cpus}; from SLURM_CPUS_PER_TASK={cpus})") == 2
         assert f"[launch node {node}] preempted" in log and f"[launch node {node}] finished" in log
     stopped_at = int(re.search(r"checkpoint at step (\d+) written", log).group(1))
     assert 1 <= stopped_at < MAX_STEPS

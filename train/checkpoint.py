@@ -6,6 +6,11 @@ config.yaml, model_config.json) and RUN_DIR/checkpoints/latest naming the newest
 `step_N.tmp` and is renamed only when every rank has written its part, so a crash mid-save leaves the
 previous checkpoint as `latest`. `latest` moves only after the folder is verified (every rank's file
 present, every .pt a complete archive).
+
+RNG: each rank's file holds its torch CPU, python, numpy and (with CUDA) every visible GPU's generator. A
+resume on the same number of ranks restores them, so dropout etc. continue exactly; on another number the
+old streams belong to no rank in particular, and the run goes on with fresh ones (the data order is the
+loader's and does not depend on them).
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -25,16 +30,34 @@ import torch.distributed as dist
 
 from train.config import CheckpointConfig
 from train.faults import maybe_fault
+from train.rendezvous import run_once_on_rank0
 
 
 def _rng_state() -> Dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()  # one per visible device
+    return state
 
 
-def _set_rng_state(state: Dict[str, Any]) -> None:
+def _set_rng_state(state: Dict[str, Any]) -> Optional[str]:
+    """Restores the generators; returns why the CUDA ones were not restored, or None."""
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
+    if not torch.cuda.is_available():
+        return "this run has no CUDA device" if "cuda" in state else None
+    if "cuda" not in state:
+        return "the checkpoint holds no CUDA generator state (written without CUDA)"
+    if len(state["cuda"]) != torch.cuda.device_count():
+        return (f"the checkpoint holds {len(state['cuda'])} GPUs' generators, this rank sees "
+                f"{torch.cuda.device_count()}")
+    torch.cuda.set_rng_state_all(state["cuda"])
+    return None
+
+
+def _stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -44,11 +67,14 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 class Checkpointer:
-    def __init__(self, run_dir: str, cfg: CheckpointConfig, rank: int, world_size: int):
+    def __init__(self, run_dir: str, cfg: CheckpointConfig, rank: int, world_size: int,
+                 log: Callable[[str], None] = _stderr):
+        """log: where rank 0 says what a load does not restore (RNG streams); e.g. the metrics sink's message."""
         self.root = Path(run_dir) / "checkpoints"
         self.cfg = cfg
         self.rank = rank
         self.world_size = world_size
+        self.log = log
 
     def resume_point(self) -> Optional[Tuple[Path, str]]:
         """(folder, tag) to resume from per checkpoint.resume, or None to start fresh."""
@@ -120,10 +146,14 @@ class Checkpointer:
                 f"checkpoints resume on any number; the data loader re-splits its epoch either way)")
         else:
             engine.load(str(folder), tag)
-        # A rank that did not exist before takes an old rank's RNG streams (dropout etc.; data order is
-        # the loader's and does not depend on them).
         mine = torch.load(folder / tag / f"rank_{self.rank % old_world:05d}.pt", weights_only=False)
-        _set_rng_state(mine["rng"])
+        if old_world == self.world_size:
+            not_cuda = _set_rng_state(mine["rng"])
+            if not_cuda is not None and self.rank == 0:
+                self.log(f"CPU RNG restored from {folder / tag}, CUDA RNG fresh: {not_cuda}")
+        elif self.rank == 0:
+            self.log(f"{folder / tag} was written by {old_world} ranks, this run has {self.world_size}: "
+                     f"the RNG streams (dropout etc.) start fresh")
         if (folder / tag / "loader.pt").is_file():
             loader_state = torch.load(folder / tag / "loader.pt", weights_only=False)
         else:  # written before loader.pt existed: each rank file held its own rank's state
@@ -132,9 +162,14 @@ class Checkpointer:
 
     def _universal(self, folder: Path, tag: str, old_world: int) -> Path:
         """RUN_DIR/checkpoints/universal/<tag>: DeepSpeed's per-parameter form of a ZeRO 1-2 checkpoint,
-        converted once by rank 0 (python -m deepspeed.checkpoint.ds_to_universal), then read by every rank."""
+        converted once by rank 0 (python -m deepspeed.checkpoint.ds_to_universal), then read by every rank.
+
+        The others poll for its DONE marker (train.rendezvous) rather than wait in a barrier: for the 8B
+        model the conversion takes longer than a collective may wait."""
         out = self.root / "universal" / tag
-        if self.rank == 0 and not out.is_dir():
+
+        def convert() -> None:
+            shutil.rmtree(out, ignore_errors=True)  # converted by a version that wrote no DONE marker
             tmp = out.with_name(tag + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -145,8 +180,12 @@ class Checkpointer:
             if proc.returncode != 0:
                 raise RuntimeError(f"converting {folder / tag} (written by {old_world} ranks) to DeepSpeed's "
                                    f"universal checkpoint failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-            os.replace(tmp, out)
-        dist.barrier()
+            (tmp / "DONE").write_text(tag, encoding="utf-8")
+            os.replace(tmp, out)  # DONE appears with the folder, complete
+
+        run_once_on_rank0(out / "DONE", convert, self.rank,
+                          f"converting {folder / tag} to DeepSpeed's universal checkpoint",
+                          failed=out.with_name(tag + ".FAILED"))
         return out
 
     def _prune(self) -> None:
@@ -154,6 +193,7 @@ class Checkpointer:
         for old in done[:-self.cfg.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
             shutil.rmtree(self.root / "universal" / old.name, ignore_errors=True)
+            (self.root / "universal" / f"{old.name}.FAILED").unlink(missing_ok=True)
 
 
 def _verify(folder: Path, world_size: int) -> None:

@@ -146,6 +146,9 @@ class EvalConfig:
     """Evaluate after the last step."""
     every_steps: int = 0
     """Also evaluate every N steps; 0 = never in between."""
+    batch_size: int = 8
+    """Held-out prompts decoded (or teacher-forced) together per forward, on each rank; the samples are split
+    across ranks, and the metric does not depend on either."""
     metric: str = "wer"
     """wer (ASR, lower is better), code_accuracy (teacher-forced accuracy of audio-code answers, higher is
     better) or bleu (speech translation, sacrebleu corpus BLEU 0-100)."""
@@ -331,6 +334,8 @@ def validate(cfg: TrainConfig) -> None:
         bad("max_tokens", cfg.max_tokens, "an integer >= 1 (or unset)")
     if cfg.data.batch_size < 1:
         bad("data.batch_size", cfg.data.batch_size, "an integer >= 1")
+    if cfg.eval.batch_size < 1:
+        bad("eval.batch_size", cfg.eval.batch_size, "an integer >= 1")
     if not cfg.data.shards and not cfg.data.datasets:
         bad("data.shards", cfg.data.shards, "at least one shard folder, glob or pattern (or data.datasets)")
     if cfg.data.shards and cfg.data.datasets:

@@ -4,6 +4,7 @@ Nothing else in the project imports deepspeed; the step loop talks to `Engine`.
 """
 from __future__ import annotations
 
+import gc
 import os
 import socket
 from contextlib import nullcontext
@@ -22,10 +23,19 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
     import deepspeed
     from datetime import timedelta
 
+    from launch.checks import require_cuda_if_expected
+
     if "RANK" not in os.environ:
         # A single process started without a launcher: give it a one-rank group of its own.
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if os.environ.get("STEPAUDIO_DEVICE", "").lower() == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # on purpose on CPU, even where CUDA works
+    # A job that should have GPUs and cannot use them stops here, not after hours of training on CPU.
+    require_cuda_if_expected()
+    if torch.cuda.is_available() and deepspeed.get_accelerator().device_name() == "cuda":
+        # Before any CUDA work: otherwise every rank's NCCL communicator and allocations land on GPU 0.
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     backend = deepspeed.get_accelerator().communication_backend_name()
     deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timedelta(seconds=timeout_s))
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -89,6 +99,42 @@ def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> List[Dict[str, Any
     return groups
 
 
+def compute_dtype(cfg: TrainConfig) -> torch.dtype:
+    return torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float32
+
+
+# Batch tensors the model takes, and host-side facts passed as they are (data.batching's batch dict).
+_TENSOR_INPUTS = ("input_ids", "attention_mask", "labels", "mels", "mel_lengths", "position_ids", "segment_ids",
+                  "cu_seq_lens")
+_HOST_INPUTS = ("num_loss_tokens", "max_length")
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A copy on `device` that does not block the host: from pinned memory when the copy goes to a GPU."""
+    if tensor.device == device:
+        return tensor
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+def model_inputs(batch: Dict[str, Any], device: torch.device, dtype: torch.dtype) -> Dict[str, Any]:
+    """The model's keyword arguments for a loader batch: every tensor on `device` (mels in `dtype`, cast
+    before the copy so bf16 moves half the bytes), counts the collate already knows passed as ints."""
+    inputs: Dict[str, Any] = {}
+    for key in _TENSOR_INPUTS:
+        tensor = batch.get(key)
+        if tensor is None:
+            continue
+        inputs[key] = to_device(tensor.to(dtype) if key == "mels" else tensor, device)
+    for key in _HOST_INPUTS:
+        if batch.get(key) is not None:
+            inputs[key] = batch[key]
+    if "segment_ids" not in inputs:  # only packed rows need the varlen layout
+        inputs.pop("cu_seq_lens", None), inputs.pop("max_length", None)
+    return inputs
+
+
 class Engine:
     """A DeepSpeed engine around the model, with our optimizer; the loop sets the lr factor of each step."""
 
@@ -106,6 +152,19 @@ class Engine:
         self._group_names = [g["name"].split(".")[0] for g in groups]
         self._factor = 1.0
         self.set_lr_factor(Schedule.from_config(cfg).factor(0, 0))
+
+    def close(self) -> None:
+        """Frees the engine (ZeRO hooks, optimizer state, buffers): the next curriculum stage then starts
+        from the same device memory. The Engine is unusable afterwards."""
+        ds = self.__dict__.pop("ds", None)
+        if ds is None:
+            return
+        ds.destroy()
+        self.optimizer = None
+        del ds
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def set_lr_factor(self, factor: float) -> None:
         """Every group's lr becomes its peak (optim.lr x multiplier) times factor."""
@@ -126,19 +185,14 @@ class Engine:
     def device(self) -> torch.device:
         return self.ds.device
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return compute_dtype(self.cfg)
+
     def forward(self, batch: Dict[str, Any]):
-        dtype = torch.bfloat16 if self.cfg.engine.precision == "bf16" else torch.float32
-        mels = batch.get("mels")
-        return self.ds(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            labels=batch["labels"],
-            mels=None if mels is None else mels.to(dtype),
-            mel_lengths=batch.get("mel_lengths"),
-            position_ids=batch.get("position_ids"),
-            # Packed rows (data.batching) attend within their own sample only.
-            **({"segment_ids": batch["segment_ids"]} if batch.get("segment_ids") is not None else {}),
-        )
+        """The model's output on a loader batch (data.batching), moved to this engine's device first:
+        DeepSpeed does not move inputs."""
+        return self.ds(**model_inputs(batch, self.device, self.compute_dtype))
 
     def backward_and_step(self, loss: torch.Tensor) -> None:
         """Backward on one micro-batch; DeepSpeed applies the optimizer at accumulation boundaries."""
@@ -176,3 +230,110 @@ class Engine:
         if torch.distributed.get_rank() != 0:
             return None
         return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+
+# ----------------------------------------------------------------------------- inference under ZeRO-3
+
+def inference_model(engine, view: bool = True):
+    """A context whose value is the engine's module, ready for forwards that involve no DeepSpeed
+    collective: `with inference_model(engine) as model: generate(model, ...)`. `engine`: an Engine or a
+    DeepSpeed engine.
+
+    Under ZeRO-3 every parameter is gathered once on entry (the whole model on every rank, in its training
+    dtype). The bare model is then given as a plain view of the gathered tensors (plain_view; `view=False`
+    skips it); a wrapped one (peft) has DeepSpeed's ZeRO-3 module hooks taken off instead. Either way no
+    forward inside gathers, releases or re-partitions anything: the ranks may run different numbers of forwards (fewer samples, shorter answers)
+    and simply finish at different times. On exit the parameters are partitioned again and the hooks put
+    back (DeepSpeed re-records its prefetch trace in the next training steps). Entering and leaving are
+    collectives, so every rank must use the context. Forwards only: no backward inside. ZeRO 0-2 keep whole
+    parameters on every rank anyway: the module is given as it is.
+    """
+    ds = getattr(engine, "ds", engine)
+    if not ds.zero_optimization_partition_weights():
+        return nullcontext(ds.module)
+    if view and type(ds.module).__name__ == "StepAudio2ForCausalLM":
+        return _GatheredPlainView(ds)
+    return _GatheredWithoutHooks(ds)
+
+
+class _GatheredPlainView:
+    """inference_model under ZeRO-3 for the bare model: a second module object of the same class whose
+    parameters and buffers are the gathered tensors themselves (shared storage: no copy, no extra memory),
+    with none of DeepSpeed's hooks. The engine's own module is left untouched, so nothing is re-registered
+    on exit, and decoding pays none of the per-forward walks over every module that DeepSpeed's remaining
+    engine hooks make (a tenth of the time per generated token of a small model on CPU)."""
+
+    def __init__(self, ds):
+        self.ds, self.module, self.gathered = ds, ds.module, None
+
+    def __enter__(self) -> torch.nn.Module:
+        import deepspeed
+
+        self.ds.empty_partition_cache()
+        self.gathered = deepspeed.zero.GatheredParameters(list(self.module.parameters()))
+        self.gathered.__enter__()
+        try:
+            return plain_view(self.module)
+        except BaseException:
+            self.gathered.__exit__(None, None, None)
+            raise
+
+    def __exit__(self, *exc) -> bool:
+        self.gathered.__exit__(*exc)  # partitions every parameter again (no broadcast: nothing changed)
+        return False
+
+
+def plain_view(module: torch.nn.Module) -> torch.nn.Module:
+    """A module of module's class, built on the meta device, whose parameters and buffers are module's own
+    tensors (shared, not copied), frozen and in eval mode. `module` must hold whole tensors (e.g. gathered)."""
+    with torch.device("meta"):
+        view = type(module)(module.config, attention=module.attention_implementation)
+    for kind, items in (("_parameters", module.named_parameters()), ("_buffers", module.named_buffers())):
+        for name, tensor in items:
+            owner_name, _, leaf = name.rpartition(".")
+            owner = view.get_submodule(owner_name)
+            if leaf not in getattr(owner, kind):
+                raise ValueError(f"plain_view: {name} has no place in a fresh {type(module).__name__}")
+            getattr(owner, kind)[leaf] = (torch.nn.Parameter(tensor.data, requires_grad=False)
+                                          if kind == "_parameters" else tensor)
+    left = [n for n, t in [*view.named_parameters(), *view.named_buffers()] if t.is_meta]
+    if left:
+        raise ValueError(f"plain_view: {len(left)} tensors were not filled, e.g. {left[:3]}")
+    return view.eval()
+
+
+class _GatheredWithoutHooks:
+    """inference_model under ZeRO-3 (DeepSpeed 0.19: DeepSpeedZeRoOffload owns the module hooks)."""
+
+    def __init__(self, ds):
+        self.ds, self.module = ds, ds.module
+        # The ZeRO-3 optimizer keeps the hooks in its parameter_offload; an engine without an optimizer
+        # makes the DeepSpeedZeRoOffload its optimizer.
+        self.offload = getattr(ds.optimizer, "parameter_offload", ds.optimizer)
+        self.gathered = None
+
+    def __enter__(self) -> torch.nn.Module:
+        import deepspeed
+
+        # Let go of what the last step left fetched, in flight or marked in use, then gather everything.
+        self.ds.empty_partition_cache()
+        self.gathered = deepspeed.zero.GatheredParameters(list(self.module.parameters()))
+        self.gathered.__enter__()
+        # All three kinds fire on every forward: the root's pre-hook (reset_step, which compares the recorded
+        # module order across ranks: a collective) and each submodule's fetch/release and backward hooks.
+        for hook in self.offload.forward_hooks + self.offload.backward_hooks + [self.offload.fwd_pre_hook]:
+            hook.remove()
+        self.offload.forward_hooks, self.offload.backward_hooks = [], []
+        return self.module
+
+    def __exit__(self, *exc) -> bool:
+        try:
+            self.gathered.__exit__(*exc)  # partitions every parameter again (no broadcast: nothing changed)
+        finally:
+            offload = self.offload
+            # In DeepSpeed's order: the root's reset_step pre-hook runs before the root's fetch hook.
+            offload.fwd_pre_hook = self.module.register_forward_pre_hook(
+                lambda module, *args: offload.get_param_coordinator().reset_step())
+            # Counting from the root's own id gives every submodule the ds_id it had before.
+            offload._register_deepspeed_module(self.module, count=[self.module.ds_id])
+        return False

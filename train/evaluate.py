@@ -1,25 +1,31 @@
 """Held-out metrics of a curriculum stage: ASR word error rate, teacher-forced audio-code accuracy of
 speech answers (TTS, spoken dialogue), and BLEU of text answers (speech translation).
 
-Every rank evaluates the same samples (under ZeRO-3 each forward is a collective, so all ranks must take
-the same number of steps); rank 0 reports.
+The usable samples are split across ranks (rank r takes the r-th, (r + W)-th, ... of them), run in
+batches on the model's device, and every rank's per-sample results are gathered before the metric is
+computed: every rank returns the same result, whatever the number of ranks and the batch size. No forward
+here is a collective; under ZeRO-3 evaluate inside train.engine.inference_model (parameters gathered once,
+DeepSpeed's module hooks off), where a rank with fewer samples or shorter answers simply finishes first and
+waits in the final gather.
 """
 from __future__ import annotations
 
 import logging
 import re
-from typing import Any, Dict, List, Optional, Tuple
+from itertools import islice
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import jiwer
 import sacrebleu
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from data.batching import pad_mels
 from data.loader import iter_eval_samples, iter_rendered
 from data.templates import IGNORE_INDEX
 from data.tokenizer import SpecialIds
-from model.generate import greedy_generate
+from model.generate import generate
 
 logger = logging.getLogger(__name__)
 
@@ -34,45 +40,15 @@ def normalize_text(text: str) -> str:
     return " ".join(text.split())
 
 
-@torch.no_grad()
-def evaluate_asr(model: torch.nn.Module, tok, ids: SpecialIds, shards: List[str], instruction: str,
-                 max_samples: int, max_new_tokens: int, dtype: torch.dtype = torch.float32) -> Dict[str, Any]:
-    was_training = model.training
-    model.eval()
-    refs, hyps, keys = [], [], []
-    try:
-        for sample in iter_eval_samples(shards, tok, ids, instruction, max_samples=max_samples):
-            prompt = torch.tensor([sample["prompt_ids"]], dtype=torch.long)
-            new_ids = greedy_generate(model, prompt, mels=sample["mels"].to(dtype),
-                                      mel_lengths=sample["mel_lengths"], max_new_tokens=max_new_tokens,
-                                      stop_token_ids=(ids.end_of_text, ids.eot))
-            hyps.append(normalize_text(tok.decode(new_ids, skip_special_tokens=True)))
-            refs.append(normalize_text(sample["text"]))
-            keys.append(sample["key"])
-    finally:
-        model.train(was_training)
-    if not refs:
-        raise ValueError(f"eval.shards {shards} yielded no samples")
-    wer = jiwer.wer(refs, hyps)  # an empty hypothesis counts as deletions of every reference word
-    return {"wer": float(wer), "num_samples": len(refs),
-            "examples": [{"key": k, "ref": r, "hyp": h} for k, r, h in list(zip(keys, refs, hyps))[:_NUM_EXAMPLES]]}
-
-
-# ------------------------------------------------------------------------------ labelled samples
-
-def _mels(chunks: List[torch.Tensor], dtype: torch.dtype) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
-    mels, lengths = pad_mels(chunks)
-    return (None if mels is None else mels.to(dtype)), lengths
-
-
 def code_hits(logits_TV: torch.Tensor, labels_T: torch.Tensor, first_code: int, num_codes: int) -> tuple:
     """(correct, total, summed NLL) of next-token predictions at the label positions that hold audio codes
     (not the audio pad): position t predicts labels[t + 1], as in the model's loss."""
-    pred_logits, target = logits_TV[:-1].float(), labels_T[1:]
+    pred_logits, target = logits_TV[:-1], labels_T[1:]
     is_code = (target >= first_code) & (target < first_code + num_codes)
     if not bool(is_code.any()):
         return 0, 0, 0.0
-    logits, target = pred_logits[is_code], target[is_code]
+    # Only the code rows go to fp32: [T, vocab] in fp32 would be the largest tensor of the evaluation.
+    logits, target = pred_logits[is_code].float(), target[is_code]
     correct = int((logits.argmax(-1) == target).sum())
     return correct, int(is_code.sum()), float(F.cross_entropy(logits, target, reduction="sum"))
 
@@ -84,81 +60,180 @@ def _first_answer(labels: List[int]) -> Tuple[int, int]:
     return start, end
 
 
-@torch.no_grad()
-def _code_accuracy(model, tok, ids: SpecialIds, shards: List[str], instruction: str, max_samples: int,
-                   dtype: torch.dtype) -> Dict[str, Any]:
-    """Share of labelled audio-code positions (the audio pad excluded) whose next-token argmax is right,
-    over all positions of the first `max_samples` samples that have any; one forward pass per sample."""
-    correct, total, nll, num_samples, examples = 0, 0, 0.0, 0, []
-    first = ids.first_audio_code
-    for sample in iter_rendered(shards, tok, ids, instruction):
-        if num_samples >= max_samples:
-            break
-        labels_T = torch.tensor(sample["labels"])
-        targets_T = labels_T[1:]  # position t predicts labels[t + 1]
-        is_code_T = (targets_T >= first) & (targets_T < first + ids.num_audio_codes)
-        if not bool(is_code_T.any()):  # known from the labels: no forward pass spent on it
-            logger.warning("code_accuracy skips %s: its answer holds no audio codes", sample["key"])
-            continue
-        mels, mel_lengths = _mels(sample["mels"], dtype)
-        logits_TV = model(torch.tensor([sample["input_ids"]]), mels=mels, mel_lengths=mel_lengths).logits[0].cpu()
-        hits, codes, nll_sum = code_hits(logits_TV, labels_T, first, ids.num_audio_codes)
-        correct, total, nll, num_samples = correct + hits, total + codes, nll + nll_sum, num_samples + 1
-        if len(examples) < _NUM_EXAMPLES:
-            def shown(ids_T: torch.Tensor) -> str:
-                return " ".join(str(int(i) - first) for i in ids_T[:_EXAMPLE_CODES])
-            examples.append({"key": sample["key"], "ref": shown(targets_T[is_code_T]),
-                             "hyp": shown(logits_TV[:-1].argmax(dim=-1)[is_code_T])})
-    if total == 0:
-        raise ValueError(f"eval.shards {shards} hold no sample with audio codes in its answer (run data.tokenize "
-                         f"on them, or pick another metric)")
-    return {"value": correct / total, "nll": nll / total, "num_codes": total, "num_samples": num_samples,
-            "examples": examples}
+# --------------------------------------------------------------------------------- usable samples
+# Each yields {"key", "ids" (the model's input), "mels" (chunks [128, F] in order), ...} for the first
+# max_samples usable samples in file order. Every rank reads them all, so all agree on the numbering.
+
+def _asr_samples(shards, tok, ids: SpecialIds, instruction: str, max_samples: int) -> Iterator[Dict[str, Any]]:
+    for s in iter_eval_samples(shards, tok, ids, instruction, max_samples=max_samples):
+        chunks = [m[:, :n] for m, n in zip(s["mels"], s["mel_lengths"].tolist())]
+        yield {"key": s["key"], "ids": s["prompt_ids"], "mels": chunks, "ref": normalize_text(s["text"])}
 
 
-@torch.no_grad()
-def _bleu(model, tok, ids: SpecialIds, shards: List[str], instruction: str, max_samples: int,
-          max_new_tokens: int, dtype: torch.dtype) -> Dict[str, Any]:
-    """sacrebleu corpus BLEU (0-100) of greedy answers against each sample's first labelled answer."""
-    refs, hyps, keys = [], [], []
-    for sample in iter_rendered(shards, tok, ids, instruction):
-        if len(refs) >= max_samples:
-            break
-        start, end = _first_answer(sample["labels"])
-        prompt = sample["input_ids"][:start]
+def _code_samples(shards, tok, ids: SpecialIds, instruction: str, max_samples: int) -> Iterator[Dict[str, Any]]:
+    first, produced = ids.first_audio_code, 0
+    for s in iter_rendered(shards, tok, ids, instruction):
+        if produced >= max_samples:
+            return
+        targets = s["labels"][1:]  # position t predicts labels[t + 1]
+        if not any(first <= t < first + ids.num_audio_codes for t in targets):
+            logger.warning("code_accuracy skips %s: its answer holds no audio codes", s["key"])
+            continue  # known from the labels: no forward pass spent on it
+        produced += 1
+        yield {"key": s["key"], "ids": s["input_ids"], "mels": s["mels"], "labels": s["labels"]}
+
+
+def _bleu_samples(shards, tok, ids: SpecialIds, instruction: str, max_samples: int) -> Iterator[Dict[str, Any]]:
+    for s in islice(iter_rendered(shards, tok, ids, instruction), max(max_samples, 0)):
+        start, end = _first_answer(s["labels"])
+        prompt = s["input_ids"][:start]
         # Audio spans after the answer (a later turn) are not part of the prompt, nor their mels.
-        mels, mel_lengths = _mels(sample["mels"][:prompt.count(ids.audio_start)], dtype)
-        new_ids = greedy_generate(model, torch.tensor([prompt]), mels=mels, mel_lengths=mel_lengths,
-                                  max_new_tokens=max_new_tokens, stop_token_ids=(ids.end_of_text, ids.eot))
-        hyps.append(tok.decode(new_ids, skip_special_tokens=True).strip())
-        refs.append(tok.decode(sample["labels"][start:end], skip_special_tokens=True).strip())
-        keys.append(sample["key"])
-    if not refs:
+        yield {"key": s["key"], "ids": prompt, "mels": s["mels"][:prompt.count(ids.audio_start)],
+               "ref": tok.decode(s["labels"][start:end], skip_special_tokens=True).strip()}
+
+
+_SAMPLES = {"wer": _asr_samples, "code_accuracy": _code_samples, "bleu": _bleu_samples}
+
+
+# ------------------------------------------------------------------------------------------ batches
+
+def _inputs(batch: List[Dict[str, Any]], pad_id: int, left: bool, device: torch.device, dtype: torch.dtype):
+    """(input_ids [B, T], attention_mask [B, T], mels [N, 128, F], mel_lengths [N]) on `device`, the rows
+    padded on the left (generation) or the right, the mels in `dtype`; no audio: mels and mel_lengths None."""
+    T = max(len(s["ids"]) for s in batch)
+    ids_BT = torch.full((len(batch), T), pad_id, dtype=torch.long)
+    mask_BT = torch.zeros(len(batch), T, dtype=torch.long)
+    for b, s in enumerate(batch):
+        cols = slice(T - len(s["ids"]), T) if left else slice(0, len(s["ids"]))
+        ids_BT[b, cols] = torch.tensor(s["ids"], dtype=torch.long)
+        mask_BT[b, cols] = 1
+    mels, mel_lengths = pad_mels([m for s in batch for m in s["mels"]])
+    to = dict(device=device, non_blocking=True)
+    if mels is not None:
+        mels, mel_lengths = mels.to(dtype=dtype, **to), mel_lengths.to(**to)
+    return ids_BT.to(**to), mask_BT.to(**to), mels, (None if mels is None else mel_lengths)
+
+
+def _generated(model, batch, tok, ids: SpecialIds, max_new_tokens: int, device, dtype) -> List[str]:
+    """Greedy answers of a batch of prompts (left-padded, generated together), decoded."""
+    ids_BT, mask_BT, mels, mel_lengths = _inputs(batch, ids.end_of_text, True, device, dtype)
+    new_ids = generate(model, ids_BT, mask_BT, mels, mel_lengths, max_new_tokens=max_new_tokens,
+                       stop_token_ids=(ids.end_of_text, ids.eot))
+    return [tok.decode(row, skip_special_tokens=True) for row in new_ids]
+
+
+def _teacher_forced(model, batch, ids: SpecialIds, device, dtype) -> List[Dict[str, Any]]:
+    """Code hits of each sample of a batch from one forward pass over the right-padded rows."""
+    ids_BT, _, mels, mel_lengths = _inputs(batch, ids.end_of_text, False, device, dtype)
+    # Right padding under causal attention: no real position sees the padding, so no mask is needed.
+    logits_BTV = model(ids_BT, mels=mels, mel_lengths=mel_lengths).logits
+    first, out = ids.first_audio_code, []
+    for s, logits_TV in zip(batch, logits_BTV):
+        logits_TV = logits_TV[:len(s["ids"])]
+        labels_T = torch.tensor(s["labels"], dtype=torch.long).to(device, non_blocking=True)
+        correct, total, nll = code_hits(logits_TV, labels_T, first, ids.num_audio_codes)
+        record = {"correct": correct, "total": total, "nll": nll}
+        if s["index"] < _NUM_EXAMPLES:
+            targets_T = labels_T[1:]
+            is_code_T = (targets_T >= first) & (targets_T < first + ids.num_audio_codes)
+
+            def shown(ids_T: torch.Tensor) -> str:
+                return " ".join(str(int(i) - first) for i in ids_T[:_EXAMPLE_CODES].tolist())
+            record.update(ref=shown(targets_T[is_code_T]), hyp=shown(logits_TV[:-1].argmax(dim=-1)[is_code_T]))
+        out.append(record)
+    return out
+
+
+def _batches(items: Iterable, size: int) -> Iterator[list]:
+    items = iter(items)
+    while batch := list(islice(items, size)):
+        yield batch
+
+
+def _check_group(world_size: int) -> None:
+    if world_size > 1 and not (dist.is_available() and dist.is_initialized() and dist.get_world_size() == world_size):
+        raise ValueError(f"world_size={world_size} needs an initialised process group of that many ranks")
+
+
+def _gather(records: List[Dict[str, Any]], world_size: int) -> List[Dict[str, Any]]:
+    """Every rank's records, in sample order, on every rank."""
+    if world_size > 1:
+        parts: List[Optional[List[Dict[str, Any]]]] = [None] * world_size
+        dist.all_gather_object(parts, records)
+        records = [r for part in parts for r in part]
+    return sorted(records, key=lambda r: r["index"])
+
+
+def _model_device_dtype(model: torch.nn.Module) -> Tuple[torch.device, torch.dtype]:
+    param = next(model.parameters(), None)  # stand-in models in tests may have none
+    if param is None:
+        return torch.device("cpu"), torch.float32
+    return param.device, param.dtype if param.is_floating_point() else torch.float32
+
+
+# ------------------------------------------------------------------------------------------ metrics
+
+def _summary(metric: str, records: List[Dict[str, Any]], shards: List[str]) -> Dict[str, Any]:
+    examples = [{"key": r["key"], "ref": r["ref"], "hyp": r["hyp"]} for r in records[:_NUM_EXAMPLES]]
+    if metric == "code_accuracy":
+        total = sum(r["total"] for r in records)
+        if total == 0:
+            raise ValueError(f"eval.shards {shards} hold no sample with audio codes in its answer (run "
+                             f"data.tokenize on them, or pick another metric)")
+        return {"value": sum(r["correct"] for r in records) / total, "nll": sum(r["nll"] for r in records) / total,
+                "num_codes": total, "num_samples": len(records), "examples": examples}
+    if not records:
         raise ValueError(f"eval.shards {shards} yielded no samples")
-    bleu = sacrebleu.corpus_bleu(hyps, [refs]).score
-    return {"value": float(bleu), "num_samples": len(refs),
-            "examples": [{"key": k, "ref": r, "hyp": h} for k, r, h in list(zip(keys, refs, hyps))[:_NUM_EXAMPLES]]}
+    refs, hyps = [r["ref"] for r in records], [r["hyp"] for r in records]
+    if metric == "wer":
+        value = jiwer.wer(refs, hyps)  # an empty hypothesis counts as deletions of every reference word
+    else:
+        value = sacrebleu.corpus_bleu(hyps, [refs]).score
+    return {"value": float(value), "num_samples": len(records), "examples": examples}
 
 
+@torch.no_grad()
 def run_eval(metric: str, model: torch.nn.Module, tok, ids: SpecialIds, shards: List[str], instruction: str,
-             max_samples: int, max_new_tokens: int, dtype: torch.dtype = torch.float32) -> Dict[str, Any]:
+             max_samples: int, max_new_tokens: int, dtype: Optional[torch.dtype] = None, *,
+             device: Optional[torch.device] = None, rank: int = 0, world_size: int = 1, batch_size: int = 8,
+             beat: Optional[Callable[[], None]] = None) -> Dict[str, Any]:
     """{"metric", "value", "num_samples", "examples": [{"key", "ref", "hyp"}]} of `metric` on the first
     `max_samples` usable held-out samples of `shards`: "wer" (ASR, greedy, 0-1), "code_accuracy"
     (speech answers, teacher-forced, 0-1; also "nll", the codes' mean negative log-likelihood, and
-    "num_codes") or "bleu" (text answers, greedy, 0-100)."""
+    "num_codes") or "bleu" (text answers, greedy, 0-100).
+
+    Every one of `world_size` ranks calls it (a collective when world_size > 1: the results are gathered
+    with torch.distributed) and gets the same result; this rank (`rank`) runs samples rank, rank +
+    world_size, ... in batches of `batch_size`, on `device` with mels in `dtype` (default: the device and
+    dtype of the model's parameters) and calls `beat` (e.g. Watchdog.beat) after each batch. Under ZeRO-3
+    call it inside train.engine.inference_model: each forward would otherwise gather the model again, and
+    the ranks, which take different numbers of forward steps, would hang in those gathers.
+    """
     if metric not in METRICS:
         raise ValueError(f"unknown eval metric {metric!r}: expected one of {list(METRICS)}")
-    if metric == "wer":
-        result = evaluate_asr(model, tok, ids, shards, instruction, max_samples, max_new_tokens, dtype)
-        return {"metric": metric, "value": result["wer"], "num_samples": result["num_samples"],
-                "examples": result["examples"]}
+    if batch_size < 1:
+        raise ValueError(f"eval batch_size must be >= 1, got {batch_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    _check_group(world_size)
+    model_device, model_dtype = _model_device_dtype(model)
+    device = model_device if device is None else torch.device(device)
+    dtype = model_dtype if dtype is None else dtype
+    samples = ({**s, "index": i} for i, s in enumerate(_SAMPLES[metric](shards, tok, ids, instruction, max_samples)))
+    records: List[Dict[str, Any]] = []
     was_training = model.training
     model.eval()
     try:
-        if metric == "code_accuracy":
-            result = _code_accuracy(model, tok, ids, shards, instruction, max_samples, dtype)
-        else:
-            result = _bleu(model, tok, ids, shards, instruction, max_samples, max_new_tokens, dtype)
+        for batch in _batches(islice(samples, rank, None, world_size), batch_size):
+            if metric == "code_accuracy":
+                results = _teacher_forced(model, batch, ids, device, dtype)
+            else:
+                clean = normalize_text if metric == "wer" else str.strip
+                results = [{"ref": s["ref"], "hyp": clean(hyp)}
+                           for s, hyp in zip(batch, _generated(model, batch, tok, ids, max_new_tokens, device, dtype))]
+            records += [{"index": s["index"], "key": s["key"], **r} for s, r in zip(batch, results)]
+            if beat is not None:
+                beat()
     finally:
         model.train(was_training)
-    return {"metric": metric, **result}
+    return {"metric": metric, **_summary(metric, _gather(records, world_size), shards)}

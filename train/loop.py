@@ -12,7 +12,7 @@ import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -21,21 +21,24 @@ from data.loader import build_loader
 from data.tokenizer import load_tokenizer, special_ids
 from model.checkpoint import load_stepfun, save_stepfun
 from model.config import preset_config
-from model.lalm import StepAudio2ForCausalLM
+from model.lalm import StepAudio2ForCausalLM, resolve_attention
 from train import evaluate as evaluation
 from train.checkpoint import Checkpointer
 from train.config import InitPartsConfig, TrainConfig, to_yaml
-from train.engine import Engine, gathered_for_write, init_distributed, model_init_context
+from train.engine import (Engine, compute_dtype, gathered_for_write, inference_model, init_distributed,
+                          model_init_context)
 from train.faults import maybe_fault
 from train.lora import apply_lora, audio_rows, save_adapter
 from train.metrics import make_sink
-from train.preempt import PREEMPTED_EXIT_CODE, Preempted, PreemptionFlag
+from train.preempt import PREEMPTED_EXIT_CODE, Preempted, PreemptionFlag, mark_preempted
 from train.schedule import Schedule
 from train.watchdog import Watchdog
 
 
 def build_model(cfg: TrainConfig, tok) -> StepAudio2ForCausalLM:
     ids = special_ids(tok)
+    # "auto" becomes a concrete kernel for the precision the model will compute in (logged there).
+    attention = resolve_attention(cfg.model.attention, compute_dtype(cfg))
     # A LoRA run's frozen base is re-read from lora.init_from on every start, resumes included.
     key = "lora.init_from" if cfg.lora.enabled else "model.init_from"
     init_from = cfg.lora.init_from if cfg.lora.enabled else cfg.model.init_from
@@ -46,7 +49,7 @@ def build_model(cfg: TrainConfig, tok) -> StepAudio2ForCausalLM:
         model = load_stepfun(init_from, build_context=model_init_context(cfg) if partitioned else None,
                              gather=gathered_for_write if partitioned else None,
                              gradient_checkpointing=cfg.model.gradient_checkpointing,
-                             attention=cfg.model.attention)
+                             attention=attention)
         if model.config.audio_patch_token_id != ids.audio_patch:
             raise ValueError(
                 f"{key} {init_from} expects <audio_patch> id "
@@ -63,7 +66,7 @@ def build_model(cfg: TrainConfig, tok) -> StepAudio2ForCausalLM:
     config = preset_config(cfg.model.preset, vocab_size=vocab_size, audio_patch_token_id=ids.audio_patch)
     with model_init_context(cfg):
         return StepAudio2ForCausalLM(config, gradient_checkpointing=cfg.model.gradient_checkpointing,
-                                     attention=cfg.model.attention)
+                                     attention=attention)
 
 
 def init_parts_once(cfg: TrainConfig, tok, rank: int) -> TrainConfig:
@@ -71,36 +74,41 @@ def init_parts_once(cfg: TrainConfig, tok, rank: int) -> TrainConfig:
     to RUN_DIR/init once (the vocabulary grows there, and only there); returns cfg starting from that folder.
 
     A resume, or a later start of the same run, finds RUN_DIR/init/DONE and reuses it: the grown rows are
-    drawn once, and every rank then loads the folder like any init_from (partitioned under ZeRO-3)."""
+    drawn once, and every rank then loads the folder like any init_from (partitioned under ZeRO-3).
+    The other ranks wait by polling for DONE (train.rendezvous): for the 8B model this takes longer than
+    a collective may wait. If rank 0 fails, RUN_DIR/init.FAILED holds its error and every rank stops."""
     from model.init_parts import init_from_parts
+    from train.rendezvous import run_once_on_rank0
 
     parts = cfg.model.init_parts
     folder = Path(cfg.run_dir) / "init"
-    if rank == 0 and not (folder / "DONE").is_file():
+
+    def build() -> None:
         model = init_from_parts(parts.qwen, parts.audio_encoder, tok, seed=cfg.seed)
         tmp = folder.with_name("init.tmp")
         save_stepfun(model.state_dict(), model.config, tmp, tokenizer=tok)
         (tmp / "DONE").write_text(json.dumps({"qwen": parts.qwen, "audio_encoder": parts.audio_encoder}))
         shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-        del model
-    dist.barrier()
+        os.replace(tmp, folder)  # DONE appears with the folder, complete
+
+    run_once_on_rank0(folder / "DONE", build, rank, "building the initial model from parts",
+                      failed=folder.with_name("init.FAILED"))
     model_cfg = dataclasses.replace(cfg.model, init_from=str(folder), init_parts=InitPartsConfig())
     return dataclasses.replace(cfg, model=model_cfg)
 
 
-def run_eval(cfg: TrainConfig, model, tok, ids, dtype) -> Dict[str, Any]:
-    """{"metric", "value", "num_samples", "examples"} of eval.metric on eval.shards (every rank runs it)."""
-    args = (model, tok, ids, cfg.eval.shards, cfg.data.asr_instruction, cfg.eval.max_samples,
-            cfg.eval.max_new_tokens, dtype)
-    if hasattr(evaluation, "run_eval"):
-        return evaluation.run_eval(cfg.eval.metric, *args)
-    if cfg.eval.metric != "wer":
-        raise ValueError(f"eval.metric={cfg.eval.metric!r} needs train.evaluate.run_eval, which this version "
-                         f"lacks; only wer is available")
-    result = evaluation.evaluate_asr(*args)
-    return {"metric": "wer", "value": result["wer"], "num_samples": result["num_samples"],
-            "examples": result["examples"]}
+def run_eval(cfg: TrainConfig, engine: Engine, tok, ids, dtype: torch.dtype, rank: int, world_size: int,
+             beat: Optional[Callable[[], None]] = None) -> Dict[str, Any]:
+    """{"metric", "value", "num_samples", "examples"} of eval.metric on eval.shards, the same on every rank.
+
+    A collective: each rank evaluates its share of the samples in batches on the engine's device, with the
+    model gathered once (inference_model: under ZeRO-3 no forward gathers again, so ranks with less to do
+    finish first), calling `beat` after each batch; the per-sample results are then gathered."""
+    with inference_model(engine) as model:
+        return evaluation.run_eval(cfg.eval.metric, model, tok, ids, cfg.eval.shards, cfg.data.asr_instruction,
+                                   cfg.eval.max_samples, cfg.eval.max_new_tokens, dtype, device=engine.device,
+                                   rank=rank, world_size=world_size, batch_size=cfg.eval.batch_size,
+                                   beat=beat)
 
 
 def budget_left(cfg: TrainConfig, state: Dict[str, Any]) -> bool:
@@ -111,7 +119,7 @@ def budget_left(cfg: TrainConfig, state: Dict[str, Any]) -> bool:
 
 def _new_window(state: Dict[str, Any]) -> Dict[str, float]:
     """Sums since the last log line: loss, audio seconds, micro-batches; tokens and time at its start."""
-    return {"loss": 0.0, "audio_s": 0.0, "micro": 0, "tokens0": state["tokens"], "t0": time.perf_counter()}
+    return {"loss": None, "audio_s": 0.0, "micro": 0, "tokens0": state["tokens"], "t0": time.perf_counter()}
 
 
 def _sum_over_ranks(values: Dict[str, float], device: torch.device) -> Dict[str, float]:
@@ -123,7 +131,8 @@ def _sum_over_ranks(values: Dict[str, float], device: torch.device) -> Dict[str,
 
 def _log_window(sink, engine, loader, window, state, world_size: int) -> None:
     elapsed = time.perf_counter() - window["t0"]
-    totals = _sum_over_ranks({"loss": window["loss"] / window["micro"], "audio_s": window["audio_s"]},
+    # The window's losses stayed on the device (no sync per micro-batch); this is where they are read.
+    totals = _sum_over_ranks({"loss": float(window["loss"]) / window["micro"], "audio_s": window["audio_s"]},
                              engine.device)
     loss, tokens_per_s = totals["loss"] / world_size, (state["tokens"] - window["tokens0"]) / elapsed
     skipped = sum(loader.stats()["skipped"].values())
@@ -158,6 +167,9 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
 
     model_cfg = init_parts_once(cfg, tok, rank) if cfg.model.init_parts.qwen else cfg
     engine = Engine(build_model(model_cfg, tok), cfg)
+    lalm = next(m for m in engine.module.modules() if isinstance(m, StepAudio2ForCausalLM))  # inside peft too
+    sink.message(f"device {engine.device}, {cfg.engine.precision}, ZeRO-{cfg.engine.zero_stage}, decoder attention "
+                 f"{lalm.attention_implementation} (model.attention={cfg.model.attention})")
     loader = build_loader(cfg.data, rank=rank, world_size=world_size, seed=cfg.seed)
     ckpt = Checkpointer(cfg.run_dir, cfg.checkpoint, rank, world_size)
     # The run's position, saved in train_state.json: the schedule and the budget are functions of it.
@@ -173,7 +185,11 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
     t_start -= state["wall_s"]  # wall time counts every attempt: the ones before a resume, and this one
 
     def evaluate(tag: str) -> float:
-        result = run_eval(cfg, engine.module, tok, ids, dtype)
+        try:
+            result = run_eval(cfg, engine, tok, ids, dtype, rank, world_size, beat=watchdog.beat)
+        except BaseException:
+            watchdog.stop()  # the run ends here (e.g. eval.shards without samples): leave no timer armed
+            raise
         value, examples = result["value"], result["examples"]
         sink.log(state["step"], {f"eval/{metric}_{tag}": value, "eval/num_samples": result["num_samples"]})
         shown = f"{100 * value:.1f}%" if metric == "wer" else f"{value:.4g}"
@@ -187,6 +203,9 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
         ckpt.save(engine, state["step"], loader.state_dict(), config_yaml, extra=dict(state))
 
     results: Dict[str, Any] = {"start_step": state["step"]}
+    # Running from here to the end evaluation: each evaluated batch beats it, as each step does.
+    watchdog = Watchdog(cfg.run_dir, rank, cfg.resilience.watchdog_s)
+    watchdog.beat()
     if cfg.eval.shards and cfg.eval.at_start and state["step"] == 0:
         state["eval_start"] = evaluate("start")
 
@@ -196,7 +215,6 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
     sink.start(state["step"], cfg.max_steps)
     window = _new_window(state)
     engine.module.train()
-    watchdog = Watchdog(cfg.run_dir, rank, cfg.resilience.watchdog_s)
     watchdog.beat()
     while budget_left(cfg, state):
         engine.set_lr_factor(schedule.factor(state["step"], state["tokens"]))
@@ -209,22 +227,28 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
                 key_log.flush()
             out = engine.forward(batch)
             engine.backward_and_step(out.loss)
-            loss_value = out.loss.item()  # one device sync per micro-batch
-            window["loss"] += loss_value
+            # Summed on the device: reading a loss here would stall the host every micro-batch.
+            loss = out.loss.detach().float()
+            window["loss"] = loss if window["loss"] is None else window["loss"] + loss
             window["audio_s"] += float(batch["num_audio_s"])
             window["micro"] += 1
-            step_tokens += int(batch["attention_mask"].sum())
+            step_tokens += batch["num_tokens"]  # counted by the collate, on the host
         state["step"] += 1
-        state["tokens"] += int(_sum_over_ranks({"tokens": step_tokens}, engine.device)["tokens"])
-        step, finished = state["step"], not budget_left(cfg, state)
+        step = state["step"]
         maybe_fault("step", step, rank)
-        sink.advance(step, f"loss {loss_value:.3f}")
+        # The one host-device sync of a step: every rank's tokens (the budget, the schedule) and whether any
+        # rank was signalled to stop (all ranks must stop at the same step).
+        totals = _sum_over_ranks({"tokens": step_tokens, "signalled": float(preempt.received is not None)},
+                                 engine.device)
+        state["tokens"] += int(totals["tokens"])
+        finished = not budget_left(cfg, state)
+        sink.advance(step)
         if step % cfg.metrics.log_every == 0 or finished:
             _log_window(sink, engine, loader, window, state, world_size)
             window = _new_window(state)
         if cfg.eval.shards and cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and not finished:
             evaluate(f"step{step}")
-        preempted = preempt.any_rank_received() and not finished  # at the end, just finish
+        preempted = totals["signalled"] > 0 and not finished  # at the end, just finish
         if preempted or finished or cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
             save()
         if preempted:
@@ -232,19 +256,21 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
             sink.message(f"preempted ({preempt.received or 'signal on another rank'}): checkpoint at step {step} "
                          f"written, exiting with {PREEMPTED_EXIT_CODE} to be requeued")
             sink.close()
+            mark_preempted()
             raise Preempted()
         watchdog.beat()
-    watchdog.stop()
     sink.advance(state["step"])
 
     results.update(metric=metric, eval_start=state["eval_start"], eval_end=None)
     if cfg.eval.shards and cfg.eval.at_end:
         results["eval_end"] = evaluate("end")
+    watchdog.stop()
     for tag in ("start", "end"):
         if results[f"eval_{tag}"] is not None:
             results[f"{metric}_{tag}"] = results[f"eval_{tag}"]
     if cfg.checkpoint.export:
         results.update(_export(cfg, engine, tok, rank, sink))
+    engine.close()  # before the next stage builds its own
     results.update(final_step=state["step"], tokens=state["tokens"], wall_s=time.perf_counter() - t_start)
     sink.log(state["step"], {"done": True, **{k: v for k, v in results.items()
                                               if isinstance(v, (int, float)) and not isinstance(v, bool)}})

@@ -1,16 +1,15 @@
 """Preemption: a scheduler's signal (Slurm `--signal=USR1@120`, SIGTERM) ends the run cleanly.
 
 The handler only sets a flag; the loop finishes the current step, every rank agrees to stop at the same
-step (one tiny all-reduce), a checkpoint is written and the process exits with PREEMPTED_EXIT_CODE so
+step (through the all-reduce each step makes anyway, train.loop), a checkpoint is written and the process exits with PREEMPTED_EXIT_CODE so
 the sbatch script knows to requeue.
 """
 from __future__ import annotations
 
+import os
 import signal
+from pathlib import Path
 from typing import List, Optional
-
-import torch
-import torch.distributed as dist
 
 # EX_TEMPFAIL of sysexits.h: "temporary failure, retry later" -- distinct from crashes (1) and signals.
 PREEMPTED_EXIT_CODE = 75
@@ -23,6 +22,18 @@ class Preempted(SystemExit):
         super().__init__(PREEMPTED_EXIT_CODE)
 
 
+# Set by the launcher: the file a preempted rank 0 writes, so the launcher knows its ranks' exit 75 was a
+# checkpointed preemption even when the signal reached a rank and not the launcher (torchrun itself exits 1).
+MARKER_ENV = "STEPAUDIO_PREEMPT_MARKER"
+
+
+def mark_preempted() -> None:
+    """Each node's first rank, after the preemption checkpoint is complete: tells its launcher to exit 75."""
+    marker = os.environ.get(MARKER_ENV)
+    if marker and os.environ.get("LOCAL_RANK", "0") == "0":
+        Path(marker).write_text("preempted\n")
+
+
 class PreemptionFlag:
     def __init__(self, signal_names: List[str]):
         self.received: Optional[str] = None
@@ -31,11 +42,3 @@ class PreemptionFlag:
 
     def _on_signal(self, signum, frame) -> None:
         self.received = signal.Signals(signum).name
-
-    def any_rank_received(self) -> bool:
-        """True on every rank as soon as one rank got a signal (collective: all ranks must call it)."""
-        # NCCL reduces only GPU tensors; gloo only CPU ones.
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
