@@ -236,7 +236,8 @@ class StepAudio2ForCausalLM(nn.Module):
                 mel_lengths: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
                 past_key_values: Optional[Any] = None, use_cache: bool = False,
                 segment_ids: Optional[torch.Tensor] = None, num_loss_tokens: Optional[int] = None,
-                cu_seq_lens: Optional[torch.Tensor] = None, max_length: Optional[int] = None) -> StepAudio2Output:
+                num_loss_chunks: int = 0, cu_seq_lens: Optional[torch.Tensor] = None,
+                max_length: Optional[int] = None) -> StepAudio2Output:
         """Decoder pass over input_ids [B, T] with the audio chunks written into the audio patch rows.
 
         labels [B, T] use -100 for ignored positions; position t predicts labels[t + 1].
@@ -245,7 +246,7 @@ class StepAudio2ForCausalLM(nn.Module):
         Audio chunks (mels) are listed in row-major order of their patch rows, packed or not.
         num_loss_tokens (labelled positions), cu_seq_lens and max_length (packed rows under flash-attention,
         see packed_cu_seq_lens) are host-side facts the collate already knows (data.batching): given, the
-        forward needs no host-device sync to learn them.
+        forward needs no host-device sync to learn them. num_loss_chunks: see chunked_loss (ZeRO-3).
         """
         embeds_BTH = self.model.embed_tokens(input_ids)
         embeds_BTH = self._splice_audio(input_ids, embeds_BTH, mels, mel_lengths)
@@ -265,15 +266,17 @@ class StepAudio2ForCausalLM(nn.Module):
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape "
                              f"{tuple(input_ids.shape)}")
-        loss, count = self.chunked_loss(hidden_BTH, labels, num_loss_tokens)
+        loss, count = self.chunked_loss(hidden_BTH, labels, num_loss_tokens, num_loss_chunks)
         return StepAudio2Output(loss=loss, past_key_values=cache, num_label_tokens=count)
 
-    def chunked_loss(self, hidden_BTH: torch.Tensor, labels_BT: torch.Tensor,
-                     num_loss_tokens: Optional[int] = None) -> Tuple[torch.Tensor, int]:
+    def chunked_loss(self, hidden_BTH: torch.Tensor, labels_BT: torch.Tensor, num_loss_tokens: Optional[int] = None,
+                     num_loss_chunks: int = 0) -> Tuple[torch.Tensor, int]:
         """Mean next-token cross-entropy over labelled positions, LOSS_CHUNK_ROWS rows at a time.
 
         num_loss_tokens: the count of labelled targets (labels[:, 1:] != -100) when the caller knows it;
-        otherwise it is counted here, one host-device sync."""
+        otherwise it is counted here, one host-device sync. num_loss_chunks: call lm_head at least this many
+        times (empty chunks add nothing): under ZeRO-3 each call gathers lm_head, a collective, so every
+        rank must make the same number of calls, forward and recomputed in backward alike."""
         targets_BT = labels_BT[:, 1:]
         keep_N = (targets_BT != IGNORE_INDEX).reshape(-1)
         if num_loss_tokens is None:
@@ -282,7 +285,8 @@ class StepAudio2ForCausalLM(nn.Module):
             count = int(num_loss_tokens)
             check(keep_N.sum() == count, lambda: f"num_loss_tokens={count} but labels hold "
                                                  f"{int(keep_N.sum())} labelled targets")
-        if count == 0:
+        chunks = max(-(-count // LOSS_CHUNK_ROWS), num_loss_chunks)
+        if chunks == 0:
             # Keep the graph connected so backward still reaches every parameter on this rank.
             return hidden_BTH.sum() * 0.0 + self.lm_head.weight.sum() * 0.0, 0
         # The labelled rows in order, by index (a boolean mask would sync to learn its size).
@@ -290,11 +294,12 @@ class StepAudio2ForCausalLM(nn.Module):
         hidden_NH = hidden_BTH[:, :-1].reshape(-1, hidden_BTH.shape[-1]).index_select(0, rows_N)
         targets_N = targets_BT.reshape(-1).index_select(0, rows_N)
         total = hidden_NH.new_zeros((), dtype=torch.float32)
-        for start in range(0, count, LOSS_CHUNK_ROWS):
+        for start in range(0, chunks * LOSS_CHUNK_ROWS, LOSS_CHUNK_ROWS):
             rows = slice(start, start + LOSS_CHUNK_ROWS)
             if torch.is_grad_enabled():
                 total = total + torch.utils.checkpoint.checkpoint(
                     _chunk_ce_sum, self.lm_head, hidden_NH[rows], targets_N[rows], use_reentrant=False)
             else:
                 total = total + _chunk_ce_sum(self.lm_head, hidden_NH[rows], targets_N[rows])
-        return total / count, count
+        # count == 0 (only empty chunks): the sum is 0 and keeps the graph connected.
+        return total / max(count, 1), count

@@ -77,10 +77,11 @@ def test_a_known_loss_token_count_gives_the_same_loss_and_a_wrong_one_is_refused
 
 
 _RECORD_SCRIPT = r"""
-import json, sys
+import gc, json, sys, weakref
 import torch
 from model.lalm import StepAudio2ForCausalLM
 from train.config import load_config
+from train.engine import Engine
 from train.loop import run
 
 records = []
@@ -95,13 +96,23 @@ def recording_forward(self, *args, **kwargs):
     return forward(self, *args, **kwargs)
 
 StepAudio2ForCausalLM.forward = recording_forward
+engines = []
+engine_init = Engine.__init__
+
+def keeping_a_weakref(self, *args, **kwargs):
+    engine_init(self, *args, **kwargs)
+    engines.append(weakref.ref(self.ds))
+
+Engine.__init__ = keeping_a_weakref
 cfg = load_config("recipes/demo/asr.yaml", sys.argv[2:] + [f"run_dir={sys.argv[1]}"])
+gc.disable()  # what run() frees, it frees itself (Engine.close), not a later collection
 run(cfg)
+print("ALIVE " + json.dumps([ref() is not None for ref in engines]))
 print("RECORDS " + json.dumps(records))
 """
 
 
-def test_every_tensor_the_loop_and_evaluation_hand_the_model_is_on_its_device(espeak_data, tmp_path):
+def test_every_tensor_the_loop_and_evaluation_hand_the_model_is_on_its_device_and_run_frees_its_engine(espeak_data, tmp_path):
     overrides = data_overrides(espeak_data) + [
         "model.preset=tiny", "engine.precision=bf16", "max_steps=2", "data.batch_size=4", "data.num_workers=0",
         "eval.max_samples=3", "eval.max_new_tokens=4", "checkpoint.export=false", "metrics.progress=false"]
@@ -109,6 +120,8 @@ def test_every_tensor_the_loop_and_evaluation_hand_the_model_is_on_its_device(es
                           capture_output=True, text=True, timeout=300,
                           env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "WANDB_MODE": "offline"})
     assert proc.returncode == 0, proc.stderr[-4000:]
+    # The run's DeepSpeed engine (its optimizer state, on a GPU its memory) is gone once run() returns.
+    assert json.loads(proc.stdout.split("ALIVE ", 1)[1].splitlines()[0]) == [False]
     records = json.loads(proc.stdout.split("RECORDS ", 1)[1])
     train_calls = [r for r in records if r["training"]]
     eval_calls = [r for r in records if not r["training"]]

@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from model.lalm import LOSS_CHUNK_ROWS
 from train.config import PARAM_GROUPS, TrainConfig, deepspeed_config
 from train.schedule import Schedule
 
@@ -162,6 +163,9 @@ class Engine:
         ds.destroy()
         self.optimizer = None
         del ds
+        # DeepSpeed's engine holds itself in cycles (its hooks on the module, its own lambdas): only a
+        # collection frees it, and with it the optimizer state. The caller must hold no output of a step
+        # (its backward hooks hold the engine too).
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -192,7 +196,16 @@ class Engine:
     def forward(self, batch: Dict[str, Any]):
         """The model's output on a loader batch (data.batching), moved to this engine's device first:
         DeepSpeed does not move inputs."""
-        return self.ds(**model_inputs(batch, self.device, self.compute_dtype))
+        inputs = model_inputs(batch, self.device, self.compute_dtype)
+        if self.cfg.engine.zero_stage == 3 and torch.distributed.get_world_size() > 1 and "labels" in inputs:
+            # Each loss chunk gathers lm_head (a collective): all ranks make as many as the busiest needs.
+            labelled = batch.get("num_loss_tokens")
+            if labelled is None:
+                labelled = int((batch["labels"][:, 1:] != -100).sum())
+            chunks = torch.tensor([-(-labelled // LOSS_CHUNK_ROWS)], device=self.device)
+            torch.distributed.all_reduce(chunks, op=torch.distributed.ReduceOp.MAX)
+            inputs["num_loss_chunks"] = int(chunks.item())  # a host sync per micro-batch, ZeRO-3 only
+        return self.ds(**inputs)
 
     def backward_and_step(self, loss: torch.Tensor) -> None:
         """Backward on one micro-batch; DeepSpeed applies the optimizer at accumulation boundaries."""

@@ -352,6 +352,7 @@ def check_syncs(data: Path, out: Path, device: torch.device, stages=(0, 1, 2, 3)
             forward_syncs = len(sites)
             engine.backward_and_step(loss)
         torch.cuda.synchronize()
+        del loss  # its backward hooks hold the engine
         engine.close()
         counts: Dict[str, int] = {}
         for site in sites:

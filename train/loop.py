@@ -167,9 +167,12 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
 
     model_cfg = init_parts_once(cfg, tok, rank) if cfg.model.init_parts.qwen else cfg
     engine = Engine(build_model(model_cfg, tok), cfg)
-    lalm = next(m for m in engine.module.modules() if isinstance(m, StepAudio2ForCausalLM))  # inside peft too
+    # (No reference to the module is kept here: DeepSpeed's hooks on it hold the engine, and whatever holds
+    # the module until run() returns keeps the engine's optimizer state alive past Engine.close.)
+    kernel = next(m.attention_implementation for m in engine.module.modules()
+                  if isinstance(m, StepAudio2ForCausalLM))  # inside peft too
     sink.message(f"device {engine.device}, {cfg.engine.precision}, ZeRO-{cfg.engine.zero_stage}, decoder attention "
-                 f"{lalm.attention_implementation} (model.attention={cfg.model.attention})")
+                 f"{kernel} (model.attention={cfg.model.attention})")
     loader = build_loader(cfg.data, rank=rank, world_size=world_size, seed=cfg.seed)
     ckpt = Checkpointer(cfg.run_dir, cfg.checkpoint, rank, world_size)
     # The run's position, saved in train_state.json: the schedule and the budget are functions of it.
@@ -216,6 +219,7 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
     window = _new_window(state)
     engine.module.train()
     watchdog.beat()
+    out = None
     while budget_left(cfg, state):
         engine.set_lr_factor(schedule.factor(state["step"], state["tokens"]))
         step_tokens = 0
@@ -270,6 +274,8 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
             results[f"{metric}_{tag}"] = results[f"eval_{tag}"]
     if cfg.checkpoint.export:
         results.update(_export(cfg, engine, tok, rank, sink))
+    # The last step's output holds DeepSpeed's backward hooks, which hold the engine: let go of it first.
+    del out
     engine.close()  # before the next stage builds its own
     results.update(final_step=state["step"], tokens=state["tokens"], wall_s=time.perf_counter() - t_start)
     sink.log(state["step"], {"done": True, **{k: v for k, v in results.items()
