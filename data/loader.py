@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import collections
 import copy
+import gzip
 import hashlib
 import io
 import itertools
@@ -19,6 +20,7 @@ import math
 import os
 import re
 import tarfile
+import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -61,7 +63,15 @@ class DatasetConfig:
 
 @dataclass
 class DataConfig:
-    """Where training samples come from and how they are batched."""
+    """Where training samples come from and how they are batched.
+
+    Faults while reading: an OSError opening or reading a shard is retried after the waits of
+    IO_RETRY_DELAYS_S (0.5, 1, 2, 4 s), going on after the samples already delivered; if it persists, the
+    rest of that shard is skipped for the epoch and counted once as "io_error" (the run goes on, as with
+    bad input; the metrics and the log name the shard and the error). A corrupt tar keeps its complete
+    samples and is counted as "bad_shard" without retries. A damaged index.json is warned about and its
+    shards' samples are counted from their tar headers, the same on every rank; an OSError that persists
+    while counting stops the loader, since ranks with different counts would get overlapping shares."""
     shards: List[str] = field(default_factory=list)
     """Dataset folders holding index.json, tar paths, globs (`d/*.tar`) or brace patterns (`d/s-{0..9}.tar`).
     One dataset; leave empty when data.datasets is set."""
@@ -131,68 +141,157 @@ def check_audio_tokenizer(paths: List[str], expected: Optional[str]) -> None:
                              "(tokenizer.json says complete=false); re-run it to tokenize the remaining shards")
 
 
+IO_RETRY_DELAYS_S: Tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
+"""Seconds to wait before each re-open of a shard after an OSError while opening or reading it (a file
+briefly missing, a network filesystem's hiccup): len() retries, 7.5 s in all. A re-open skips the samples
+already delivered, so none comes out twice or is lost. When they are spent, the rest of that shard is
+skipped for the epoch and counted once as "io_error" (named like a "bad_shard"), with the path and the
+error logged: as with bad input, one shard's fault does not stop the run, and the metrics say it happened.
+A corrupt tar (tarfile's errors, EOFError) is not retried: it would fail the same way again."""
+
+
+def _open_binary(path: str):
+    """The shard file opened for reading; the one place the loader opens shards (tests inject faults here)."""
+    return open(path, "rb")
+
+
+def _is_transient(error: BaseException) -> bool:
+    """Whether a read error may go away on a re-open: an OSError that is not a corrupt gzip stream or a
+    file object that cannot do what tarfile asks."""
+    return isinstance(error, OSError) and not isinstance(error, (gzip.BadGzipFile, io.UnsupportedOperation))
+
+
 def _read_shard(path: str) -> Iterator[Dict[str, Any]]:
     """Raw samples of one tar ({"__key__", "flac", "json", ...} bytes), members grouped by key in file order.
 
     A read error (a tar cut off, corrupt blocks) ends the shard with one marker sample named after the
-    key being read; every sample completed before it still comes out.
+    key being read; every sample completed before it still comes out. An OSError re-opens the file after
+    the waits of IO_RETRY_DELAYS_S and goes on after the samples already delivered; once they are spent,
+    the marker's "__reason__" is "io_error" instead of "bad_shard".
     """
-    key, sample = None, None
-    try:
-        with tarfile.open(path, "r|*") as tar:  # stream mode: one sequential pass, as webdataset reads
-            for info in tar:
-                if not info.isreg() or _META_MEMBER.match(info.name):
-                    continue
-                prefix, ext = base_plus_ext(info.name)
-                if prefix is None:
-                    continue
-                if prefix != key:
-                    if sample is not None:
-                        yield sample
-                    key, sample = prefix, {"__key__": prefix, "__url__": path}
-                sample[ext.lower()] = tar.extractfile(info).read()
-        if sample is not None:
-            yield sample
-    except Exception as e:  # a truncated or corrupt tar must not stop training
-        logger.warning("shard %s is unreadable from sample %s on (%s: %s); its rest is skipped",
-                       path, key, type(e).__name__, e)
-        # The sample being read when it broke may be incomplete: it becomes the marker.
-        yield {"__key__": key or "<unreadable shard>", "__url__": path, "__error__": f"{type(e).__name__}: {e}"}
+    delivered, failures = 0, 0
+    reading = None  # the key of the first sample not delivered yet, once seen: what a marker names
+    while True:
+        key, sample, completed = None, None, 0  # completed: samples finished in this pass of the file
+        try:
+            with _open_binary(path) as f, tarfile.open(fileobj=f, mode="r|*") as tar:  # one sequential pass
+                for info in tar:
+                    if not info.isreg() or _META_MEMBER.match(info.name):
+                        continue
+                    prefix, ext = base_plus_ext(info.name)
+                    if prefix is None:
+                        continue
+                    if prefix != key:
+                        if sample is not None:
+                            completed += 1
+                            if completed > delivered:
+                                delivered, failures = delivered + 1, 0  # progress: the retries start afresh
+                                yield sample
+                        key, sample = prefix, {"__key__": prefix, "__url__": path}
+                        if completed >= delivered:
+                            reading = prefix
+                    if completed >= delivered:  # members of samples delivered before a re-open are not read
+                        sample[ext.lower()] = tar.extractfile(info).read()
+            if sample is not None and completed >= delivered:
+                yield sample
+            return
+        except Exception as e:  # a truncated or corrupt tar must not stop training
+            error = f"{type(e).__name__}: {e}"
+            if _is_transient(e) and failures < len(IO_RETRY_DELAYS_S):
+                delay_s = IO_RETRY_DELAYS_S[failures]
+                failures += 1
+                logger.warning("shard %s: %s after %d samples; re-opening it in %.1f s (retry %d of %d)",
+                               path, error, delivered, delay_s, failures, len(IO_RETRY_DELAYS_S))
+                time.sleep(delay_s)
+                continue
+            if _is_transient(e):
+                reason = "io_error"
+                logger.warning("shard %s: %s persists after %d retries; its rest from sample %s on is skipped "
+                               "(io_error)", path, error, failures, reading)
+            else:
+                reason = "bad_shard"
+                logger.warning("shard %s is unreadable from sample %s on (%s); its rest is skipped", path, reading,
+                               error)
+            # The sample being read when it broke may be incomplete: it becomes the marker.
+            yield {"__key__": reading or "<unreadable shard>", "__url__": path, "__error__": error,
+                   "__reason__": reason}
+            return
 
 
 _META_MEMBER = re.compile(r"__[^/]*__($|/)")  # what webdataset's tar iterator leaves out
 
 
 def _scan_count(path: str) -> int:
-    """Samples in a tar without index.json, from its headers alone, grouped the way _read_shard groups them."""
-    num_samples, key = 0, None
+    """Samples in a tar without index.json, from its headers alone, grouped the way _read_shard groups them.
+
+    A corrupt tar counts the samples before the damage, the same on every rank. An OSError is retried as
+    _read_shard does; if it persists this raises, because a count that differs between ranks would give
+    them overlapping shares of the epoch.
+    """
+    for attempt in range(len(IO_RETRY_DELAYS_S) + 1):
+        num_samples, key = 0, None
+        try:
+            with _open_binary(path) as f, tarfile.open(fileobj=f, mode="r:*") as tar:
+                for info in tar:
+                    if not info.isreg() or _META_MEMBER.match(info.name):
+                        continue
+                    prefix, _ = base_plus_ext(info.name)
+                    if prefix is not None and prefix != key:
+                        num_samples, key = num_samples + 1, prefix
+            return num_samples
+        except (tarfile.TarError, EOFError, OSError) as e:
+            if not _is_transient(e):
+                logger.warning("shard %s: counting its samples stopped at %d (%s)", path, num_samples, e)
+                return num_samples
+            if attempt == len(IO_RETRY_DELAYS_S):
+                raise OSError(f"shard {path}: counting its samples failed {attempt + 1} times "
+                              f"({type(e).__name__}: {e}); every rank needs the same count, so the loader "
+                              "cannot start") from e
+            logger.warning("shard %s: %s: %s while counting its samples; retrying in %.1f s", path,
+                           type(e).__name__, e, IO_RETRY_DELAYS_S[attempt])
+            time.sleep(IO_RETRY_DELAYS_S[attempt])
+    raise AssertionError("unreachable")
+
+
+def _index_counts(folder: str) -> Dict[str, int]:
+    """Samples per shard name from `folder`'s index.json; {} without one. A damaged index is warned
+    about, naming the file and what is wrong, and its shards are counted from their headers instead."""
+    path = os.path.join(folder, INDEX_NAME)
+    if not os.path.isfile(path):
+        return {}  # bare tars: counting them is the normal way
     try:
-        with tarfile.open(path, "r:*") as tar:
-            for info in tar:
-                if not info.isreg() or _META_MEMBER.match(info.name):
-                    continue
-                prefix, _ = base_plus_ext(info.name)
-                if prefix is not None and prefix != key:
-                    num_samples, key = num_samples + 1, prefix
-    except (tarfile.TarError, OSError, EOFError) as e:
-        logger.warning("shard %s: counting its samples stopped at %d (%s)", path, num_samples, e)
-    return num_samples
+        shards = read_index(folder)["shards"]
+    except ValueError as e:
+        # read_index's messages start with the file's path.
+        logger.warning("%s; the samples of its folder's shards are counted from their tar headers instead", e)
+        return {}
+    counts, bad = {}, []
+    for s in shards:
+        n = s.get("num_samples")
+        if isinstance(n, int) and not isinstance(n, bool) and n >= 0:
+            counts[s["name"]] = n
+        else:
+            bad.append(f"{s['name']}: num_samples={n!r}")
+    if bad:
+        logger.warning("%s: %d shard(s) without a valid sample count (%s%s); they are counted from their tar "
+                       "headers instead", path, len(bad), "; ".join(bad[:3]), "; ..." if len(bad) > 3 else "")
+    return counts
 
 
 def shard_counts(paths: List[str]) -> List[int]:
-    """Samples per shard: from its folder's index.json where that lists it, else one scan of its headers."""
+    """Samples per shard: from its folder's index.json where that lists it, else one scan of its headers.
+
+    A corrupt index.json (invalid JSON, missing fields, a bad num_samples) is warned about and its shards
+    scanned rather than refused: the scan reads the tar itself, so every rank gets the same counts and
+    equal shares stay equal. (A dataset folder named as the spec still needs a readable index: it is the
+    list of shards, see data.shards.shard_paths.)
+    """
     by_folder: Dict[str, Dict[str, int]] = {}
     out = []
     for path in paths:
         folder = os.path.dirname(os.path.abspath(path))
         if folder not in by_folder:
-            by_folder[folder] = {}
-            if os.path.isfile(os.path.join(folder, INDEX_NAME)):
-                try:
-                    by_folder[folder] = {s["name"]: s["num_samples"] for s in read_index(folder)["shards"]
-                                         if isinstance(s.get("num_samples"), int)}
-                except ValueError:
-                    pass  # an unreadable index: count the tars themselves
+            by_folder[folder] = _index_counts(folder)
         known = by_folder[folder].get(os.path.basename(path))
         out.append(known if known is not None else _scan_count(path))
     return out
@@ -216,7 +315,7 @@ _AUDIO_REASONS = {"non-finite samples": "non_finite_audio", "empty audio": "too_
 def _parse_meta(raw: Dict[str, Any], max_audio_s: Optional[float]) -> Dict[str, Any]:
     """The record's JSON object, or _Skip with the reason."""
     if "__error__" in raw:
-        raise _Skip("bad_shard")
+        raise _Skip(raw.get("__reason__", "bad_shard"), raw["__error__"])
     if "json" not in raw:
         raise _Skip("missing_json")
     try:
@@ -342,9 +441,9 @@ _MISSING = {"__missing__": True}  # a position past a shard's breaking point, al
 class _EpochReader:
     """Raw samples at ascending positions of one dataset epoch, reading only the shards that hold them.
 
-    Positions a broken shard cannot deliver come back as a "bad_shard" marker once per shard and plan (at
-    the plan's first position past the break, whoever reads it, so a resume counts it the same way) and as
-    _MISSING otherwise.
+    Positions a broken shard cannot deliver come back as a marker ("bad_shard", or "io_error" when an
+    OSError outlasted the retries) once per shard and plan (at the plan's first position past the break,
+    whoever reads it, so a resume counts it the same way) and as _MISSING otherwise.
     """
 
     def __init__(self, ds: _Dataset, epoch: int, seed: int, plan: epochs.Ranges, needed: Iterator[int]):
@@ -370,16 +469,16 @@ class _EpochReader:
             raw = next(self.raws, None)
             if raw is None:
                 self.broken = (self.local, "the tar holds fewer samples than its index.json says",
-                               "<missing samples>")
+                               "<missing samples>", "bad_shard")
             elif "__error__" in raw:
-                self.broken = (self.local, raw["__error__"], raw["__key__"])
+                self.broken = (self.local, raw["__error__"], raw["__key__"], raw.get("__reason__", "bad_shard"))
             else:
                 self.local += 1
                 if self.local - 1 == local:
                     return position, raw
         if position == epochs.first_at_or_after(self.plan, self.starts[shard] + self.broken[0]):
             return position, {"__key__": self.broken[2], "__url__": self.paths[shard],
-                              "__error__": self.broken[1]}
+                              "__error__": self.broken[1], "__reason__": self.broken[3]}
         return position, _MISSING
 
 
