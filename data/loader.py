@@ -703,7 +703,11 @@ class ShardLoader:
         if self._iterator is None:
             streams = _WorkerStreams(self.cfg, self.datasets, self.rank, self.world_size, self.seed,
                                      self._generation, copy.deepcopy(self._worker_states))
-            self._iterator = iter(DataLoader(streams, batch_size=None, num_workers=self.cfg.num_workers))
+            # The workers' base seed from a generator of our own: the same for a resumed run as for an
+            # uninterrupted one, and no draw from the training process's global stream.
+            seeds = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rank * 1009 + self._generation)
+            self._iterator = iter(DataLoader(streams, batch_size=None, num_workers=self.cfg.num_workers,
+                                             generator=seeds))
             self._waiting = {w: collections.deque() for w in range(self._num_streams)}
         # Batches go round-robin over workers; after a restart the DataLoader begins again at worker 0,
         # so hold batches until the worker an uninterrupted run would read next has delivered.

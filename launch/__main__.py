@@ -1,6 +1,8 @@
 """`python -m launch [--nodes N] [--gpus-per-node G] RECIPE.yaml [dotted.key=value ...]`: one torchrun per
 node, after environment checks; forwards preemption signals to the ranks and reports how the run ended.
 
+Killed, even with SIGKILL, it takes torchrun and the ranks with it (train.lifeline).
+
 Exit codes: 0 done, 75 preempted after a checkpoint (requeue; also written to $STEPAUDIO_PREEMPTED_FILE
 when set), 2 bad arguments or environment, other = a rank failed (torchrun's summary names it; per-rank
 logs in RUN_DIR/logs/node_R/).
@@ -18,6 +20,7 @@ from typing import List
 from launch.checks import CudaUnavailableError, check_devices, check_run_dir, network_settings
 from launch.topology import Topology, detect, rank_threads
 from train.config import ConfigError, load_config
+from train.lifeline import LAUNCHER_PID_ENV, parent_death_arm, parent_of
 from train.preempt import MARKER_ENV, PREEMPTED_EXIT_CODE
 
 
@@ -34,20 +37,26 @@ def torchrun_command(topo: Topology, run_dir: str, train_args: List[str]) -> Lis
 
 def children(pid: int) -> List[int]:
     """Direct child processes of pid (Linux /proc): torchrun's ranks, each in a session of its own."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            # The command name may hold spaces; the parent pid is the 2nd field after its closing ')'.
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(stat.parent.name))
-        except (OSError, IndexError, ValueError):
-            pass  # the process ended while we looked
-    return found
+    return [int(proc.name) for proc in Path("/proc").glob("[0-9]*") if parent_of(int(proc.name)) == pid]
 
 
 def _ignore_usr1() -> None:
     # torchrun dies on SIGUSR1 by default; only the ranks must act on it (they install their own handler).
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+def _torchrun_preexec(launcher_pid: int):
+    """What torchrun's process does before it starts: ignore SIGUSR1, and die with this launcher (a SIGKILL
+    of the launcher reaches nothing in torchrun's session of its own); its ranks die with torchrun in turn
+    (train.lifeline.stay_with_torchrun, in `python -m train`)."""
+    arm = parent_death_arm(lambda parent: parent == launcher_pid)
+
+    def preexec() -> None:
+        _ignore_usr1()
+        if arm is not None:
+            arm()
+
+    return preexec
 
 
 def main(argv=None) -> int:
@@ -92,7 +101,8 @@ def main(argv=None) -> int:
     marker = Path(cfg.run_dir) / f".preempted-node{topo.node_rank}-{os.getpid()}"
     marker.unlink(missing_ok=True)
     rank_env[MARKER_ENV] = str(marker)
-    child = subprocess.Popen(cmd, env=rank_env, preexec_fn=_ignore_usr1, start_new_session=True)
+    rank_env[LAUNCHER_PID_ENV] = str(os.getpid())
+    child = subprocess.Popen(cmd, env=rank_env, preexec_fn=_torchrun_preexec(os.getpid()), start_new_session=True)
     preempted = []
 
     def forward_preemption(signum, frame):

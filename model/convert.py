@@ -86,6 +86,17 @@ def training_config(step_dir: Path, tokenizer_dir: Optional[str] = None) -> Tupl
     return config, tok, start if start is not None and is_stepfun_folder(start) else None
 
 
+def _deepspeed_data_classes() -> list:
+    """Classes DeepSpeed pickles into its optimizer state (built from their fields: no code of the file runs)."""
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:
+        return []
+    return [DynamicLossScaler, LossScaler, ZeroStageEnum, fragment_address]
+
+
 def read_deepspeed_weights(step_dir: Path) -> Dict[str, torch.Tensor]:
     """Full weights of a DeepSpeed checkpoint folder: fp32 master weights for ZeRO 1-3, "module" for stage 0."""
     if not any(step_dir.glob("*zero_pp_rank_*_optim_states.pt")):
@@ -94,7 +105,10 @@ def read_deepspeed_weights(step_dir: Path) -> Dict[str, torch.Tensor]:
         if not model_states.is_file():
             raise ValueError(f"training checkpoint {step_dir} has neither {model_states.name} nor ZeRO optimizer "
                              f"shards (not a DeepSpeed checkpoint)")
-        return dict(torch.load(model_states, map_location="cpu", weights_only=False)["module"])
+        from train.checkpoint import load_plain
+
+        # Tensors, plain data and DeepSpeed's data classes: a file naming anything else is refused, never run.
+        return dict(load_plain(model_states, allowed=_deepspeed_data_classes())["module"])
     # ZeRO 1-3 keep the fp32 weights partitioned in the optimizer shards (stage 3 has no mp_rank_00 file).
     # Only this CLI reads DeepSpeed's files, so the import stays here rather than in model code.
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

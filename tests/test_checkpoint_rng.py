@@ -14,8 +14,19 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from train.checkpoint import Checkpointer
+from train.checkpoint import MANIFEST_NAME, Checkpointer
 from train.config import CheckpointConfig
+
+
+def refresh_manifest(folder: Path, *names: str) -> None:
+    """After editing a checkpoint on purpose: its manifest names the new contents (else it counts as damage)."""
+    import hashlib
+
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    for name in names:
+        data = (folder / name).read_bytes()
+        manifest["files"][name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
 
 
 @pytest.fixture
@@ -87,6 +98,7 @@ def test_on_another_number_of_ranks_the_streams_start_fresh(one_rank_group, tmp_
     state = json.loads((folder / "train_state.json").read_text())
     (folder / "train_state.json").write_text(json.dumps({**state, "world_size": 2}))
     shutil.copy(folder / "rank_00000.pt", folder / "rank_00001.pt")
+    refresh_manifest(folder, "train_state.json", "rank_00001.pt")
     seed_all(5)
     fresh = draws()
     seed_all(5)
@@ -141,6 +153,7 @@ def test_cuda_generators_that_cannot_be_restored_are_named(one_rank_group, tmp_p
     rank_file = torch.load(folder / "rank_00000.pt", weights_only=False)
     del rank_file["rng"]["cuda"]
     torch.save(rank_file, folder / "rank_00000.pt")
+    refresh_manifest(folder, "rank_00000.pt")
     messages.clear()
     resume(tmp_path, messages)
     assert cuda.set_calls == []

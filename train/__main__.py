@@ -9,6 +9,7 @@ import json
 import sys
 
 from train.config import ConfigError, deepspeed_config, load_config, to_yaml
+from train.lifeline import stay_with_torchrun
 
 
 def main(argv=None) -> int:
@@ -19,6 +20,7 @@ def main(argv=None) -> int:
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config and the generated DeepSpeed JSON (per stage), then exit")
     args = parser.parse_args(argv)
+    stay_with_torchrun()  # a rank torchrun started dies with it, even in a session of its own
     try:
         cfg = load_config(args.recipe, args.overrides)
         if cfg.stages:

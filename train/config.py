@@ -128,8 +128,8 @@ class MetricsConfig:
     """The wandb project name."""
     sample_keys: bool = False
     """Write the key and epoch of every sample each rank trains on to RUN_DIR/sample_keys/rank_N.jsonl
-    (one line per micro-batch: step, keys, epochs), to audit what a run saw. Steps after the last
-    checkpoint of a killed attempt appear again when the resumed run repeats them."""
+    (one line per micro-batch: step, keys, epochs), to audit what a run saw. A resumed run first drops the
+    lines of steps after its checkpoint (a killed attempt's rolled-back steps), so each step appears once."""
 
 
 @dataclass

@@ -23,7 +23,7 @@ from model.checkpoint import load_stepfun, save_stepfun
 from model.config import preset_config
 from model.lalm import StepAudio2ForCausalLM, resolve_attention
 from train import evaluate as evaluation
-from train.checkpoint import Checkpointer
+from train.checkpoint import Checkpointer, seed_host_generators
 from train.config import InitPartsConfig, TrainConfig, to_yaml
 from train.engine import (Engine, compute_dtype, gathered_for_write, inference_model, init_distributed,
                           model_init_context)
@@ -31,6 +31,7 @@ from train.faults import maybe_fault
 from train.lora import apply_lora, audio_rows, save_adapter
 from train.metrics import make_sink
 from train.preempt import PREEMPTED_EXIT_CODE, Preempted, PreemptionFlag, mark_preempted
+from train.run_folder import drop_steps_after, process_start_time, remove_stale_temporaries
 from train.schedule import Schedule
 from train.watchdog import Watchdog
 
@@ -143,12 +144,21 @@ def _log_window(sink, engine, loader, window, state, world_size: int) -> None:
     sink.advance(state["step"], f"loss {loss:.3f} lr {engine.lr():.2e} {tokens_per_s:.0f} tok/s")
 
 
-def _open_key_log(cfg: TrainConfig, rank: int):
-    """RUN_DIR/sample_keys/rank_N.jsonl opened for appending (metrics.sample_keys), else None."""
+def _open_key_log(cfg: TrainConfig, rank: int, world_size: int, step: int):
+    """RUN_DIR/sample_keys/rank_N.jsonl opened for appending (metrics.sample_keys), else None.
+
+    Training begins at step: lines of later steps (a killed attempt's, after its last checkpoint) go, as this
+    run repeats those steps."""
     if not cfg.metrics.sample_keys:
         return None
     folder = Path(cfg.run_dir) / "sample_keys"
     folder.mkdir(parents=True, exist_ok=True)
+    if step > 0:
+        logs = [folder / f"rank_{rank}.jsonl"]
+        if rank == 0:  # also the files of ranks that a resume on fewer ranks no longer has
+            logs += [p for p in folder.glob("rank_*.jsonl") if p.stem[5:].isdigit() and int(p.stem[5:]) >= world_size]
+        for log in logs:
+            drop_steps_after(log, step)
     return open(folder / f"rank_{rank}.jsonl", "a", encoding="utf-8")
 
 
@@ -156,14 +166,18 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
     t_start = time.perf_counter()
     rank, world_size = init_distributed(timeout_s=cfg.resilience.collective_timeout_s)
     preempt = PreemptionFlag(cfg.resilience.preempt_signals)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same on every rank: the initial weights must match
+    seed_host_generators(cfg.seed, rank)
     tok = load_tokenizer(cfg.data.tokenizer)
     ids = special_ids(tok)
     config_yaml = to_yaml(cfg)
+    sink = make_sink(cfg.metrics, cfg.run_dir, rank, run_config=asdict(cfg))
     if rank == 0:
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.run_dir) / "config.yaml").write_text(config_yaml, encoding="utf-8")
-    sink = make_sink(cfg.metrics, cfg.run_dir, rank, run_config=asdict(cfg))
+        # Before this attempt writes a temporary: what killed attempts left half-written goes.
+        for line in remove_stale_temporaries(cfg.run_dir, started=process_start_time()):
+            sink.message(line)
 
     model_cfg = init_parts_once(cfg, tok, rank) if cfg.model.init_parts.qwen else cfg
     engine = Engine(build_model(model_cfg, tok), cfg)
@@ -174,7 +188,7 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
     sink.message(f"device {engine.device}, {cfg.engine.precision}, ZeRO-{cfg.engine.zero_stage}, decoder attention "
                  f"{kernel} (model.attention={cfg.model.attention})")
     loader = build_loader(cfg.data, rank=rank, world_size=world_size, seed=cfg.seed)
-    ckpt = Checkpointer(cfg.run_dir, cfg.checkpoint, rank, world_size)
+    ckpt = Checkpointer(cfg.run_dir, cfg.checkpoint, rank, world_size, log=sink.message)
     # The run's position, saved in train_state.json: the schedule and the budget are functions of it.
     state: Dict[str, Any] = {"step": 0, "tokens": 0, "wall_s": 0.0, "eval_start": None}
     resume = ckpt.resume_point()
@@ -213,7 +227,7 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
         state["eval_start"] = evaluate("start")
 
     batches = iter(loader)
-    key_log = _open_key_log(cfg, rank)
+    key_log = _open_key_log(cfg, rank, world_size, state["step"])
     schedule = Schedule.from_config(cfg)
     sink.start(state["step"], cfg.max_steps)
     window = _new_window(state)
@@ -224,7 +238,7 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
         engine.set_lr_factor(schedule.factor(state["step"], state["tokens"]))
         step_tokens = 0
         for _ in range(cfg.engine.grad_accum_steps):
-            batch = next(batches)
+            batch = next(batches)  # (draws nothing from the global RNG: data.loader seeds its workers itself)
             if key_log is not None:
                 key_log.write(json.dumps({"step": state["step"] + 1, "keys": batch["keys"],
                                           "epochs": batch.get("epochs")}) + "\n")

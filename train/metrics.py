@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from train.config import MetricsConfig
+from train.run_folder import drop_steps_after
 
 
 class NullSink:
@@ -38,6 +39,14 @@ class MetricsSink(NullSink):
                                         name=Path(run_dir).name)
 
     def start(self, step: int, total: int) -> None:
+        """Training begins at step (the checkpoint's, on a resume): lines of later steps, logged by an attempt
+        that was killed after that checkpoint, leave metrics.jsonl, as the resumed run logs those steps again."""
+        if step > 0:
+            self.file.close()
+            dropped = drop_steps_after(self.path, step)
+            self.file = open(self.path, "a", encoding="utf-8")
+            if dropped:
+                self.message(f"{self.path}: dropped {dropped} line(s) of steps after {step}, which this run repeats")
         if self.cfg.progress:
             from tqdm import tqdm
 
