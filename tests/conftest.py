@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,3 +45,31 @@ def data_overrides(data: dict) -> list[str]:
     """Points the demo recipe at the fixture's data."""
     return [f"data.shards=[{data['train']}]", f"data.tokenizer={data['tokenizer']}",
             f"eval.shards=[{data['heldout']}]"]
+
+
+@pytest.fixture
+def one_rank_group():
+    """A one-rank gloo process group (for code that makes collectives), torn down after the test."""
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+class FakeEngine:
+    """What train.checkpoint.Checkpointer asks of train.engine.Engine, minus DeepSpeed."""
+
+    def __init__(self):
+        self.cfg = SimpleNamespace(engine=SimpleNamespace(zero_stage=0))
+        self.module = SimpleNamespace(config=SimpleNamespace(to_dict=lambda: {"tiny": True}))
+
+    def save(self, folder, tag, client_state):
+        (Path(folder) / tag).mkdir(parents=True, exist_ok=True)
+        torch.save(client_state, Path(folder) / tag / "mp_rank_00_model_states.pt")
+
+    def load(self, folder, tag, universal=False):
+        return torch.load(Path(folder) / tag / "mp_rank_00_model_states.pt", weights_only=True)

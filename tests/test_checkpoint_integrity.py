@@ -12,7 +12,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
 from tests.conftest import REPO
 from train.checkpoint import MANIFEST_NAME, Checkpointer, load_plain, seed_host_generators
@@ -64,14 +62,6 @@ def run_copy(base_run, tmp_path) -> Path:
     return tmp_path / "run"
 
 
-@pytest.fixture
-def one_rank_group():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def checkpointer(run_dir: Path, messages: list, resume: str = "auto") -> Checkpointer:

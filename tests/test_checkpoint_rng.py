@@ -5,15 +5,12 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import socket
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
-import pytest
 import torch
-import torch.distributed as dist
 
+from conftest import FakeEngine
 from train.checkpoint import MANIFEST_NAME, Checkpointer
 from train.config import CheckpointConfig
 
@@ -29,30 +26,6 @@ def refresh_manifest(folder: Path, *names: str) -> None:
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
 
 
-@pytest.fixture
-def one_rank_group():
-    """A one-rank gloo group for the Checkpointer's collectives, torn down after the test."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
-class FakeEngine:
-    """What Checkpointer asks of train.engine.Engine, minus DeepSpeed: the RNG is the Checkpointer's own."""
-
-    def __init__(self):
-        self.cfg = SimpleNamespace(engine=SimpleNamespace(zero_stage=0))
-        self.module = SimpleNamespace(config=SimpleNamespace(to_dict=lambda: {"tiny": True}))
-
-    def save(self, folder, tag, client_state):
-        (Path(folder) / tag).mkdir(parents=True, exist_ok=True)
-        torch.save(client_state, Path(folder) / tag / "mp_rank_00_model_states.pt")
-
-    def load(self, folder, tag, universal=False):
-        return torch.load(Path(folder) / tag / "mp_rank_00_model_states.pt")
 
 
 def seed_all(seed: int) -> None:

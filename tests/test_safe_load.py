@@ -6,17 +6,15 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 from deepspeed.runtime.fp16.loss_scaler import LossScaler
 from torch.serialization import get_unsafe_globals_in_checkpoint
 
+from conftest import FakeEngine
 from model.config import preset_config
 from model.convert import main as convert_main
 from model.convert import read_deepspeed_weights
@@ -39,29 +37,8 @@ def refused(path: Path) -> str:
             f"that could run code")
 
 
-@pytest.fixture
-def one_rank_group():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
-class FakeEngine:
-    """What Checkpointer asks of train.engine.Engine, minus DeepSpeed."""
-
-    def __init__(self):
-        self.cfg = SimpleNamespace(engine=SimpleNamespace(zero_stage=0))
-        self.module = SimpleNamespace(config=SimpleNamespace(to_dict=lambda: {"tiny": True}))
-
-    def save(self, folder, tag, client_state):
-        (Path(folder) / tag).mkdir(parents=True, exist_ok=True)
-        torch.save(client_state, Path(folder) / tag / "mp_rank_00_model_states.pt")
-
-    def load(self, folder, tag, universal=False):
-        return torch.load(Path(folder) / tag / "mp_rank_00_model_states.pt", weights_only=True)
 
 
 def test_rng_and_loader_files_hold_plain_data_and_restore_every_generator(one_rank_group, tmp_path):
