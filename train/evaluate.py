@@ -26,6 +26,7 @@ from data.loader import iter_eval_samples, iter_rendered
 from data.templates import IGNORE_INDEX
 from data.tokenizer import SpecialIds
 from model.generate import generate
+from train.engine import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -108,10 +109,9 @@ def _inputs(batch: List[Dict[str, Any]], pad_id: int, left: bool, device: torch.
         ids_BT[b, cols] = torch.tensor(s["ids"], dtype=torch.long)
         mask_BT[b, cols] = 1
     mels, mel_lengths = pad_mels([m for s in batch for m in s["mels"]])
-    to = dict(device=device, non_blocking=True)
     if mels is not None:
-        mels, mel_lengths = mels.to(dtype=dtype, **to), mel_lengths.to(**to)
-    return ids_BT.to(**to), mask_BT.to(**to), mels, (None if mels is None else mel_lengths)
+        mels, mel_lengths = to_device(mels.to(dtype), device), to_device(mel_lengths, device)
+    return to_device(ids_BT, device), to_device(mask_BT, device), mels, (None if mels is None else mel_lengths)
 
 
 def _generated(model, batch, tok, ids: SpecialIds, max_new_tokens: int, device, dtype) -> List[str]:
