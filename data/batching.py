@@ -24,14 +24,22 @@ _MAX_WAIT_BUFFERS = 4
 _LEN_MULTIPLE = 8
 
 
+def sample_rows(sample: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The sequences a sample puts into a batch: itself, or a pair's chosen and rejected renders
+    (data.loader.render_pair: {"pair": [chosen, rejected], ...})."""
+    return sample["pair"] if "pair" in sample else [sample]
+
+
 class _Item:
-    """A held sample with what batching looks at: arrival index, token count, mel chunk sizes."""
+    """A held sample with what batching looks at: arrival index, token count, mel chunk sizes (a pair's
+    two sequences counted together)."""
     __slots__ = ("sample", "arrival", "num_tokens", "num_chunks", "longest_chunk")
 
     def __init__(self, sample: Dict[str, Any], arrival: int):
-        frames = [m.shape[1] for m in sample["mels"]]
+        rows = sample_rows(sample)
+        frames = [m.shape[1] for row in rows for m in row["mels"]]
         self.sample, self.arrival = sample, arrival
-        self.num_tokens = len(sample["input_ids"])
+        self.num_tokens = sum(len(row["input_ids"]) for row in rows)
         self.num_chunks, self.longest_chunk = len(frames), max(frames, default=0)
 
 
@@ -68,7 +76,8 @@ def encoder_frames(sample: Dict[str, Any]) -> int:
 class Batcher:
     """Collects rendered samples (dicts with "uid", "input_ids", "labels", "mels", ...) and emits batches.
 
-    fixed:  `batch_size` samples per batch in arrival order.
+    fixed:  `batch_size` samples per batch in arrival order; pair samples ({"pair": [chosen, rejected]})
+            give 2 x batch_size rows (collate_pairs), and only this mode takes them.
     tokens: up to `buffer_size` samples are held, sorted by length and cut into batches of
             rows x longest row <= `max_tokens`; the last, partly filled batch waits for more samples.
     packed: held samples are packed best-fit decreasing into rows of <= `max_seq_len` tokens,
@@ -99,7 +108,7 @@ class Batcher:
 
     def reject_reason(self, sample: Dict[str, Any]) -> Optional[str]:
         """None if `sample` can be batched; else the stats key saying why it never can."""
-        num_tokens = len(sample["input_ids"])
+        num_tokens = sum(len(row["input_ids"]) for row in sample_rows(sample))
         if (self.mode == "packed" and num_tokens > self.max_seq_len) or \
                 (self.mode == "tokens" and num_tokens > self.max_tokens):
             return "too_many_tokens"
@@ -128,9 +137,12 @@ class Batcher:
         """Hold `sample`; return the batches it completes (often none), in order."""
         if "uid" not in sample:
             raise ValueError(f"sample {sample.get('key')!r} has no 'uid': the Batcher reports held samples by uid")
+        if "pair" in sample and self.mode != "fixed":
+            raise ValueError(f"sample {sample.get('key')!r} is a pair: its two rows go into one batch, which "
+                             f"batching mode 'fixed' does, not {self.mode!r}")
         reason = self.reject_reason(sample)
         if reason is not None:
-            raise ValueError(f"sample {sample.get('key')!r} ({len(sample['input_ids'])} tokens, "
+            raise ValueError(f"sample {sample.get('key')!r} ({_Item(sample, 0).num_tokens} tokens, "
                              f"{encoder_frames(sample)} mel frames) cannot be batched: {reason}; "
                              "check reject_reason() and skip such samples before add()")
         self._held.append(_Item(sample, self._arrivals))
@@ -247,12 +259,21 @@ def pad_mels(mels: List[torch.Tensor]):
     return out, lengths
 
 
+def _metas(samples: List[Dict[str, Any]]) -> Optional[List[Any]]:
+    """The samples' "meta" (the record JSON that prompt and pairs modes keep for rewards), or None when
+    they carry none."""
+    have = sum("meta" in s for s in samples)
+    if have not in (0, len(samples)):
+        raise ValueError(f"{have} of {len(samples)} samples carry 'meta': expected all or none (one render mode)")
+    return [s["meta"] for s in samples] if have else None
+
+
 def _batch(rows: List[List[Dict[str, Any]]], pad_id: int, length: int, packed: bool) -> Dict[str, Any]:
     """The batch dict: input_ids, labels, attention_mask, position_ids (and segment_ids if packed) [R, L];
     mels [N, 128, Fmax] or None and mel_lengths [N] of every chunk in row-major sample order; keys, uids,
     num_samples, num_tokens (real), num_loss_tokens (labelled targets, labels[:, 1:] != -100), num_audio_s;
-    packed: cu_seq_lens and max_length for flash-attention's varlen kernel. Counts are host-side ints built
-    here so that no GPU step syncs with the host to learn them."""
+    "meta" per sample where the samples carry it; packed: cu_seq_lens and max_length for flash-attention's
+    varlen kernel. Counts are host-side ints built here so that no GPU step syncs with the host to learn them."""
     ids, labels, mask, positions, segments = [], [], [], [], []
     for row in rows:
         r_ids, r_labels, r_pos, r_seg = [], [], [], []
@@ -284,6 +305,9 @@ def _batch(rows: List[List[Dict[str, Any]]], pad_id: int, length: int, packed: b
              "num_tokens": sum(len(s["input_ids"]) for s in samples),
              "num_loss_tokens": int((labels_RL[:, 1:] != IGNORE_INDEX).sum()),
              "num_audio_s": float(sum(s["num_audio_s"] for s in samples))}
+    metas = _metas(samples)
+    if metas is not None:
+        batch["meta"] = metas
     if packed:
         batch["segment_ids"] = torch.tensor(segments, dtype=torch.long)
         batch["cu_seq_lens"], batch["max_length"] = packed_cu_seq_lens(batch["segment_ids"])
@@ -306,10 +330,33 @@ def packed_cu_seq_lens(segment_ids_BT: torch.Tensor) -> Tuple[torch.Tensor, int]
 
 
 def collate(samples: List[Dict[str, Any]], pad_id: int) -> Dict[str, Any]:
-    """One sample per row, right-padded with `pad_id` to the longest (fixed and tokens modes)."""
+    """One sample per row, right-padded with `pad_id` to the longest (fixed and tokens modes); pair
+    samples go to collate_pairs. Samples that carry "meta" (prompt mode) give the batch "meta", one per row."""
     if not samples:
         raise ValueError("collate got no samples: expected at least one")
+    if any("pair" in s for s in samples):
+        return collate_pairs(samples, pad_id)
     return _batch([[s] for s in samples], pad_id, max(len(s["input_ids"]) for s in samples), packed=False)
+
+
+def collate_pairs(pairs: List[Dict[str, Any]], pad_id: int) -> Dict[str, Any]:
+    """B pairs -> 2B rows: rows 0..B-1 the chosen sequences, rows B..2B-1 the rejected ones in the same
+    order, all right-padded to the longest; mels in that row order (chosen rows' chunks first), so the
+    model splices them as for any batch. keys, uids, "meta" and num_samples are per pair, "num_pairs" = B;
+    num_tokens, num_loss_tokens and num_audio_s count all 2B rows."""
+    if not pairs:
+        raise ValueError("collate_pairs got no pairs: expected at least one")
+    bad = [p.get("key") for p in pairs if len(p.get("pair", ())) != 2]
+    if bad:
+        raise ValueError(f"sample {bad[0]!r} is not a pair: expected \"pair\": [chosen, rejected] in every sample")
+    rows = [[p["pair"][0]] for p in pairs] + [[p["pair"][1]] for p in pairs]
+    batch = _batch(rows, pad_id, max(len(row[0]["input_ids"]) for row in rows), packed=False)
+    batch.update(keys=[p["key"] for p in pairs], uids=[p.get("uid") for p in pairs], num_samples=len(pairs),
+                 num_pairs=len(pairs))
+    metas = _metas(pairs)
+    if metas is not None:
+        batch["meta"] = metas
+    return batch
 
 
 def collate_packed(rows: List[List[Dict[str, Any]]], pad_id: int, max_len: Optional[int] = None) -> Dict[str, Any]:

@@ -59,7 +59,7 @@ class Candidate:
 
 @dataclass
 class Corpus:
-    kind: str  # "manifest", "kaldi", "folder", "hf" or "conversations"
+    kind: str  # "manifest", "kaldi", "folder", "hf", "conversations" or "preferences"
     source: str  # the path the user gave
     candidates: List[Candidate]
     rejects: List[Reject]

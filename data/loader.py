@@ -36,8 +36,8 @@ from data.audio_tokenizers import audio_tokenizer_hash
 from data.batching import BATCHING_MODES, Batcher, pad_mels
 from data.features import SAMPLE_RATE, log_mel, num_audio_tokens, split_chunks
 from data.shards import INDEX_NAME, read_index, shard_paths
-from data.tasks import DEFAULT_TASK, TASKS, RenderOptions, Sample
-from data.templates import DEFAULT_ASR_INSTRUCTION, TemplateError
+from data.tasks import ANSWERS, DEFAULT_TASK, TASKS, RenderOptions, Sample
+from data.templates import DEFAULT_ASR_INSTRUCTION, IGNORE_INDEX, TemplateError
 from data.tokenize import read_tokenizer_record
 from data.tokenizer import SpecialIds, load_tokenizer, special_ids
 
@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 _STATE_VERSION = 2
 _MAX_SKIPPED_KEYS = 20
 _DEFAULT_DATASET = "default"
+RENDER_MODES = ("full", "prompt", "pairs")
 
 
 @dataclass
@@ -106,6 +107,14 @@ class DataConfig:
     audio_tokenizer: Optional[str] = None
     """Audio tokenizer the codes must come from: its hash, or its file (`kmeans:F.pt`, `s3:F.onnx`).
     Every dataset folder's tokenizer.json must then name it; unset, the tokenizers found are only logged."""
+    render: str = "full"
+    """What a record becomes. full: its task's whole sequence, loss on the answer (training, SFT).
+    prompt: the prompt part only (with_answer=False, any task), labels all -100, for generation (GRPO,
+    PPO); codes of the answer are not needed, the batch's "meta" holds each record's JSON plus "key" for the
+    rewards. pairs: a record of a paired task ("preference") as its chosen and its rejected sequence, one
+    sample for shuffling, shares and resume; a batch of B pairs has 2B rows, chosen rows first, with
+    "num_pairs" and "meta" (DPO, reward models); other records are skipped as "not_a_pair". prompt and
+    pairs need batching=fixed."""
 
 
 # ---------------------------------------------------------------------------------------------- shards
@@ -373,23 +382,30 @@ def _chunk_mels(wave_T: torch.Tensor) -> List[torch.Tensor]:
     return mels
 
 
-def render_raw(raw: Dict[str, Any], tok, ids: SpecialIds, instruction: str = DEFAULT_ASR_INSTRUCTION,
-               max_audio_s: Optional[float] = None, with_answer: bool = True, default_task: str = DEFAULT_TASK,
-               force_task: Optional[str] = None, min_audio_s: float = 0.0) -> Dict[str, Any]:
-    """Render a raw sample with its record's task (or `force_task`); _Skip with the reason if it cannot.
-
-    Returns {key, task, text, mels: [128, F] per chunk, num_audio_s, input_ids, labels}.
-    """
+def _record(raw: Dict[str, Any], max_audio_s: Optional[float], default_task: str,
+            force_task: Optional[str]) -> Tuple[Dict[str, Any], str, Any]:
+    """(the record's JSON, its task name, the Task), or _Skip with the reason."""
     meta = _parse_meta(raw, max_audio_s)
     name = force_task or meta.get("task", default_task)
     task = TASKS.get(name) if isinstance(name, str) else None
     if task is None:
         raise _Skip("unknown_task", f"task {name!r} is not one of {sorted(TASKS)}")
-    sample = Sample(raw["__key__"], meta)
+    return meta, name, task
+
+
+def _members(members, meta: Dict[str, Any]) -> List[str]:
     try:
-        code_members, audio_members = task.codes(meta), task.audio(meta)
+        return members(meta)
     except TemplateError as e:
         raise _Skip(e.reason, str(e)) from None
+
+
+def _inputs(raw: Dict[str, Any], meta: Dict[str, Any], task, code_members: List[str],
+            max_audio_s: Optional[float], min_audio_s: float) -> Tuple[Sample, Dict[str, List[torch.Tensor]], float]:
+    """(the Sample a template renders, {audio member: log-mel per chunk}, seconds of audio decoded): the
+    codes members named and every audio member the task reads; _Skip with the reason if one is unusable."""
+    sample = Sample(raw["__key__"], meta)
+    audio_members = _members(task.audio, meta)
     duration_s = meta.get("duration_s")
     if audio_members and isinstance(duration_s, (int, float)) and duration_s < min_audio_s:
         raise _Skip("too_short")  # by the metadata, before paying for the decode
@@ -401,13 +417,61 @@ def render_raw(raw: Dict[str, Any], tok, ids: SpecialIds, instruction: str = DEF
         raise _Skip("too_short")
     mels = {m: _chunk_mels(wave_T) for m, wave_T in waves.items()}
     sample.mel_frames = {m: [x.shape[1] for x in chunks] for m, chunks in mels.items()}
+    return sample, mels, num_audio_s
+
+
+def _render_task(task, sample: Sample, tok, ids: SpecialIds, options: RenderOptions):
     try:
-        rendered = task.render(sample, tok, ids, RenderOptions(instruction, with_answer))
+        return task.render(sample, tok, ids, options)
     except TemplateError as e:
         raise _Skip(e.reason, str(e)) from None
+
+
+def render_raw(raw: Dict[str, Any], tok, ids: SpecialIds, instruction: str = DEFAULT_ASR_INSTRUCTION,
+               max_audio_s: Optional[float] = None, with_answer: bool = True, default_task: str = DEFAULT_TASK,
+               force_task: Optional[str] = None, min_audio_s: float = 0.0, answer: str = "chosen",
+               keep_meta: bool = False) -> Dict[str, Any]:
+    """Render a raw sample with its record's task (or `force_task`); _Skip with the reason if it cannot.
+
+    Returns {key, task, text, mels: [128, F] per chunk, num_audio_s, input_ids, labels}, plus "meta" (the
+    record's JSON and its "key") with `keep_meta`. with_answer=False renders the prompt: labels all -100,
+    and of the codes only those the prompt reads (Task.prompt_codes) are needed. `answer` picks a paired
+    task's answer (RenderOptions.answer).
+    """
+    meta, name, task = _record(raw, max_audio_s, default_task, force_task)
+    code_members = _members(task.codes if with_answer else task.prompt_codes, meta)
+    sample, mels, num_audio_s = _inputs(raw, meta, task, code_members, max_audio_s, min_audio_s)
+    rendered = _render_task(task, sample, tok, ids, RenderOptions(instruction, with_answer, answer))
+    # A prompt carries no loss, whatever a template labels.
+    labels = rendered.labels if with_answer else [IGNORE_INDEX] * len(rendered.input_ids)
+    out = {"key": raw["__key__"], "task": name, "text": meta.get("text", ""),
+           "mels": [m for member in rendered.audio for m in mels[member]], "num_audio_s": num_audio_s,
+           "input_ids": rendered.input_ids, "labels": labels}
+    if keep_meta:
+        out["meta"] = {**meta, "key": raw["__key__"]}
+    return out
+
+
+def render_pair(raw: Dict[str, Any], tok, ids: SpecialIds, instruction: str = DEFAULT_ASR_INSTRUCTION,
+                max_audio_s: Optional[float] = None, default_task: str = DEFAULT_TASK,
+                force_task: Optional[str] = None, min_audio_s: float = 0.0) -> Dict[str, Any]:
+    """A record of a paired task rendered with its chosen and with its rejected answer, as one sample:
+    {key, task, text, meta (the record's JSON and "key"), pair: [chosen, rejected]}, each of the two
+    {key, input_ids, labels, mels, num_audio_s} like render_raw's dict (the prompt's audio is decoded once
+    and heard by both). _Skip("not_a_pair") for a record whose task is not paired or that lacks an answer.
+    """
+    meta, name, task = _record(raw, max_audio_s, default_task, force_task)
+    if not task.paired:
+        raise _Skip("not_a_pair", f"task {name!r} renders one answer, not a chosen and a rejected one")
+    code_members = _members(task.codes, meta)
+    sample, mels, num_audio_s = _inputs(raw, meta, task, code_members, max_audio_s, min_audio_s)
+    rows = []
+    for answer in ANSWERS:
+        rendered = _render_task(task, sample, tok, ids, RenderOptions(instruction, True, answer))
+        rows.append({"key": raw["__key__"], "input_ids": rendered.input_ids, "labels": rendered.labels,
+                     "mels": [m for member in rendered.audio for m in mels[member]], "num_audio_s": num_audio_s})
     return {"key": raw["__key__"], "task": name, "text": meta.get("text", ""),
-            "mels": [m for member in rendered.audio for m in mels[member]], "num_audio_s": num_audio_s,
-            "input_ids": rendered.input_ids, "labels": rendered.labels}
+            "meta": {**meta, "key": raw["__key__"]}, "pair": rows}
 
 
 def _sample_name(raw: Dict[str, Any]) -> str:
@@ -564,8 +628,13 @@ class _SlotStream:
         self.state = state
 
     def _render(self, raw: Dict[str, Any], ds: _Dataset) -> Dict[str, Any]:
-        return render_raw(raw, self.tok, self.ids, self.cfg.asr_instruction, self.cfg.max_audio_s,
-                          default_task=ds.task, min_audio_s=self.cfg.min_audio_s)
+        cfg = self.cfg
+        if cfg.render == "pairs":
+            return render_pair(raw, self.tok, self.ids, cfg.asr_instruction, cfg.max_audio_s, default_task=ds.task,
+                               min_audio_s=cfg.min_audio_s)
+        prompt = cfg.render == "prompt"
+        return render_raw(raw, self.tok, self.ids, cfg.asr_instruction, cfg.max_audio_s, with_answer=not prompt,
+                          default_task=ds.task, min_audio_s=cfg.min_audio_s, keep_meta=prompt)
 
     def batches(self) -> Iterator[Dict[str, Any]]:
         cfg, state = self.cfg, self.state
@@ -678,7 +747,9 @@ class ShardLoader:
 
     A batch is the Batcher's dict (input_ids, labels, attention_mask, position_ids, segment_ids when packed,
     mels, mel_lengths, keys, uids, num_samples, num_tokens, num_audio_s) plus, per sample, the dataset
-    ("datasets") and that dataset's epoch ("epochs") it came from.
+    ("datasets") and that dataset's epoch ("epochs") it came from. With data.render=prompt it adds "meta"
+    (each row's record JSON plus "key"); with data.render=pairs its 2B rows are B chosen then B rejected
+    sequences, and keys, uids, datasets, epochs, meta and num_samples count the B pairs ("num_pairs").
     """
 
     def __init__(self, cfg: DataConfig, datasets: List[_Dataset], rank: int, world_size: int, seed: int):
@@ -841,6 +912,12 @@ def _check_config(cfg: DataConfig, rank: int, world_size: int) -> None:
         raise ValueError(f"rank={rank} with world_size={world_size}: expected 0 <= rank < world_size")
     if cfg.batching not in BATCHING_MODES:
         raise ValueError(f"data.batching={cfg.batching!r}: expected one of {list(BATCHING_MODES)}")
+    if cfg.render not in RENDER_MODES:
+        raise ValueError(f"data.render={cfg.render!r}: expected one of {list(RENDER_MODES)}")
+    if cfg.render != "full" and cfg.batching != "fixed":
+        # A pair's two rows must stay in one batch and a prompt batch maps row i to meta[i]: no packing.
+        raise ValueError(f"data.render={cfg.render!r} needs data.batching='fixed', got data.batching="
+                         f"{cfg.batching!r}")
     for key, low in (("batch_size", 1), ("num_workers", 0), ("shuffle_buffer", 0), ("max_tokens", 1),
                      ("max_mel_frames", 0), ("max_seq_len", 1), ("batch_buffer", 1)):
         value = getattr(cfg, key)

@@ -1,5 +1,5 @@
-"""Corpus -> WebDataset shards + index.json: `python -m data.prepare {manifest,kaldi,folder,hf,conversations}
-... OUT_DIR`.
+"""Corpus -> WebDataset shards + index.json: `python -m data.prepare {manifest,kaldi,folder,hf,conversations,
+preferences} ... OUT_DIR`.
 
 Bad samples are rejected with a reason in index.json, never fatal; only a corpus with no usable sample
 is. Audio is decoded in a process pool but shards are written in corpus order, so output is
@@ -25,6 +25,7 @@ from data.conversations import read_conversations
 from data.features import SAMPLE_RATE
 from data.formats import (Blob, Candidate, Corpus, PrepareError, Reject, describe, read_folder, read_hf,
                           read_kaldi, read_manifest)
+from data.preferences import read_preferences
 from data.shards import INDEX_FORMAT, INDEX_NAME, ShardWriter, file_sha256, write_index
 from data.stats import Counts
 
@@ -33,7 +34,7 @@ STATE_NAME = "prepare_state.json"
 PREPARE_VERSION = 1
 _SHARD_FILE_RE = re.compile(r"shard-\d{6}\.tar(\.tmp)?")
 
-__all__ = ["PrepareError", "prepare", "prepare_conversations", "prepare_manifest", "main"]
+__all__ = ["PrepareError", "prepare", "prepare_conversations", "prepare_manifest", "prepare_preferences", "main"]
 
 
 # -------------------------------------------------------------------------------------- decoding
@@ -355,6 +356,12 @@ def prepare_conversations(path: str, out_dir: str, shard_size: int = 1000, worke
     return prepare(read_conversations(path), out_dir, shard_size, workers, progress)
 
 
+def prepare_preferences(path: str, out_dir: str, shard_size: int = 1000, workers: int = 2,
+                        progress: bool = True) -> dict:
+    """Write the shards and index.json for a JSONL file of preference pairs (data.preferences)."""
+    return prepare(read_preferences(path), out_dir, shard_size, workers, progress)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__.splitlines()[0])
     formats = parser.add_subparsers(dest="format", required=True, metavar="FORMAT")
@@ -377,7 +384,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_conv = formats.add_parser("conversations", help="JSONL lines of {'messages': [turns with text/audio "
                                 "parts], 'tools': [...]}, for SFT (task 'sft')")
     p_conv.add_argument("conversations", help="JSONL file; relative audio paths resolve against its folder")
-    for p in (p_manifest, p_kaldi, p_folder, p_hf, p_conv):
+    p_pref = formats.add_parser("preferences", help="JSONL lines of {'messages': [turns], 'chosen': {'text', "
+                                "'audio'?}, 'rejected': {...}}, for DPO and reward models (task 'preference')")
+    p_pref.add_argument("preferences", help="JSONL file; relative audio paths resolve against its folder")
+    for p in (p_manifest, p_kaldi, p_folder, p_hf, p_conv, p_pref):
         p.add_argument("out_dir", help="folder for shard-*.tar and index.json")
         p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
         p.add_argument("--workers", type=int, default=2, help="decoding processes")
@@ -394,6 +404,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             corpus = read_folder(args.dir)
         elif args.format == "conversations":
             corpus = read_conversations(args.conversations)
+        elif args.format == "preferences":
+            corpus = read_preferences(args.preferences)
         else:
             corpus = read_hf(args.path, args.audio_column, args.text_column, args.split,
                              args.target_audio_column)

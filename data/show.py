@@ -1,7 +1,8 @@
 """`python -m data.show SHARDS KEY [--task T] --tokenizer DIR`: one sample rendered as the model sees it.
 
 One line per piece: text runs, audio spans collapsed (`<audio_patch>x13`), TA4 groups (`'the' | 1 2 3 4`);
-lines marked `L` carry loss. The record's metadata and members come first.
+lines marked `L` carry loss. The record's metadata and members come first. A preference pair shows its
+prompt once, then the chosen and the rejected answer.
 """
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
-from data.loader import _read_shard, _Skip, render_raw, resolve_shards
+from data.loader import _read_shard, _Skip, render_pair, render_raw, resolve_shards
 from data.tasks import TASKS
 from data.templates import AUDIO_PER_GROUP, DEFAULT_ASR_INSTRUCTION, IGNORE_INDEX, TEXT_PER_GROUP
 from data.tokenizer import SpecialIds, load_tokenizer, special_ids
@@ -32,12 +33,17 @@ def find_sample(shards: List[str], key: str) -> Dict[str, Any]:
 
 def format_sequence(input_ids: List[int], labels: List[int], tok, ids: SpecialIds) -> List[str]:
     """Readable lines for a rendered sequence, each prefixed "L " when its tokens carry loss."""
+    return [line for _, line in _pieces(input_ids, labels, tok, ids)]
+
+
+def _pieces(input_ids: List[int], labels: List[int], tok, ids: SpecialIds) -> List[Tuple[int, str]]:
+    """(index of its first token, line) of every piece of a rendered sequence."""
     control = {ids.end_of_text, ids.bot, ids.eot, ids.audio_start, ids.audio_end, ids.audio_patch, ids.tts_pad,
                ids.tts_start, ids.tts_end}
     is_code = lambda t: ids.first_audio_code <= t <= ids.audio_pad
     is_text = lambda t: t not in control and not is_code(t)
     group = TEXT_PER_GROUP + AUDIO_PER_GROUP
-    lines: List[str] = []
+    lines: List[Tuple[int, str]] = []
     i, n, in_speech = 0, len(input_ids), False
     while i < n:
         t = input_ids[i]
@@ -65,7 +71,7 @@ def format_sequence(input_ids: List[int], labels: List[int], tok, ids: SpecialId
             name = tok.convert_ids_to_tokens(t)
             piece = name if end - i == 1 else f"{name}x{end - i}"
         labelled = any(label != IGNORE_INDEX for label in labels[i:end])
-        lines.append(("L " if labelled else "  ") + piece)
+        lines.append((i, ("L " if labelled else "  ") + piece))
         i = end
     return lines
 
@@ -84,16 +90,44 @@ def show(shards: List[str], key: str, tokenizer: str, task: Optional[str] = None
         raise ValueError(f"sample {key!r} cannot be rendered as task {task or '(its own)'}: {skip}") from None
     meta = json.loads(raw["json"].decode("utf-8"))
     members = sorted(k for k in raw if not k.startswith("__"))
+    head = [f"key: {key} ({os.path.basename(raw['__url__'])})",
+            f"task: {sample['task']}",
+            f"meta: {json.dumps(meta, ensure_ascii=False, sort_keys=True)}",
+            f"members: {', '.join(members)}"]
+    if TASKS[sample["task"]].paired:
+        try:
+            pair = render_pair(raw, tok, ids, asr_instruction, max_audio_s=None, force_task=task)
+        except _Skip as skip:
+            raise ValueError(f"sample {key!r} cannot be rendered as a pair: {skip}") from None
+        return "\n".join(head + _pair_lines(pair["pair"], tok, ids)) + "\n"
     num_labelled = sum(label != IGNORE_INDEX for label in sample["labels"])
-    out = [f"key: {key} ({os.path.basename(raw['__url__'])})",
-           f"task: {sample['task']}",
-           f"meta: {json.dumps(meta, ensure_ascii=False, sort_keys=True)}",
-           f"members: {', '.join(members)}",
-           f"tokens: {len(sample['input_ids'])}, labelled: {num_labelled}, audio chunks: {len(sample['mels'])} "
-           f"(mel frames {[m.shape[1] for m in sample['mels']]})",
-           LEGEND, ""]
+    out = head + [f"tokens: {len(sample['input_ids'])}, labelled: {num_labelled}, audio chunks: "
+                  f"{len(sample['mels'])} (mel frames {[m.shape[1] for m in sample['mels']]})", LEGEND, ""]
     out += format_sequence(sample["input_ids"], sample["labels"], tok, ids)
     return "\n".join(out) + "\n"
+
+
+def _pair_lines(rows: List[Dict[str, Any]], tok, ids: SpecialIds) -> List[str]:
+    """A pair's report: the prompt both answers share, once, then each answer's own pieces."""
+    chosen, rejected = rows
+    prompt_len = min(_first_labelled(chosen["labels"]), _first_labelled(rejected["labels"]))
+    common = next((i for i, (a, b) in enumerate(zip(chosen["input_ids"], rejected["input_ids"])) if a != b),
+                  prompt_len)
+    prompt_len = min(prompt_len, common)  # a spoken and a text answer differ from <tts_start> on
+    named = list(zip(("chosen", "rejected"), rows))
+    counts = ", ".join(f"{name} {len(row['input_ids'])} (labelled "
+                       f"{sum(label != IGNORE_INDEX for label in row['labels'])})" for name, row in named)
+    out = [f"tokens: {counts}, audio chunks: {len(chosen['mels'])} (mel frames "
+           f"{[m.shape[1] for m in chosen['mels']]})", LEGEND, "", "prompt:"]
+    out += [line for start, line in _pieces(chosen["input_ids"], chosen["labels"], tok, ids) if start < prompt_len]
+    for name, row in named:
+        out += ["", f"{name}:"] + [line for start, line in _pieces(row["input_ids"], row["labels"], tok, ids)
+                                   if start >= prompt_len]
+    return out
+
+
+def _first_labelled(labels: List[int]) -> int:
+    return next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -1,9 +1,10 @@
 """Audio codes into shards: `python -m data.tokenize SHARDS... --tokenizer kmeans:F.pt|s3:F.onnx [--out DIR]`,
 and fitting a k-means tokenizer: `python -m data.tokenize fit SHARDS... --num-codes 256 --out F.pt`.
 
-Each sample gains `codes.npy` (and `target.codes.npy` beside a `target.flac`). Shards are rewritten
-whole, in a process pool, one per job; tokenize_state.json records each finished shard with the
-tokenizer hash and its checksum, so a killed run resumes shard by shard. A sample whose audio cannot
+Each audio member gains its codes beside it: `codes.npy` for `flac`, `target.codes.npy` for `target.flac`,
+`turn2.codes.npy` for a conversation's `turn2.flac`, `chosen.codes.npy` for a preference's `chosen.flac`.
+Shards are rewritten whole, in a process pool, one per job; tokenize_state.json records each finished
+shard with the tokenizer hash and its checksum, so a killed run resumes shard by shard. A sample whose audio cannot
 be decoded is dropped from its shard and listed in the index's rejects, with the counts reduced.
 tokenizer.json beside index.json says which tokenizer made the codes and whether all shards have them.
 """

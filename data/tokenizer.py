@@ -40,8 +40,9 @@ def build_text_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrai
 def extend_tokenizer(tok: PreTrainedTokenizerFast, num_audio_codes: int) -> PreTrainedTokenizerFast:
     """Append SPECIAL_TOKENS, then `<audio_0>`..`<audio_{num_audio_codes}>` (the last is the audio pad).
 
-    All are special AddedTokens with consecutive ids right after the text vocabulary, in the order
-    the released Step-Audio 2 tokenizer lists its additions. Modifies and returns `tok`.
+    All are special AddedTokens with consecutive ids right after the text vocabulary, in vocab.SPECIAL_TOKENS
+    order (our packed layout for small tokenizers; extend_qwen2_tokenizer lays out the release's ids).
+    Modifies and returns `tok`.
     """
     if num_audio_codes < 1:
         raise ValueError(f"num_audio_codes={num_audio_codes}: expected at least 1")
@@ -101,8 +102,7 @@ def first_extension_id(tok: PreTrainedTokenizerFast) -> int:
             vocab.TTS_START, vocab.TTS_END}
     added = [i for name, i in tok.get_added_vocab().items()
              if name in ours or name.startswith(("<|step_reserved_", "<audio_")) or
-             (name == vocab.END_OF_TEXT and i >= tok.vocab_size and vocab.BOT in tok.get_added_vocab()
-              and tok.get_added_vocab()[vocab.BOT] == i + 1)]
+             (name == vocab.END_OF_TEXT and i >= tok.vocab_size and tok.get_added_vocab().get(vocab.BOT) == i + 1)]
     if not added:
         raise ValueError("the tokenizer holds none of Step-Audio 2's added tokens: extend it first")
     return min(added)
@@ -156,6 +156,15 @@ def special_ids(tok: PreTrainedTokenizerFast) -> SpecialIds:
                              f"{table[vocab.audio_code_token(code)]}, expected {first_audio_code + code}")
     return SpecialIds(**named, first_audio_code=first_audio_code, num_audio_codes=num_audio_codes,
                       audio_pad=first_audio_code + num_audio_codes)
+
+
+def stop_token_ids(tok: PreTrainedTokenizerFast) -> list[int]:
+    """Ids generation stops on, ascending: <|endoftext|>, <|im_end|> where the tokenizer has it, <|EOT|>.
+
+    For the release's layout this is vocab.REFERENCE_EOS_IDS, the list StepFun's configs carry."""
+    ids = special_ids(tok)
+    im_end = tok.get_vocab().get(vocab.IM_END)
+    return sorted({ids.end_of_text, ids.eot} | ({im_end} if im_end is not None else set()))
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerFast:

@@ -10,7 +10,7 @@ import os
 import shutil
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple, Union
 
 import safetensors
 import safetensors.torch
@@ -18,6 +18,7 @@ import torch
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 
 from model.config import StepAudio2Config
+from model.hf import ship_remote_code
 from model.lalm import StepAudio2ForCausalLM
 
 CONFIG_NAME = "config.json"
@@ -156,6 +157,18 @@ def _save_tokenizer(tokenizer: Any, out_dir: Path) -> None:
         added_path.write_text(json.dumps(dict(added), indent=2, ensure_ascii=False) + "\n")
 
 
+def _stop_and_pad_ids(tokenizer: Any, folder: Path) -> Tuple[Optional[List[int]], Optional[int]]:
+    """(ids generation stops on, pad id) of the tokenizer given or written into folder; None where unknown."""
+    from data.tokenizer import load_tokenizer, special_ids, stop_token_ids
+
+    if tokenizer is None and (folder / "tokenizer.json").is_file():
+        tokenizer = load_tokenizer(str(folder))
+    try:
+        return stop_token_ids(tokenizer), special_ids(tokenizer).end_of_text
+    except (ValueError, AttributeError):  # no tokenizer, or not one of ours (no Step-Audio 2 tokens)
+        return None, None
+
+
 def save_stepfun(state_dict: Dict[str, torch.Tensor], config: StepAudio2Config, out_dir: Union[str, Path],
                  tokenizer: Any = None, max_shard_bytes: int = 5 * 2**30,
                  layout: Optional[StepFunLayout] = None) -> Path:
@@ -163,6 +176,8 @@ def save_stepfun(state_dict: Dict[str, torch.Tensor], config: StepAudio2Config, 
 
     With a layout (from read_layout) the shards, index metadata and other files of that folder are
     reproduced and max_shard_bytes is unused; a tokenizer given here replaces the layout's tokenizer files.
+    A causal LM folder also gets our Hugging Face remote code, auto_map and generation_config.json (see
+    model.hf.ship_remote_code) unless the layout brings remote code of its own, as StepFun's release does.
     """
     out_dir = Path(out_dir)
     tensors = {name: t.detach() for name, t in state_dict.items()}
@@ -186,11 +201,12 @@ def save_stepfun(state_dict: Dict[str, torch.Tensor], config: StepAudio2Config, 
     metadata["total_size"] = total_size
     index = {"metadata": metadata, "weight_map": weight_map}
     (tmp_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-    (tmp_dir / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     if layout is not None:
         _copy_other_files(layout, tmp_dir, skip=TOKENIZER_FILES if tokenizer is not None else ())
     if tokenizer is not None:
         _save_tokenizer(tokenizer, tmp_dir)
+    config_dict = ship_remote_code(config.to_dict(), tmp_dir, *_stop_and_pad_ids(tokenizer, tmp_dir))
+    (tmp_dir / CONFIG_NAME).write_text(json.dumps(config_dict, indent=2) + "\n")
     old_dir = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
     if out_dir.exists():
         os.rename(out_dir, old_dir)
@@ -210,8 +226,16 @@ def _read_json(path: Path) -> Dict[str, Any]:
 def load_stepfun(path: Union[str, Path], dtype: Optional[torch.dtype] = None,
                  device: Union[str, torch.device] = "cpu", build_context: Optional[ContextManager] = None,
                  gather: Optional[Callable[[List[torch.nn.Parameter]], ContextManager]] = None,
-                 gradient_checkpointing: Union[bool, Sequence[str]] = False, attention: str = "sdpa") -> StepAudio2ForCausalLM:
+                 gradient_checkpointing: Union[bool, Sequence[str]] = False, attention: str = "sdpa",
+                 model_class: Optional[type] = None, fresh: Sequence[str] = (),
+                 skip: Sequence[str] = ()) -> StepAudio2ForCausalLM:
     """Build the model once and fill it from the folder's tensors, strictly; dtype=None keeps stored dtypes.
+
+    model_class: a StepAudio2ForCausalLM subclass to build instead (model.score's score model). fresh: name
+    prefixes of the model's tensors the folder may lack; they keep the initialisation the class gives them
+    (model_class.init_fresh(module) re-runs it once off the meta device). skip: name prefixes of the
+    folder's tensors the model does not have, ignored (a causal LM's lm_head when a score model starts
+    from it). Both default to nothing: every name must match.
 
     By default the model is built on the meta device and the loaded tensors become its parameters, so
     an 8B folder occupies memory once. Under ZeRO-3 pass build_context=deepspeed.zero.Init(...) and
@@ -227,12 +251,15 @@ def load_stepfun(path: Union[str, Path], dtype: Optional[torch.dtype] = None,
     partitioned = build_context is not None
     if partitioned and gather is None:
         raise ValueError("load_stepfun: build_context was given without gather (how to make a parameter whole)")
+    fresh, skip = tuple(fresh), tuple(skip)
+    weight_map = {n: f for n, f in weight_map.items() if not (skip and n.startswith(skip))}
     with build_context if partitioned else torch.device("meta"):
-        model = StepAudio2ForCausalLM(config, gradient_checkpointing=gradient_checkpointing, attention=attention)
+        model = (model_class or StepAudio2ForCausalLM)(config, gradient_checkpointing=gradient_checkpointing,
+                                                       attention=attention)
     # Shapes from the parameters themselves: state_dict() tensors of a ZeRO-3 model lose ds_shape.
     full_shapes = {n: _full_shape(p) for n, p in model.named_parameters()}
     expected_shapes = {n: full_shapes.get(n, tuple(t.shape)) for n, t in model.state_dict().items()}
-    missing = [n for n in expected_shapes if n not in weight_map]
+    missing = [n for n in expected_shapes if n not in weight_map and not (fresh and n.startswith(fresh))]
     unexpected = sorted(n for n in weight_map if n not in expected_shapes)
     if missing or unexpected:
         raise ValueError(f"checkpoint {path} does not match the model: missing tensors {missing}, "
@@ -244,6 +271,8 @@ def load_stepfun(path: Union[str, Path], dtype: Optional[torch.dtype] = None,
             raise ValueError(f"model folder {path} has no {file_name} (named in {INDEX_NAME})")
         with safetensors.safe_open(str(path / file_name), framework="pt", device=str(device)) as shard:
             for name in shard.keys():
+                if skip and name.startswith(skip):
+                    continue
                 if weight_map.get(name) != file_name:
                     raise ValueError(f"{path / file_name} holds tensor '{name}', which {INDEX_NAME} maps to "
                                      f"{weight_map.get(name)}")
@@ -256,12 +285,20 @@ def load_stepfun(path: Union[str, Path], dtype: Optional[torch.dtype] = None,
                 if partitioned:
                     _copy_into(params.get(name), model, name, tensor, gather)
                 state[name] = tensor if not partitioned else torch.empty(0)
-    absent = [n for n in expected_shapes if n not in state]
+    absent = [n for n in expected_shapes if n not in state and not (fresh and n.startswith(fresh))]
     if absent:
         raise ValueError(f"checkpoint {path} does not match the model: missing tensors {absent}")
     if partitioned:
-        return model  # zero.Init's config decided the parameters' dtype
-    model.load_state_dict(state, strict=True, assign=True)
+        return model  # zero.Init's config decided the parameters' dtype (fresh tensors: as built)
+    new = [n for n in expected_shapes if n not in state]
+    model.load_state_dict(state, strict=not new, assign=True)
+    if new:  # the fresh tensors, still on the meta device: real memory, then the class's initialisation
+        stored = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
+        for prefix in fresh:
+            module = model.get_submodule(prefix.rstrip("."))
+            module.to_empty(device=device)
+            module.to(stored)
+            model.init_fresh(module)
     # Non-persistent buffers (RoPE frequencies) are not in the checkpoint; rebuild them off the meta device.
     with torch.device(device):
         model.model.rotary_emb = Qwen2RotaryEmbedding(config=model.model.config)

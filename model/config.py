@@ -8,11 +8,13 @@ import copy
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
+from data.vocab import AUDIO_PATCH, REFERENCE_EOS_IDS, REFERENCE_IDS, REFERENCE_VOCAB_SIZE
+
 from transformers.models.qwen2.configuration_qwen2 import Qwen2Config
 
-# The released config has no key for this; its code writes audio features after <audio_start> 151688,
-# i.e. at the <audio_patch> 151690 rows our templates emit.
-REFERENCE_AUDIO_PATCH_TOKEN_ID = 151690
+# The released config has no key for this; its code writes audio features after <audio_start> (151688),
+# i.e. at the <audio_patch> rows our templates emit.
+REFERENCE_AUDIO_PATCH_TOKEN_ID = REFERENCE_IDS[AUDIO_PATCH]
 MODEL_TYPE = "step_audio_2"
 ARCHITECTURES = ["StepAudio2ForCausalLM"]
 # The adapter's hidden width is a literal in the released code, not a config key.
@@ -22,17 +24,57 @@ REQUIRED_TEXT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hid
                       "num_attention_heads")
 
 
+# Every text_config key StepFun's config class reads. It asserts num_attention_groups == num_key_value_heads
+# and defaults absent keys to values of its own (4 groups, 8192 positions, ...), not Qwen2's: an export
+# writes them all (see StepAudio2Config.to_dict). It also adds 151643, 151645, 151665 to any eos_token_id.
+STEPFUN_TEXT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_attention_groups", "num_key_value_heads", "hidden_act", "max_position_embeddings",
+                     "initializer_range", "rms_norm_eps", "rope_theta", "rope_scaling", "eos_token_id")
+# StepFun's default for num_attention_groups: a config without the key is read with 4 key/value groups.
+STEPFUN_DEFAULT_ATTENTION_GROUPS = 4
+
+
 def _text_config(vocab_size: int, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int,
-                 max_positions: int, rope_theta: float) -> Dict[str, Any]:
-    return {"model_type": "qwen2", "vocab_size": vocab_size, "hidden_size": hidden,
+                 max_positions: int, rope_theta: float, eos_token_ids: Optional[List[int]]) -> Dict[str, Any]:
+    text = {"model_type": "qwen2", "vocab_size": vocab_size, "hidden_size": hidden,
             "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": heads,
-            "num_key_value_heads": kv_heads, "hidden_act": "silu", "max_position_embeddings": max_positions,
-            "rope_theta": rope_theta, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+            "num_attention_groups": kv_heads, "num_key_value_heads": kv_heads, "hidden_act": "silu",
+            "max_position_embeddings": max_positions, "initializer_range": 0.02, "rms_norm_eps": 1e-6,
+            "rope_theta": rope_theta, "rope_scaling": None, "tie_word_embeddings": False,
             "use_sliding_window": False, "attention_dropout": 0.0}
+    if eos_token_ids is not None:
+        text["eos_token_id"] = list(eos_token_ids)
+    return text
 
 
 def _reference_text_config() -> Dict[str, Any]:
-    return _text_config(158720, 3584, 18944, 28, 28, 4, 16384, 1e6)
+    return _text_config(REFERENCE_VOCAB_SIZE, 3584, 18944, 28, 28, 4, 16384, 1e6, list(REFERENCE_EOS_IDS))
+
+
+def stepfun_text_config(text: Dict[str, Any], complete: bool) -> Dict[str, Any]:
+    """text_config as StepFun's code must read it to build the decoder ours builds (a copy).
+
+    complete=True writes every key of STEPFUN_TEXT_KEYS our decoder has a value for (Qwen2's default where
+    the dict has none); complete=False (a config read from a file, whose keys are kept as they were) adds only
+    num_attention_groups, and only where StepFun's default of 4 would not match the key/value heads.
+    """
+    text = copy.deepcopy(dict(text))
+    qwen = Qwen2Config(**{k: v for k, v in text.items() if k != "model_type"})
+    kv_heads = qwen.num_key_value_heads
+    if "num_attention_groups" not in text and (complete or kv_heads != STEPFUN_DEFAULT_ATTENTION_GROUPS):
+        text["num_attention_groups"] = kv_heads
+    if not complete:
+        return text
+    rope = dict(qwen.rope_parameters or {})
+    effective = {"num_key_value_heads": kv_heads, "hidden_act": qwen.hidden_act,
+                 "max_position_embeddings": qwen.max_position_embeddings,
+                 "initializer_range": qwen.initializer_range, "rms_norm_eps": qwen.rms_norm_eps,
+                 "rope_theta": rope.get("rope_theta")}
+    for key, value in effective.items():
+        text.setdefault(key, value)
+    if "rope_scaling" not in text and "rope_parameters" not in text:
+        text["rope_scaling"] = None  # plain RoPE: StepFun's default too, written so both read the same
+    return text
 
 
 @dataclass
@@ -94,6 +136,10 @@ class StepAudio2Config:
         if not 0 <= self.audio_patch_token_id < vocab:
             raise ValueError(f"audio_patch_token_id={self.audio_patch_token_id} is outside the vocabulary "
                              f"[0, {vocab})")
+        groups, kv_heads = self.text_config.get("num_attention_groups"), self.qwen2_config().num_key_value_heads
+        if groups is not None and groups != kv_heads:
+            raise ValueError(f"text_config.num_attention_groups={groups} must equal num_key_value_heads={kv_heads} "
+                             f"(StepFun's config asserts it)")
         enc = self.audio_encoder_config
         if enc.n_audio_state % enc.n_audio_head:
             raise ValueError(f"audio_encoder_config.n_audio_state={enc.n_audio_state} is not divisible by "
@@ -122,7 +168,7 @@ class StepAudio2Config:
         out: Dict[str, Any] = {"model_type": MODEL_TYPE, "architectures": list(ARCHITECTURES)}
         out.update(copy.deepcopy(dict(self.extra)))
         out["audio_encoder_config"] = audio
-        out["text_config"] = copy.deepcopy(dict(self.text_config))
+        out["text_config"] = stepfun_text_config(self.text_config, complete=not self.json_keys)
         # Newer transformers write the dtype as "dtype"; keep whichever name the source used.
         dtype_key = "dtype" if "dtype" in self.json_keys and "torch_dtype" not in self.json_keys else "torch_dtype"
         out[dtype_key] = self.torch_dtype
@@ -162,15 +208,17 @@ class StepAudio2Config:
 _PRESETS = {
     "tiny": (32, 2, 2, 64, 128, 2, 4, 2, 2048, 10000.0, 512, "float32"),
     "demo": (256, 4, 4, 256, 768, 4, 4, 2, 2048, 10000.0, 1024, "float32"),
-    "mini": (1280, 20, 32, 3584, 18944, 28, 28, 4, 16384, 1e6, 158720, "bfloat16"),
+    "mini": (1280, 20, 32, 3584, 18944, 28, 28, 4, 16384, 1e6, REFERENCE_VOCAB_SIZE, "bfloat16"),
 }
 
 
-def preset_config(name: str, vocab_size: Optional[int] = None,
-                  audio_patch_token_id: Optional[int] = None) -> StepAudio2Config:
+def preset_config(name: str, vocab_size: Optional[int] = None, audio_patch_token_id: Optional[int] = None,
+                  eos_token_ids: Optional[List[int]] = None) -> StepAudio2Config:
     """A named model size: "tiny" (tests), "demo" (CPU ASR in minutes) or "mini" (the release's shape).
 
     The small presets put <audio_patch> at the last id unless told otherwise; "mini" uses 151690.
+    eos_token_ids: text_config's eos_token_id (default: the release's list for "mini", none for the small
+    presets, whose tokenizer an export takes them from: see model.checkpoint.save_stepfun).
     """
     if name not in _PRESETS:
         raise ValueError(f"unknown model preset '{name}'; valid presets: {sorted(_PRESETS)}")
@@ -181,6 +229,8 @@ def preset_config(name: str, vocab_size: Optional[int] = None,
         audio_patch_token_id = REFERENCE_AUDIO_PATCH_TOKEN_ID if name == "mini" else vocab - 1
     audio = AudioEncoderConfig(n_mels=128, n_audio_ctx=1500, n_audio_state=state, n_audio_head=head,
                                n_audio_layer=layer, llm_dim=hidden, kernel_size=3, adapter_stride=2)
-    text = _text_config(vocab, hidden, inter, n_layers, heads, kv, max_pos, theta)
+    if eos_token_ids is None and name == "mini":
+        eos_token_ids = list(REFERENCE_EOS_IDS)
+    text = _text_config(vocab, hidden, inter, n_layers, heads, kv, max_pos, theta, eos_token_ids)
     return StepAudio2Config(audio_encoder_config=audio, text_config=text,
                             audio_patch_token_id=audio_patch_token_id, torch_dtype=dtype)

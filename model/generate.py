@@ -29,12 +29,13 @@ def generate(model: StepAudio2ForCausalLM, input_ids: torch.Tensor, attention_ma
              mels: Optional[torch.Tensor] = None, mel_lengths: Optional[torch.Tensor] = None,
              max_new_tokens: int = 64, stop_token_ids: Iterable[int] = (), temperature: float = 0.0,
              top_p: float = 1.0, generator: Optional[torch.Generator] = None,
-             stop_check_every: int = 8) -> List[List[int]]:
+             stop_check_every: int = 8, include_stop: bool = False) -> List[List[int]]:
     """New token ids per prompt of input_ids [B, T] (left-padded; attention_mask marks real tokens).
 
     temperature 0 is greedy; otherwise sampling from softmax(logits / temperature), restricted to the top-p
     nucleus, drawn from `generator` (seed it for repeatable output). A stop token ends its row and is not
-    returned. mels hold the audio chunks of all rows in row order.
+    returned (include_stop: it is, as the row's last token; RL trains on it). mels hold the audio chunks of
+    all rows in row order.
 
     Tokens and the rows' done flags stay on the model's device; the host looks at them only every
     `stop_check_every` steps (has every row stopped?) and once at the end, so a GPU never waits for the host
@@ -67,9 +68,10 @@ def generate(model: StepAudio2ForCausalLM, input_ids: torch.Tensor, attention_ma
         if patch_id is not None:
             logits_BV[:, patch_id] = float("-inf")
         token_B = _pick(logits_BV, temperature, top_p, generator)
+        before_B = done_B.clone() if include_stop else None
         done_B |= torch.isin(token_B, stops)
         tokens_BN[:, step] = token_B
-        kept_BN[:, step] = ~done_B
+        kept_BN[:, step] = ~(before_B if include_stop else done_B)
         if step == max_new_tokens - 1 or (step + 1) % stop_check_every == 0 and bool(done_B.all()):
             break
         mask_BT = torch.cat([mask_BT, torch.ones_like(mask_BT[:, :1])], dim=1)

@@ -45,11 +45,32 @@ class StepAudio2Output(ModelOutput):
     """The decoder's KV cache when use_cache=True."""
     num_label_tokens: Optional[int] = None
     """Positions that contributed to the loss, to re-weight means across ranks (None without labels)."""
+    token_logprobs: Optional[torch.Tensor] = None
+    """[B, T] fp32 with token_logprobs=True: at t, log p(labels[t] | tokens before t) at the given
+    temperature; 0 where labels[t] is -100 and at t = 0. Aligned with labels, so a label mask selects it."""
+    entropy: Optional[torch.Tensor] = None
+    """[B, T] fp32, detached, with token_logprobs=True: the entropy of the distribution that predicted
+    labels[t] (aligned like token_logprobs)."""
+    scores: Optional[torch.Tensor] = None
+    """[B, T] fp32 from a score model (StepAudio2ForScore): the scalar head on every position (the reward
+    model reads it at the last token, the critic uses it as the value of each). (Not "values": the output
+    is a dict, whose values() DeepSpeed calls.)"""
 
 
 def _chunk_ce_sum(lm_head: nn.Linear, hidden_NH: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:
     logits_NV = lm_head(hidden_NH).float()
     return F.cross_entropy(logits_NV, targets_N, reduction="sum")
+
+
+def _chunk_logprobs(lm_head: nn.Linear, hidden_NH: torch.Tensor, targets_N: torch.Tensor,
+                    temperature: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(log p(target), entropy) per row of one chunk, from logits / temperature in fp32."""
+    logits_NV = lm_head(hidden_NH).float() / temperature
+    lse_N = torch.logsumexp(logits_NV, dim=-1)
+    logprob_N = logits_NV.gather(-1, targets_N[:, None]).squeeze(-1) - lse_N
+    with torch.no_grad():
+        entropy_N = lse_N - (torch.softmax(logits_NV, dim=-1) * logits_NV).sum(-1)
+    return logprob_N, entropy_N
 
 
 ATTENTION_CHOICES = ("auto", "sdpa", "eager", "flash_attention_2")
@@ -231,23 +252,13 @@ class StepAudio2ForCausalLM(nn.Module):
         feats_NTH, _ = self.encode_audio(mels, torch.tensor([_DUMMY_MEL_FRAMES], device=like_BTH.device))
         return feats_NTH.sum().to(like_BTH.dtype) * 0.0
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None, mels: Optional[torch.Tensor] = None,
-                mel_lengths: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
-                past_key_values: Optional[Any] = None, use_cache: bool = False,
-                segment_ids: Optional[torch.Tensor] = None, num_loss_tokens: Optional[int] = None,
-                num_loss_chunks: int = 0, cu_seq_lens: Optional[torch.Tensor] = None,
-                max_length: Optional[int] = None) -> StepAudio2Output:
-        """Decoder pass over input_ids [B, T] with the audio chunks written into the audio patch rows.
-
-        labels [B, T] use -100 for ignored positions; position t predicts labels[t + 1].
-        segment_ids [B, T] (packed rows: 1, 2, ... per sample, 0 on padding) keep each sample's attention
-        inside itself; it then replaces attention_mask, and position_ids default to restarting per sample.
-        Audio chunks (mels) are listed in row-major order of their patch rows, packed or not.
-        num_loss_tokens (labelled positions), cu_seq_lens and max_length (packed rows under flash-attention,
-        see packed_cu_seq_lens) are host-side facts the collate already knows (data.batching): given, the
-        forward needs no host-device sync to learn them. num_loss_chunks: see chunked_loss (ZeRO-3).
-        """
+    def decode(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+               mels: Optional[torch.Tensor] = None, mel_lengths: Optional[torch.Tensor] = None,
+               position_ids: Optional[torch.Tensor] = None, past_key_values: Optional[Any] = None,
+               use_cache: bool = False, segment_ids: Optional[torch.Tensor] = None,
+               cu_seq_lens: Optional[torch.Tensor] = None, max_length: Optional[int] = None):
+        """(last hidden states [B, T, H], KV cache or None): the decoder pass with the audio spliced in,
+        before any head. See forward for the arguments."""
         embeds_BTH = self.model.embed_tokens(input_ids)
         embeds_BTH = self._splice_audio(input_ids, embeds_BTH, mels, mel_lengths)
         attention_kwargs = {}
@@ -259,24 +270,48 @@ class StepAudio2ForCausalLM(nn.Module):
                 segment_ids, self.model.config._attn_implementation, embeds_BTH.dtype, cu_seq_lens, max_length)
         out = self.model(inputs_embeds=embeds_BTH, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, use_cache=use_cache, **attention_kwargs)
-        hidden_BTH = out.last_hidden_state
-        cache = out.past_key_values if use_cache else None
+        return out.last_hidden_state, (out.past_key_values if use_cache else None)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None, mels: Optional[torch.Tensor] = None,
+                mel_lengths: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
+                past_key_values: Optional[Any] = None, use_cache: bool = False,
+                segment_ids: Optional[torch.Tensor] = None, num_loss_tokens: Optional[int] = None,
+                num_loss_chunks: int = 0, cu_seq_lens: Optional[torch.Tensor] = None,
+                max_length: Optional[int] = None, token_logprobs: bool = False,
+                temperature: float = 1.0) -> StepAudio2Output:
+        """Decoder pass over input_ids [B, T] with the audio chunks written into the audio patch rows.
+
+        labels [B, T] use -100 for ignored positions; position t predicts labels[t + 1].
+        segment_ids [B, T] (packed rows: 1, 2, ... per sample, 0 on padding) keep each sample's attention
+        inside itself; it then replaces attention_mask, and position_ids default to restarting per sample.
+        Audio chunks (mels) are listed in row-major order of their patch rows, packed or not.
+        num_loss_tokens (labelled positions), cu_seq_lens and max_length (packed rows under flash-attention,
+        see packed_cu_seq_lens) are host-side facts the collate already knows (data.batching): given, the
+        forward needs no host-device sync to learn them. num_loss_chunks: see chunked_loss (ZeRO-3).
+        token_logprobs=True (with labels; RL): instead of the loss, the log-probability and entropy of every
+        labelled token at `temperature`, computed in the same chunks as the loss (see token_logprobs).
+        """
+        hidden_BTH, cache = self.decode(input_ids, attention_mask, mels, mel_lengths, position_ids,
+                                        past_key_values, use_cache, segment_ids, cu_seq_lens, max_length)
         if labels is None:
+            if token_logprobs:
+                raise ValueError("token_logprobs=True needs labels (the tokens whose log-probabilities to compute)")
             return StepAudio2Output(logits=self.lm_head(hidden_BTH), past_key_values=cache)
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape "
                              f"{tuple(input_ids.shape)}")
+        if token_logprobs:
+            logprobs_BT, entropy_BT, count = self.token_logprobs(hidden_BTH, labels, temperature, num_loss_tokens,
+                                                                 num_loss_chunks)
+            return StepAudio2Output(token_logprobs=logprobs_BT, entropy=entropy_BT, past_key_values=cache,
+                                    num_label_tokens=count)
         loss, count = self.chunked_loss(hidden_BTH, labels, num_loss_tokens, num_loss_chunks)
         return StepAudio2Output(loss=loss, past_key_values=cache, num_label_tokens=count)
 
-    def chunked_loss(self, hidden_BTH: torch.Tensor, labels_BT: torch.Tensor, num_loss_tokens: Optional[int] = None,
-                     num_loss_chunks: int = 0) -> Tuple[torch.Tensor, int]:
-        """Mean next-token cross-entropy over labelled positions, LOSS_CHUNK_ROWS rows at a time.
-
-        num_loss_tokens: the count of labelled targets (labels[:, 1:] != -100) when the caller knows it;
-        otherwise it is counted here, one host-device sync. num_loss_chunks: call lm_head at least this many
-        times (empty chunks add nothing): under ZeRO-3 each call gathers lm_head, a collective, so every
-        rank must make the same number of calls, forward and recomputed in backward alike."""
+    def _labelled_rows(self, labels_BT: torch.Tensor, num_loss_tokens: Optional[int],
+                       num_loss_chunks: int) -> Tuple[torch.Tensor, torch.Tensor, int, int]:
+        """(row indices into the flattened [B * (T-1)] predictions, their targets, count, chunks)."""
         targets_BT = labels_BT[:, 1:]
         keep_N = (targets_BT != IGNORE_INDEX).reshape(-1)
         if num_loss_tokens is None:
@@ -286,13 +321,23 @@ class StepAudio2ForCausalLM(nn.Module):
             check(keep_N.sum() == count, lambda: f"num_loss_tokens={count} but labels hold "
                                                  f"{int(keep_N.sum())} labelled targets")
         chunks = max(-(-count // LOSS_CHUNK_ROWS), num_loss_chunks)
+        # The labelled rows in order, by index (a boolean mask would sync to learn its size).
+        rows_N = torch.argsort((~keep_N).to(torch.int8), stable=True)[:count]
+        return rows_N, targets_BT.reshape(-1).index_select(0, rows_N), count, chunks
+
+    def chunked_loss(self, hidden_BTH: torch.Tensor, labels_BT: torch.Tensor, num_loss_tokens: Optional[int] = None,
+                     num_loss_chunks: int = 0) -> Tuple[torch.Tensor, int]:
+        """Mean next-token cross-entropy over labelled positions, LOSS_CHUNK_ROWS rows at a time.
+
+        num_loss_tokens: the count of labelled targets (labels[:, 1:] != -100) when the caller knows it;
+        otherwise it is counted here, one host-device sync. num_loss_chunks: call lm_head at least this many
+        times (empty chunks add nothing): under ZeRO-3 each call gathers lm_head, a collective, so every
+        rank must make the same number of calls, forward and recomputed in backward alike."""
+        rows_N, targets_N, count, chunks = self._labelled_rows(labels_BT, num_loss_tokens, num_loss_chunks)
         if chunks == 0:
             # Keep the graph connected so backward still reaches every parameter on this rank.
             return hidden_BTH.sum() * 0.0 + self.lm_head.weight.sum() * 0.0, 0
-        # The labelled rows in order, by index (a boolean mask would sync to learn its size).
-        rows_N = torch.argsort((~keep_N).to(torch.int8), stable=True)[:count]
         hidden_NH = hidden_BTH[:, :-1].reshape(-1, hidden_BTH.shape[-1]).index_select(0, rows_N)
-        targets_N = targets_BT.reshape(-1).index_select(0, rows_N)
         total = hidden_NH.new_zeros((), dtype=torch.float32)
         for start in range(0, chunks * LOSS_CHUNK_ROWS, LOSS_CHUNK_ROWS):
             rows = slice(start, start + LOSS_CHUNK_ROWS)
@@ -303,3 +348,39 @@ class StepAudio2ForCausalLM(nn.Module):
                 total = total + _chunk_ce_sum(self.lm_head, hidden_NH[rows], targets_N[rows])
         # count == 0 (only empty chunks): the sum is 0 and keeps the graph connected.
         return total / max(count, 1), count
+
+    def token_logprobs(self, hidden_BTH: torch.Tensor, labels_BT: torch.Tensor, temperature: float = 1.0,
+                       num_loss_tokens: Optional[int] = None,
+                       num_loss_chunks: int = 0) -> Tuple[torch.Tensor, torch.Tensor, int]:
+        """(log-probabilities [B, T], entropies [B, T], count) of the labelled tokens, aligned with labels.
+
+        Computed LOSS_CHUNK_ROWS rows at a time (checkpointed when grad is on), like chunked_loss: the full
+        [tokens, vocab] fp32 logits never exist. Logits are divided by `temperature` first, so a rollout
+        sampled at temperature T is scored at T (otherwise the importance ratio of the first PPO step is
+        not 1). Same chunk-count rule as chunked_loss under ZeRO-3."""
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0 for log-probabilities, got {temperature}")
+        B, T, H = hidden_BTH.shape
+        rows_N, targets_N, count, chunks = self._labelled_rows(labels_BT, num_loss_tokens, num_loss_chunks)
+        hidden_NH = hidden_BTH[:, :-1].reshape(-1, H).index_select(0, rows_N)
+        logprob_parts, entropy_parts = [], []
+        for start in range(0, chunks * LOSS_CHUNK_ROWS, LOSS_CHUNK_ROWS):
+            rows = slice(start, start + LOSS_CHUNK_ROWS)
+            if torch.is_grad_enabled():
+                logprob_N, entropy_N = torch.utils.checkpoint.checkpoint(
+                    _chunk_logprobs, self.lm_head, hidden_NH[rows], targets_N[rows], temperature,
+                    use_reentrant=False)
+            else:
+                logprob_N, entropy_N = _chunk_logprobs(self.lm_head, hidden_NH[rows], targets_N[rows], temperature)
+            logprob_parts.append(logprob_N)
+            entropy_parts.append(entropy_N)
+        flat = hidden_BTH.new_zeros(B * (T - 1), dtype=torch.float32)
+        if logprob_parts:
+            logprob_N = torch.cat(logprob_parts)
+            entropy_N = torch.cat(entropy_parts)
+        else:  # no chunk at all: keep the graph connected (every parameter still gets a gradient)
+            logprob_N = hidden_NH.sum(-1).float() * 0.0 + self.lm_head.weight.sum() * 0.0
+            entropy_N = logprob_N.detach()
+        logprobs_BT = F.pad(flat.index_copy(0, rows_N, logprob_N).view(B, T - 1), (1, 0))
+        entropy_BT = F.pad(flat.detach().index_copy(0, rows_N, entropy_N).view(B, T - 1), (1, 0))
+        return logprobs_BT, entropy_BT, count

@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerFast
 
 from model.checkpoint import load_stepfun, save_stepfun, stepfun_param_names
 from model.config import preset_config
+from model.hf import AUTO_MAP
 from model.lalm import StepAudio2ForCausalLM
 
 torch.set_num_threads(1)
@@ -45,7 +46,8 @@ def test_save_then_load_is_exact(tiny, tmp_path):
     assert sorted(index["weight_map"]) == sorted(stepfun_param_names(tiny.config))
     assert set(index["weight_map"].values()) == {"model-00001-of-00001.safetensors"}
     assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in tiny.state_dict().values())
-    assert json.loads((out / "config.json").read_text()) == tiny.config.to_dict()
+    # Our Hugging Face remote code is named in config.json (see tests/test_hf_auto.py).
+    assert json.loads((out / "config.json").read_text()) == {**tiny.config.to_dict(), "auto_map": AUTO_MAP}
 
     loaded = load_stepfun(out).eval()
     assert loaded.state_dict().keys() == tiny.state_dict().keys()
@@ -78,7 +80,8 @@ def test_saving_over_an_export_replaces_it(tiny, tmp_path):
     save_stepfun(tiny.state_dict(), tiny.config, tmp_path / "export", max_shard_bytes=300_000)
     save_stepfun(tiny.state_dict(), tiny.config, tmp_path / "export")
     assert sorted(os.listdir(tmp_path / "export")) == [
-        "config.json", "model-00001-of-00001.safetensors", "model.safetensors.index.json"]
+        "config.json", "configuration_step_audio_2.py", "generation_config.json", "model-00001-of-00001.safetensors",
+        "model.safetensors.index.json", "modeling_step_audio_2.py"]
     assert sorted(os.listdir(tmp_path)) == ["export"]
 
 

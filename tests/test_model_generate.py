@@ -85,7 +85,7 @@ def test_top_p_draws_only_from_the_nucleus():
 def test_split_ta4_follows_the_reference_rule():
     # <tts_start> t1 a a a a t2 a a <audio_pad> <audio_pad> <tts_pad> a a a a <tts_end>
     stream = [151693, 1000, 151696, 151697, 158256, 151700, 2000, 151701, 151702, 158257, 158257,
-              151691, 151703, 151704, 151705, 151706, 151694]
+              151695, 151703, 151704, 151705, 151706, 151694]
     text, codes = split_ta4(stream, audio_start_id=151688, first_audio_code_id=151696, num_audio_codes=6561)
     assert text == [1000, 2000]
     assert codes == [0, 1, 6560, 4, 5, 6, 7, 8, 9, 10]

@@ -9,7 +9,7 @@ from transformers import (PreTrainedTokenizerFast, Qwen2AudioConfig, Qwen2AudioF
                           Qwen2Config, Qwen2ForCausalLM)
 
 from data import vocab
-from data.tokenizer import extend_qwen2_tokenizer, first_extension_id, special_ids
+from data.tokenizer import extend_qwen2_tokenizer, first_extension_id, special_ids, stop_token_ids
 from model.init_parts import init_from_parts, read_safetensors_folder
 
 torch.set_num_threads(1)
@@ -60,13 +60,15 @@ def test_qwen2_tokenizer_extension_puts_tokens_at_the_reference_ids(tok):
     ids = special_ids(tok)
     assert {name: tok.convert_tokens_to_ids(name) for name in vocab.SPECIAL_TOKENS} == vocab.REFERENCE_IDS
     assert (ids.first_audio_code, ids.num_audio_codes, ids.audio_pad) == (151696, 6561, 158257)
-    assert tok.convert_ids_to_tokens([151664, 151665, 151685, 151692, 151695]) == [
-        "<|file_sep|>", "<|step_reserved_151665|>", "<|step_reserved_151685|>", "<|step_reserved_151692|>",
-        "<|step_reserved_151695|>"]
+    assert (ids.eot, ids.tts_pad) == (151665, 151695)
+    assert tok.convert_ids_to_tokens([151664, 151666, 151685, 151687, 151691, 151692]) == [
+        "<|file_sep|>", "<|step_reserved_151666|>", "<|step_reserved_151685|>", "<|step_reserved_151687|>",
+        "<|step_reserved_151691|>", "<|step_reserved_151692|>"]
     assert first_extension_id(tok) == 151665
+    assert stop_token_ids(tok) == list(vocab.REFERENCE_EOS_IDS) == [151643, 151645, 151665]
     text = "hi <audio_start><audio_patch><audio_end> <|EOT|><audio_6561>"
     encoded = tok.encode(text, add_special_tokens=False)
-    assert encoded[:6] == [71, 72, 220, 151688, 151690, 151689] and encoded[-2:] == [151687, 158257]
+    assert encoded[:6] == [71, 72, 220, 151688, 151690, 151689] and encoded[-2:] == [151665, 158257]
     assert tok.decode(encoded) == text
 
 

@@ -40,9 +40,19 @@ def start_and_end_lr(one) -> tuple:
 
 def test_paper_curriculum_budgets_rates_and_sequence_lengths():
     cfg, st = paper_stages()
-    assert list(st) == ["align", "extend", "main", "cooldown", "sft"]
+    assert list(st) == ["align", "extend", "main", "cooldown", "sft", "ppo_length", "reward_model",
+                        "ppo_reward_model", "grpo_perception"]
+    rl = {n: st.pop(n) for n in ["ppo_length", "reward_model", "ppo_reward_model", "grpo_perception"]}
     assert [st[n].max_tokens for n in st] == [100e9, 256e9, 800e9, 200e9, 4e9]
     assert [st[n].data.max_seq_len for n in st] == [8192, 16384, 16384, 16384, 8192]
+    # RL (the report): PPO 60 iterations (binary reward), PPO 120 with a reward model (global batch 64 on
+    # 8 x 8 GPUs, actor lr 1e-6, critic lr 2.5e-6), GRPO 400.
+    assert [(rl[n].kind, rl[n].max_steps) for n in rl] == [("ppo", 60), ("reward_model", 2000), ("ppo", 120),
+                                                            ("grpo", 400)]
+    ppo = rl["ppo_reward_model"]
+    assert 8 * 8 * ppo.data.batch_size * ppo.rl.num_generations == 64
+    assert (ppo.optim.lr, ppo.rl.critic_lr) == (1e-6, 2.5e-6)
+    assert ppo.rl.rewards[0].model == "stage:reward_model"  # resolved to that stage's export by the runner
     assert start_and_end_lr(st["align"]) == pytest.approx((1e-4, 2e-5))
     assert start_and_end_lr(st["main"]) == pytest.approx((2e-5, 2e-5))
     assert start_and_end_lr(st["cooldown"]) == pytest.approx((2e-5, 5e-6))

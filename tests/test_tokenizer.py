@@ -4,7 +4,8 @@ import json
 import pytest
 
 from data import vocab
-from data.tokenizer import build_text_tokenizer, extend_tokenizer, load_tokenizer, main, special_ids
+from data.tokenizer import (build_text_tokenizer, extend_tokenizer, load_tokenizer, main, special_ids,
+                            stop_token_ids)
 
 TEXTS = ["the quick brown fox jumps over the lazy dog", "hello world, hello speech",
          "transcribe the speech please", "numbers like 12 and 345 are split into digits"] * 5
@@ -36,6 +37,7 @@ def test_special_ids(tok):
     ids = special_ids(tok)
     assert (ids.end_of_text, ids.bot, ids.eot, ids.audio_start, ids.audio_end, ids.audio_patch,
             ids.tts_pad, ids.tts_start, ids.tts_end) == tuple(range(300, 309))
+    assert stop_token_ids(tok) == [ids.end_of_text, ids.eot]
     assert (ids.first_audio_code, ids.num_audio_codes, ids.audio_pad) == (309, NUM_CODES, 309 + NUM_CODES)
 
 

@@ -8,6 +8,7 @@ import argparse
 import json
 import sys
 
+from launch.accelerate import accelerate_overrides, check_accelerate_processes
 from train.config import ConfigError, deepspeed_config, load_config, to_yaml
 from train.lifeline import stay_with_torchrun
 
@@ -22,12 +23,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     stay_with_torchrun()  # a rank torchrun started dies with it, even in a session of its own
     try:
-        cfg = load_config(args.recipe, args.overrides)
+        # Started by `accelerate launch`: its settings (processes, DeepSpeed stage, precision) become overrides
+        # that the command line's own still override.
+        check_accelerate_processes()
+        cfg = load_config(args.recipe, accelerate_overrides() + list(args.overrides))
         if cfg.stages:
             from train.curriculum import plan
 
             plan(cfg)  # a selected stage whose starting export is missing fails here, before any work
-    except ConfigError as e:
+    except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.print_config:

@@ -290,8 +290,9 @@ class Checkpointer:
                                  f"carried one): checked that its files are present and complete, not their checksums")
 
     def save(self, engine, step: int, loader_state: Dict[str, Any], config_yaml: str,
-             extra: Optional[Dict[str, Any]] = None) -> Path:
-        """Collective. loader_state is this rank's; extra (JSON data: tokens, wall_s ...) goes to train_state.json."""
+             extra: Optional[Dict[str, Any]] = None, others: Optional[Dict[str, Any]] = None) -> Path:
+        """Collective. loader_state is this rank's; extra (JSON data: tokens, wall_s ...) goes to train_state.json.
+        others: further trained engines by name (PPO's critic), each saved in the step folder's NAME/."""
         tag = f"step_{step:08d}"
         tmp_tag = tag + ".tmp"
         tmp_dir = self.root / tmp_tag
@@ -301,6 +302,8 @@ class Checkpointer:
         dist.barrier()
         gathered = _gathered(loader_state, self.world_size)
         engine.save(str(self.root), tmp_tag, client_state={"step": step})
+        for name, other in (others or {}).items():
+            other.save(str(tmp_dir), name, client_state={"step": step})
         torch.save({"rng": _rng_state(), "step": step}, tmp_dir / f"rank_{self.rank:05d}.pt")
         if self.rank == 0:
             torch.save({"ranks": gathered}, tmp_dir / "loader.pt")
@@ -353,8 +356,9 @@ class Checkpointer:
             files = {rel: entry for share in everyone for rel, entry in share.items()}
             _write_atomic(step_dir / MANIFEST_NAME, json.dumps({"files": dict(sorted(files.items()))}, indent=1))
 
-    def load(self, engine, folder: Path, tag: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-        """Collective. Restores engine and RNG; returns (train_state.json's content, the loader state:
+    def load(self, engine, folder: Path, tag: str,
+             others: Optional[Dict[str, Any]] = None) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+        """Collective. Restores engine (and the `others` engines save wrote) and RNG; returns (train_state.json's content, the loader state:
         {"ranks": [...]}, every rank's, as data.loader's load_state_dict takes it). Our files are read first,
         and a rank that cannot read its own stops every rank with the same error before DeepSpeed loads."""
         step_dir = folder / tag
@@ -382,6 +386,14 @@ class Checkpointer:
                 f"checkpoints resume on any number; the data loader re-splits its epoch either way)")
         else:
             engine.load(str(folder), tag)
+        for name, other in (others or {}).items():
+            if old_world != self.world_size:
+                raise ValueError(f"checkpoint {step_dir} was written by {old_world} ranks, this run has "
+                                 f"{self.world_size}: its {name} engine resumes only on the same number of ranks")
+            if not (step_dir / name).is_dir():
+                raise ValueError(f"checkpoint {step_dir} has no {name}/ folder: it was not written by a run of "
+                                 f"this kind")
+            other.load(str(step_dir), name)
         if old_world == self.world_size:
             not_cuda = _set_rng_state(mine["rng"])
             if not_cuda is not None and self.rank == 0:

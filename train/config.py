@@ -26,6 +26,11 @@ PARAM_GROUPS = {
     "lm_head": ("lm_head.",),
 }
 
+# What a run (or a curriculum stage) trains with: supervised next-token loss, or an RL algorithm (train.rl).
+KINDS = ("sft", "dpo", "grpo", "ppo", "reward_model")
+# rl.reference values: how the frozen reference policy is held (see RLConfig.reference).
+REFERENCES = ("auto", "copy", "adapters_off", "none")
+
 # eval.metric values (train.evaluate.run_eval).
 EVAL_METRICS = ("wer", "code_accuracy", "bleu")
 
@@ -186,6 +191,104 @@ class LoraConfig:
     init_from: Optional[str] = None
     """The StepFun-layout folder (a release or an export of ours) whose weights are the frozen base;
     required when enabled (model.init_from must then stay unset)."""
+    adapter_init: Optional[str] = None
+    """A peft adapter folder (a LoRA run's RUN_DIR/adapter) to start the adapters from instead of fresh ones:
+    tuning an existing adapter further, e.g. RL after a LoRA SFT. Its settings (r, targets) must match."""
+
+
+@dataclass
+class RewardConfig:
+    """One component of the reward; the reward of an answer is the weighted sum of the components."""
+    name: str = ""
+    """Its name in the metrics (reward/<name>_mean, reward/<name>_std)."""
+    function: Optional[str] = None
+    """`module:function` called as function(samples) with a list of train.rl.rewards.RolloutSample
+    (prompt metadata, answer text, audio codes, ...); returns one float per sample (a list or a tensor)."""
+    model: Optional[str] = None
+    """A score-model folder (a `kind: reward_model` run's export, or `stage:NAME` for that curriculum
+    stage's export): its score at the answer's last token."""
+    weight: float = 1.0
+    """Multiplier of this component in the sum."""
+    args: Dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments the function is called with (function(samples, **args)); see train.rl.rule_rewards."""
+
+
+@dataclass
+class RLConfig:
+    """Knobs of the RL kinds (dpo, grpo, ppo, reward_model); a plain SFT run ignores them. Defaults follow
+    what TRL and OpenRLHF users expect. Rollout batch = data.batch_size prompts per rank per step (with
+    data.render=prompt), each answered num_generations times."""
+    # --- rollouts (grpo, ppo)
+    num_generations: int = 4
+    """Answers per prompt (GRPO's group; PPO usually 1)."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts; the log-probabilities of the loss are computed at the same one."""
+    top_p: float = 1.0
+    """Nucleus sampling of the rollouts (1 = off)."""
+    max_new_tokens: int = 256
+    """An answer that has not ended (<|EOT|>) after this many tokens is cut there; see truncated_reward."""
+    truncated_reward: Optional[float] = None
+    """Reward given to a cut answer instead of its scored reward (None: score it like any other)."""
+    # --- updates (grpo, ppo)
+    epochs: int = 1
+    """Passes over each rollout batch (PPO epochs)."""
+    num_minibatches: int = 1
+    """Optimizer steps per epoch: the rollout batch is cut into this many minibatches."""
+    clip: float = 0.2
+    """Clip range of the importance ratio."""
+    # --- KL to the reference policy (grpo, ppo)
+    kl_coef: float = 0.0
+    """Weight of the KL term (GRPO's beta; PPO's KL penalty). 0 = no reference model is built at all."""
+    kl_estimator: str = "k3"
+    """k1, k2 or k3 (see train.rl.losses.kl_per_token)."""
+    kl_in_reward: bool = False
+    """PPO: subtract kl_coef x KL from each token's reward (TRL/OpenRLHF's default) instead of adding
+    kl_coef x KL to the loss. GRPO always adds it to the loss."""
+    reference: str = "auto"
+    """How the reference is held: copy (a frozen copy of the starting policy, partitioned under ZeRO-3),
+    adapters_off (LoRA: the base with the adapters disabled, no second copy; wrong when lora.adapter_init
+    tunes an existing adapter further, then a frozen copy of that adapter is used), none, or auto (LoRA:
+    adapters_off, or a frozen copy of the starting adapter; else copy)."""
+    reference_offload: bool = False
+    """ZeRO-3: keep the reference's partitions in CPU memory (DeepSpeed parameter offload)."""
+    # --- PPO
+    gamma: float = 1.0
+    """GAE discount."""
+    lam: float = 0.95
+    """GAE lambda."""
+    whiten_advantages: bool = True
+    """Normalise advantages to mean 0, std 1 over the rollout batch of each rank."""
+    value_clip: float = 0.2
+    """Clip range of the critic's values around the rollout's (0 = unclipped)."""
+    critic_lr: Optional[float] = None
+    """The critic's peak learning rate (None: optim.lr); the schedule is the policy's."""
+    critic_init: Optional[str] = None
+    """Folder the critic starts from: a score model (its head too) or a causal LM (a fresh head). None: the
+    first reward model of rl.rewards if there is one, else the policy's starting folder."""
+    critic_warmup_steps: int = 0
+    """The first N steps train only the critic (the policy waits for useful values)."""
+    # --- GRPO
+    scale_rewards: bool = True
+    """Divide each group's centred rewards by the group's std (False: Dr. GRPO's unscaled advantages)."""
+    # --- rewards (grpo, ppo)
+    rewards: List[RewardConfig] = field(default_factory=list)
+    """The reward's components, summed with their weights; each is logged."""
+    # --- DPO
+    beta: float = 0.1
+    """DPO's temperature of the implicit reward."""
+    label_smoothing: float = 0.0
+    """Conservative DPO: the share of pairs assumed mislabelled."""
+    precompute_reference: bool = True
+    """DPO: compute the reference's log-probabilities of every pair once before training (a pass over the
+    pair shards) and drop the reference model, instead of holding it for every step."""
+    sft_coef: float = 0.0
+    """DPO: add this times the chosen answers' cross-entropy (CosyVoice-style regularisation)."""
+    # --- reward model
+    center_coef: float = 0.0
+    """Reward model: weight of the centring term mean((s_chosen + s_rejected)^2)."""
+    eval_pairs: List[str] = field(default_factory=list)
+    """Reward model and DPO: held-out preference shards; their pairwise accuracy is logged at the start, at the
+    end and with eval.every_steps."""
 
 
 @dataclass
@@ -193,6 +296,8 @@ class StageConfig:
     """One stage of a curriculum: its budget, its learning-rate multipliers, and what it changes."""
     name: str = ""
     """Stage name (letters, digits, - and _); its run folder is RUN_DIR/stages/<index>-<name>."""
+    kind: str = "sft"
+    """What the stage trains with: sft, dpo, grpo, ppo or reward_model (see TrainConfig.kind)."""
     max_steps: Optional[int] = None
     """Budget in optimizer steps (with max_tokens too: whichever is reached first)."""
     max_tokens: Optional[int] = None
@@ -212,6 +317,10 @@ class TrainConfig:
     sub-folder per stage under RUN_DIR/stages/)."""
     seed: int = 0
     """Seeds the weights, the data order and every random number generator."""
+    kind: str = "sft"
+    """sft (next-token loss on data.shards), dpo (preference pairs, data.render=pairs), grpo or ppo (rollouts
+    on prompts, data.render=prompt, rewards from rl.rewards), reward_model (a scalar head trained on
+    preference pairs; exports a score model). See rl.*; a curriculum stage sets its own."""
     max_steps: Optional[int] = 1000
     """Optimizer steps to train for; None = only max_tokens limits the run."""
     max_tokens: Optional[int] = None
@@ -229,6 +338,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
     stages: List[StageConfig] = field(default_factory=list)
     """A curriculum: stages run in order, each from the previous one's export. Empty = one plain run."""
     run_stages: List[str] = field(default_factory=list)
@@ -307,6 +417,7 @@ def load_config(recipe: Optional[str] = None, overrides: List[str] = ()) -> Trai
     if not cfg.stages:
         if cfg.run_stages:
             raise ConfigError(f"config key 'stages' = {cfg.run_stages!r}: the recipe has no stages to select")
+        apply_kind_defaults(cfg)
         validate(cfg)
         return cfg
     from train.curriculum import validate_stages  # the stage rules live with the runner
@@ -401,9 +512,103 @@ def validate(cfg: TrainConfig) -> None:
             bad("lora.target_modules", cfg.lora.target_modules, f"names from {list(DECODER_LINEARS)}")
         if not cfg.lora.target_modules and not cfg.lora.adapter:
             bad("lora.target_modules", cfg.lora.target_modules, "at least one layer name, or lora.adapter=true")
+    validate_rl(cfg)
     catchable = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT")
     if any(s not in catchable for s in cfg.resilience.preempt_signals):
         bad("resilience.preempt_signals", cfg.resilience.preempt_signals, f"names from {', '.join(catchable)}")
+
+
+KIND_RENDER = {"sft": "full", "dpo": "pairs", "reward_model": "pairs", "grpo": "prompt", "ppo": "prompt"}
+
+
+def apply_kind_defaults(cfg: TrainConfig) -> None:
+    """An RL kind reads its data rendered its way: data.render left at "full" becomes the kind's (prompt or
+    pairs), so a recipe need not repeat it per stage. Any other value is kept (and validated)."""
+    if cfg.kind in KIND_RENDER and getattr(cfg.data, "render", "full") == "full" and hasattr(cfg.data, "render"):
+        cfg.data.render = KIND_RENDER[cfg.kind]
+
+
+def validate_rl(cfg: TrainConfig) -> None:
+    """The kind and the rl.* knobs it uses; each error names the key."""
+    def bad(key, value, expected):
+        raise ConfigError(f"config key '{key}' = {value!r}: expected {expected}")
+
+    rl, kind = cfg.rl, cfg.kind
+    if kind not in KINDS:
+        bad("kind", kind, ", ".join(KINDS))
+    render = getattr(cfg.data, "render", "full")
+    wanted = KIND_RENDER[kind]
+    if render != wanted:
+        bad("data.render", render, f"{wanted} for kind={kind}")
+    if kind == "sft":
+        return
+    if cfg.data.batching != "fixed":
+        bad("data.batching", cfg.data.batching, f"fixed for kind={kind} (data.batch_size prompts or pairs per rank)")
+    if kind in ("grpo", "ppo"):
+        if rl.num_generations < 1 or (kind == "grpo" and rl.num_generations < 2):
+            bad("rl.num_generations", rl.num_generations, "an integer >= 2 for grpo (a group), >= 1 for ppo")
+        if not rl.temperature > 0:
+            bad("rl.temperature", rl.temperature, "a positive number (the log-probabilities are computed at it)")
+        if not 0.0 < rl.top_p <= 1.0:
+            bad("rl.top_p", rl.top_p, "a number in (0, 1]")
+        if rl.max_new_tokens < 1:
+            bad("rl.max_new_tokens", rl.max_new_tokens, "an integer >= 1")
+        if rl.epochs < 1:
+            bad("rl.epochs", rl.epochs, "an integer >= 1")
+        answers = cfg.data.batch_size * rl.num_generations
+        if rl.num_minibatches < 1 or answers % rl.num_minibatches:
+            bad("rl.num_minibatches", rl.num_minibatches,
+                f"an integer >= 1 dividing the answers per rank per step (data.batch_size x rl.num_generations "
+                f"= {answers})")
+        if (answers // rl.num_minibatches) % cfg.engine.grad_accum_steps:
+            bad("engine.grad_accum_steps", cfg.engine.grad_accum_steps,
+                f"a divisor of the answers per minibatch ({answers // rl.num_minibatches})")
+        if not 0.0 < rl.clip < 1.0:
+            bad("rl.clip", rl.clip, "a number in (0, 1)")
+        if rl.kl_coef < 0:
+            bad("rl.kl_coef", rl.kl_coef, "a number >= 0")
+        if rl.kl_estimator not in ("k1", "k2", "k3"):
+            bad("rl.kl_estimator", rl.kl_estimator, "k1, k2 or k3")
+        if rl.reference not in REFERENCES:
+            bad("rl.reference", rl.reference, ", ".join(REFERENCES))
+        if rl.kl_coef > 0 and rl.reference == "none":
+            bad("rl.reference", rl.reference, "a reference (auto, copy or adapters_off) when rl.kl_coef > 0")
+        if rl.reference == "adapters_off" and not cfg.lora.enabled:
+            bad("rl.reference", rl.reference, "copy, auto or none without LoRA (adapters_off needs lora.enabled)")
+        if not rl.rewards:
+            bad("rl.rewards", rl.rewards, f"at least one reward component for kind={kind}")
+        for i, reward in enumerate(rl.rewards):
+            if bool(reward.function) == bool(reward.model):
+                bad(f"rl.rewards[{i}]", {"function": reward.function, "model": reward.model},
+                    "exactly one of function (module:function) and model (a score-model folder)")
+            if reward.function and (reward.function.count(":") != 1 or not all(reward.function.split(":"))):
+                bad(f"rl.rewards[{i}].function", reward.function, "module:function")
+            if not re.match(r"^[A-Za-z0-9_-]+$", reward.name or ""):
+                bad(f"rl.rewards[{i}].name", reward.name, "a name of letters, digits, - and _")
+        names = [r.name for r in rl.rewards]
+        if len(set(names)) != len(names):
+            bad("rl.rewards", names, "unique names")
+        if not 0.0 <= rl.gamma <= 1.0:
+            bad("rl.gamma", rl.gamma, "a number in [0, 1]")
+        if not 0.0 <= rl.lam <= 1.0:
+            bad("rl.lam", rl.lam, "a number in [0, 1]")
+        if rl.value_clip < 0:
+            bad("rl.value_clip", rl.value_clip, "a number >= 0 (0 = unclipped)")
+        if rl.critic_lr is not None and not rl.critic_lr > 0:
+            bad("rl.critic_lr", rl.critic_lr, "a positive number (or unset: optim.lr)")
+        if rl.critic_warmup_steps < 0:
+            bad("rl.critic_warmup_steps", rl.critic_warmup_steps, "an integer >= 0")
+    if kind == "dpo":
+        if not rl.beta > 0:
+            bad("rl.beta", rl.beta, "a positive number")
+        if not 0.0 <= rl.label_smoothing < 0.5:
+            bad("rl.label_smoothing", rl.label_smoothing, "a number in [0, 0.5)")
+        if rl.sft_coef < 0:
+            bad("rl.sft_coef", rl.sft_coef, "a number >= 0")
+    if kind == "reward_model" and cfg.lora.enabled:
+        bad("lora.enabled", True, "false for kind=reward_model (a LoRA reward model's export is not supported yet)")
+    if kind == "reward_model" and rl.center_coef < 0:
+        bad("rl.center_coef", rl.center_coef, "a number >= 0")
 
 
 def to_yaml(cfg: TrainConfig) -> str:

@@ -24,8 +24,8 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from train.config import (ConfigError, InitPartsConfig, MetricsConfig, TrainConfig, config_error, to_yaml,
-                          validate)
+from train.config import (ConfigError, InitPartsConfig, MetricsConfig, TrainConfig, apply_kind_defaults,
+                          config_error, to_yaml, validate)
 
 DONE_NAME = "DONE"
 SUMMARY_NAME = "curriculum.json"
@@ -87,6 +87,8 @@ def stage_config(cfg: TrainConfig, index: int, where: str = "") -> TrainConfig:
     except OmegaConfBaseException as e:
         raise config_error(e, f"{label}.overrides.", where) from None
     out.run_dir = str(Path(cfg.run_dir) / "stages" / f"{index}-{stage.name}")
+    out.kind = stage.kind
+    apply_kind_defaults(out)
     out.max_steps, out.max_tokens = stage.max_steps, stage.max_tokens
     out.lr_multipliers = dict(stage.lr_multipliers)
     try:
@@ -147,7 +149,11 @@ def plan(cfg: TrainConfig) -> List[StagePlan]:
         # Running one stage on its own: the top-level model.init_from (e.g. from the command line) wins.
         if cfg.run_stages and cfg.model.init_from:
             continue
-        prev = plans[p.index - 1]
+        # A reward model is not a policy: the next policy stage starts from the policy before it.
+        policies = [q for q in plans[: p.index] if q.cfg.kind != "reward_model"]
+        if not policies:
+            continue
+        prev = policies[-1]
         export = Path(prev.cfg.run_dir) / "export"
         if not (prev.done or prev.selected):
             raise ConfigError(f"stage {p.name!r} (stages[{p.index}]) starts from the export of stage {prev.name!r} "
@@ -155,7 +161,30 @@ def plan(cfg: TrainConfig) -> List[StagePlan]:
                               f"run stage {prev.name!r} first, or give model.init_from=FOLDER")
         model = dataclasses.replace(p.cfg.model, init_from=str(export), init_parts=InitPartsConfig())
         p.cfg = dataclasses.replace(p.cfg, model=model)
+    for p in plans:
+        p.cfg = _resolve_stage_refs(p, plans)
     return plans
+
+
+STAGE_REF = "stage:"
+
+
+def _resolve_stage_refs(p: StagePlan, plans: List[StagePlan]) -> TrainConfig:
+    """rl.rewards[].model and rl.critic_init may say `stage:NAME`: that earlier stage's export folder."""
+    def resolve(value: Optional[str], key: str) -> Optional[str]:
+        if not value or not value.startswith(STAGE_REF):
+            return value
+        name = value[len(STAGE_REF):]
+        earlier = [q for q in plans[: p.index] if q.name == name]
+        if not earlier:
+            raise ConfigError(f"config key '{key}' of stage {p.name!r} = {value!r}: no earlier stage is named "
+                              f"{name!r} (stages before it: {[q.name for q in plans[: p.index]]})")
+        return str(Path(earlier[0].cfg.run_dir) / "export")
+
+    rl = p.cfg.rl
+    rewards = [dataclasses.replace(r, model=resolve(r.model, f"rl.rewards[{i}].model")) for i, r in enumerate(rl.rewards)]
+    rl = dataclasses.replace(rl, rewards=rewards, critic_init=resolve(rl.critic_init, "rl.critic_init"))
+    return dataclasses.replace(p.cfg, rl=rl)
 
 
 def _summary(cfg: TrainConfig, plans: List[StagePlan]) -> Dict[str, Any]:

@@ -4,6 +4,7 @@ Nothing else in the project imports deepspeed; the step loop talks to `Engine`.
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import socket
@@ -64,8 +65,14 @@ def gathered_for_write(params):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
+SCORE_HEAD_PREFIX = "score."
+
+
 def param_group_name(name: str) -> str:
-    """The PARAM_GROUPS group a parameter belongs to, by its StepFun name ("other" for none)."""
+    """The PARAM_GROUPS group a parameter belongs to, by its StepFun name ("score" for a score model's
+    head, "other" for none)."""
+    if name.startswith(SCORE_HEAD_PREFIX):
+        return "score"
     for group, prefixes in PARAM_GROUPS.items():
         if name.startswith(prefixes):
             return group
@@ -81,7 +88,9 @@ def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> List[Dict[str, Any
     trainable_prefixes = tuple(p for g in cfg.model.trainable for p in PARAM_GROUPS[g])
     by_key: Dict[tuple, List[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():
-        if cfg.lora.enabled:
+        if name.startswith(SCORE_HEAD_PREFIX):
+            pass  # a score model's head (reward model, critic) always trains, LoRA or not
+        elif cfg.lora.enabled:
             if not param.requires_grad:
                 continue
         elif not name.startswith(trainable_prefixes) or name == "encoder.positional_embedding.weight":
@@ -136,12 +145,31 @@ def model_inputs(batch: Dict[str, Any], device: torch.device, dtype: torch.dtype
     return inputs
 
 
-class Engine:
-    """A DeepSpeed engine around the model, with our optimizer; the loop sets the lr factor of each step."""
+def _forward_inputs(batch: Dict[str, Any], device: torch.device, dtype: torch.dtype,
+                    cfg: TrainConfig) -> Dict[str, Any]:
+    inputs = model_inputs(batch, device, dtype)
+    if cfg.engine.zero_stage == 3 and torch.distributed.get_world_size() > 1 and "labels" in inputs:
+        # Each loss chunk gathers lm_head (a collective): all ranks make as many as the busiest needs.
+        labelled = batch.get("num_loss_tokens")
+        if labelled is None:
+            labelled = int((batch["labels"][:, 1:] != -100).sum())
+        chunks = torch.tensor([-(-labelled // LOSS_CHUNK_ROWS)], device=device)
+        torch.distributed.all_reduce(chunks, op=torch.distributed.ReduceOp.MAX)
+        inputs["num_loss_chunks"] = int(chunks.item())  # a host sync per micro-batch, ZeRO-3 only
+    return inputs
 
-    def __init__(self, model: torch.nn.Module, cfg: TrainConfig):
+
+class Engine:
+    """A DeepSpeed engine around the model, with our optimizer; the loop sets the lr factor of each step.
+
+    An RL run holds several: the policy's, and PPO's critic's (lr: its own peak learning rate instead of
+    optim.lr); frozen models (reference, reward model) are FrozenModel instead."""
+
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, lr: Optional[float] = None):
         import deepspeed
 
+        if lr is not None:
+            cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=lr))
         self.cfg = cfg
         groups = param_groups(model, cfg)
         optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
@@ -193,19 +221,10 @@ class Engine:
     def compute_dtype(self) -> torch.dtype:
         return compute_dtype(self.cfg)
 
-    def forward(self, batch: Dict[str, Any]):
+    def forward(self, batch: Dict[str, Any], **kwargs: Any):
         """The model's output on a loader batch (data.batching), moved to this engine's device first:
-        DeepSpeed does not move inputs."""
-        inputs = model_inputs(batch, self.device, self.compute_dtype)
-        if self.cfg.engine.zero_stage == 3 and torch.distributed.get_world_size() > 1 and "labels" in inputs:
-            # Each loss chunk gathers lm_head (a collective): all ranks make as many as the busiest needs.
-            labelled = batch.get("num_loss_tokens")
-            if labelled is None:
-                labelled = int((batch["labels"][:, 1:] != -100).sum())
-            chunks = torch.tensor([-(-labelled // LOSS_CHUNK_ROWS)], device=self.device)
-            torch.distributed.all_reduce(chunks, op=torch.distributed.ReduceOp.MAX)
-            inputs["num_loss_chunks"] = int(chunks.item())  # a host sync per micro-batch, ZeRO-3 only
-        return self.ds(**inputs)
+        DeepSpeed does not move inputs. kwargs go to the model as they are (token_logprobs, temperature)."""
+        return self.ds(**_forward_inputs(batch, self.device, self.compute_dtype, self.cfg), **kwargs)
 
     def backward_and_step(self, loss: torch.Tensor) -> None:
         """Backward on one micro-batch; DeepSpeed applies the optimizer at accumulation boundaries."""
@@ -243,6 +262,52 @@ class Engine:
         if torch.distributed.get_rank() != 0:
             return None
         return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+
+class FrozenModel:
+    """A model that only runs forwards inside training steps: RL's reference policy and reward models.
+
+    Under ZeRO-3 it is a DeepSpeed engine without an optimizer, its parameters partitioned like the
+    policy's (and with offload=True kept in CPU memory, fetched layer by layer); every rank must then make
+    the same forwards, as with the policy. Under ZeRO 0-2 it is the plain module on the device, in the
+    compute dtype. Either way it is in eval mode and nothing of it requires grad; forward runs without grad."""
+
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, device: torch.device, offload: bool = False):
+        self.cfg, self.device = cfg, device
+        model.requires_grad_(False)
+        model.eval()
+        if cfg.engine.zero_stage == 3:
+            import deepspeed
+
+            config = deepspeed_config(cfg)
+            if offload:
+                config["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
+            self.ds, _, _, _ = deepspeed.initialize(model=model, config=config)
+            self.ds.eval()
+            self._module = None
+        else:
+            self.ds = None
+            self._module = model.to(device=device, dtype=compute_dtype(cfg))
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self._module if self.ds is None else self.ds.module
+
+    @torch.no_grad()
+    def forward(self, batch: Dict[str, Any], **kwargs: Any):
+        """The model's output on a batch dict (as Engine.forward), without grad."""
+        inputs = _forward_inputs(batch, self.device, compute_dtype(self.cfg), self.cfg)
+        return (self._module if self.ds is None else self.ds)(**inputs, **kwargs)
+
+    def close(self) -> None:
+        ds = self.__dict__.pop("ds", None)
+        self._module = None
+        if ds is not None:
+            ds.destroy()
+            del ds
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------- inference under ZeRO-3

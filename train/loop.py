@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
@@ -28,7 +28,7 @@ from train.config import InitPartsConfig, TrainConfig, to_yaml
 from train.engine import (Engine, compute_dtype, gathered_for_write, inference_model, init_distributed,
                           model_init_context)
 from train.faults import maybe_fault
-from train.lora import apply_lora, audio_rows, save_adapter
+from train.lora import apply_lora, audio_rows, load_adapter, save_adapter
 from train.metrics import make_sink
 from train.preempt import PREEMPTED_EXIT_CODE, Preempted, PreemptionFlag, mark_preempted
 from train.run_folder import drop_steps_after, process_start_time, remove_stale_temporaries
@@ -36,8 +36,12 @@ from train.schedule import Schedule
 from train.watchdog import Watchdog
 
 
-def build_model(cfg: TrainConfig, tok) -> StepAudio2ForCausalLM:
+def build_model(cfg: TrainConfig, tok, score: bool = False, init_from: Optional[str] = None) -> StepAudio2ForCausalLM:
+    """The model a run trains: the policy (a causal LM, LoRA-wrapped with lora.enabled), or with score=True a
+    score model (model.score: reward model, critic) from `init_from` (default: the run's starting folder)."""
     ids = special_ids(tok)
+    if score:
+        return _build_score_model(cfg, tok, init_from or cfg.model.init_from or cfg.lora.init_from)
     # "auto" becomes a concrete kernel for the precision the model will compute in (logged there).
     attention = resolve_attention(cfg.model.attention, compute_dtype(cfg))
     # A LoRA run's frozen base is re-read from lora.init_from on every start, resumes included.
@@ -60,6 +64,8 @@ def build_model(cfg: TrainConfig, tok) -> StepAudio2ForCausalLM:
                              f"tokenizer {cfg.data.tokenizer} ({len(tok)} tokens)")
         if cfg.lora.enabled:
             apply_lora(model, cfg.lora, audio_rows(ids.first_audio_code, ids.num_audio_codes))
+            if cfg.lora.adapter_init:
+                load_adapter(model, cfg.lora.adapter_init)
         return model
     vocab_size = cfg.model.vocab_size or -(-len(tok) // 64) * 64
     if vocab_size < len(tok):
@@ -68,6 +74,26 @@ def build_model(cfg: TrainConfig, tok) -> StepAudio2ForCausalLM:
     with model_init_context(cfg):
         return StepAudio2ForCausalLM(config, gradient_checkpointing=cfg.model.gradient_checkpointing,
                                      attention=attention)
+
+
+def _build_score_model(cfg: TrainConfig, tok, init_from: Optional[str]):
+    from model.score import load_score_model
+
+    if not init_from:
+        raise ValueError("a score model (reward model, critic) starts from a model folder: set model.init_from "
+                         "(or rl.critic_init)")
+    attention = resolve_attention(cfg.model.attention, compute_dtype(cfg))
+    partitioned = cfg.engine.zero_stage == 3
+    model = load_score_model(init_from, build_context=model_init_context(cfg) if partitioned else None,
+                             gather=gathered_for_write if partitioned else None,
+                             gradient_checkpointing=cfg.model.gradient_checkpointing, attention=attention)
+    if model.config.vocab_size < len(tok):
+        raise ValueError(f"{init_from} has {model.config.vocab_size} vocabulary rows, fewer than the tokenizer "
+                         f"{cfg.data.tokenizer} ({len(tok)} tokens)")
+    if cfg.lora.enabled:
+        ids = special_ids(tok)
+        apply_lora(model, cfg.lora, audio_rows(ids.first_audio_code, ids.num_audio_codes))
+    return model
 
 
 def init_parts_once(cfg: TrainConfig, tok, rank: int) -> TrainConfig:
@@ -112,36 +138,140 @@ def run_eval(cfg: TrainConfig, engine: Engine, tok, ids, dtype: torch.dtype, ran
                                    beat=beat)
 
 
-def budget_left(cfg: TrainConfig, state: Dict[str, Any]) -> bool:
+@dataclass
+class RunState:
+    """The run's position, saved in train_state.json: the schedule and the budget are functions of it."""
+    step: int = 0
+    tokens: int = 0
+    """Real decoder tokens trained on, summed over ranks."""
+    wall_s: float = 0.0
+    """Wall time of every attempt so far (the ones before a resume, and this one)."""
+    eval_start: Optional[float] = None
+
+
+def budget_left(cfg: TrainConfig, state: RunState) -> bool:
     """True while neither max_steps nor max_tokens is reached (tokens: summed over ranks)."""
-    steps_left = cfg.max_steps is None or state["step"] < cfg.max_steps
-    return steps_left and (cfg.max_tokens is None or state["tokens"] < cfg.max_tokens)
+    steps_left = cfg.max_steps is None or state.step < cfg.max_steps
+    return steps_left and (cfg.max_tokens is None or state.tokens < cfg.max_tokens)
 
 
-def _new_window(state: Dict[str, Any]) -> Dict[str, float]:
-    """Sums since the last log line: loss, audio seconds, micro-batches; tokens and time at its start."""
-    return {"loss": None, "audio_s": 0.0, "micro": 0, "tokens0": state["tokens"], "t0": time.perf_counter()}
+@dataclass
+class StepResult:
+    """What one step of an algorithm reports to the loop."""
+    tokens: int
+    """Real decoder tokens this rank trained on (a host int: the collate counted them)."""
+    metrics: Dict[str, Any] = field(default_factory=dict)
+    """name -> a float or a 0-dim tensor, left on the device (read once per log line): averaged over the
+    steps of a log window and over the ranks."""
+    audio_s: float = 0.0
+    """Seconds of input audio in the step (audio_s_per_s)."""
 
 
-def _sum_over_ranks(values: Dict[str, float], device: torch.device) -> Dict[str, float]:
-    # On the engine's device: NCCL reduces only accelerator tensors.
-    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+class Algorithm:
+    """One training step of a kind (sft here; dpo, grpo, ppo, reward_model in train.rl). The loop owns the
+    rest: build, resume, schedule, log, evaluate, checkpoint, preempt, export.
+
+    `engines` are trained models besides the loop's own (PPO's critic): checkpointed and resumed with it.
+    state_dict / load_state_dict: this rank's data position and random state (saved in loader.pt beside
+    every rank's), as data.loader's loader takes it."""
+    loader: Any
+
+    def engines(self) -> Dict[str, Engine]:
+        return {}
+
+    def step(self, step: int) -> StepResult:
+        raise NotImplementedError
+
+    def evaluate(self, tag: str) -> Dict[str, float]:
+        """Metrics of the kind's own held-out evaluation (e.g. pairwise accuracy); {} for none. A collective."""
+        return {}
+
+    def state_dict(self) -> Dict[str, Any]:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.loader.load_state_dict(state)  # every rank's state: the loader picks (or re-splits) its own
+
+    def skipped(self) -> int:
+        return sum(self.loader.stats()["skipped"].values())
+
+    def close(self) -> None:
+        pass
+
+
+class SFTStep(Algorithm):
+    """Supervised next-token loss: engine.grad_accum_steps micro-batches from the loader per step."""
+
+    def __init__(self, cfg: TrainConfig, engine: Engine, loader, key_log=None):
+        self.cfg, self.engine, self.loader, self.key_log = cfg, engine, loader, key_log
+        self.batches = iter(loader)
+
+    def step(self, step: int) -> StepResult:
+        loss_sum, tokens, audio_s, out = None, 0, 0.0, None
+        for _ in range(self.cfg.engine.grad_accum_steps):
+            batch = next(self.batches)  # (draws nothing from the global RNG: data.loader seeds its workers itself)
+            if self.key_log is not None:
+                self.key_log.write(json.dumps({"step": step, "keys": batch["keys"],
+                                               "epochs": batch.get("epochs")}) + "\n")
+                self.key_log.flush()
+            out = self.engine.forward(batch)
+            self.engine.backward_and_step(out.loss)
+            # Summed on the device: reading a loss here would stall the host every micro-batch.
+            loss = out.loss.detach().float()
+            loss_sum = loss if loss_sum is None else loss_sum + loss
+            audio_s += float(batch["num_audio_s"])
+            tokens += batch["num_tokens"]  # counted by the collate, on the host
+        # (out, holding DeepSpeed's backward hooks and through them the engine, dies here.)
+        del out
+        return StepResult(tokens, {"loss": loss_sum / self.cfg.engine.grad_accum_steps}, audio_s)
+
+    def close(self) -> None:
+        if self.key_log is not None:
+            self.key_log.close()
+
+
+class _Window:
+    """Sums since the last log line: each metric over steps, audio seconds; tokens and time at its start."""
+
+    def __init__(self, state: RunState):
+        self.sums: Dict[str, Any] = {}
+        self.counts: Dict[str, int] = {}  # steps that reported each metric (e.g. none during a critic warm-up)
+        self.steps, self.audio_s = 0, 0.0
+        self.tokens0, self.t0 = state.tokens, time.perf_counter()
+
+    def add(self, result: StepResult) -> None:
+        for name, value in result.metrics.items():
+            value = value.detach().float() if isinstance(value, torch.Tensor) else float(value)
+            self.sums[name] = value if name not in self.sums else self.sums[name] + value
+            self.counts[name] = self.counts.get(name, 0) + 1
+        self.steps += 1
+        self.audio_s += result.audio_s
+
+
+def _sum_over_ranks(values: Dict[str, Any], device: torch.device) -> Dict[str, float]:
+    # On the engine's device: NCCL reduces only accelerator tensors. One stacked tensor: one collective.
+    if not values:
+        return {}
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in values.values()])
     dist.all_reduce(t)
     return dict(zip(values, t.tolist()))
 
 
-def _log_window(sink, engine, loader, window, state, world_size: int) -> None:
-    elapsed = time.perf_counter() - window["t0"]
-    # The window's losses stayed on the device (no sync per micro-batch); this is where they are read.
-    totals = _sum_over_ranks({"loss": float(window["loss"]) / window["micro"], "audio_s": window["audio_s"]},
-                             engine.device)
-    loss, tokens_per_s = totals["loss"] / world_size, (state["tokens"] - window["tokens0"]) / elapsed
-    skipped = sum(loader.stats()["skipped"].values())
-    sink.log(state["step"], {"loss": loss, "lr": engine.lr(), "grad_norm": engine.grad_norm(),
-                             "tokens": state["tokens"], "tokens_per_s": tokens_per_s,
-                             "audio_s_per_s": totals["audio_s"] / elapsed, "skipped_samples": skipped,
-                             **{f"lr/{group}": lr for group, lr in engine.group_lrs().items()}})
-    sink.advance(state["step"], f"loss {loss:.3f} lr {engine.lr():.2e} {tokens_per_s:.0f} tok/s")
+def _log_window(sink, engine, algorithm: Algorithm, window: _Window, state: RunState, world_size: int) -> None:
+    elapsed = time.perf_counter() - window.t0
+    # The window's metrics stayed on the device (no sync per step); this is where they are read.
+    means = {name: value / window.counts[name] for name, value in window.sums.items()}
+    totals = _sum_over_ranks({**means, "__audio_s": window.audio_s}, engine.device)
+    audio_s = totals.pop("__audio_s")
+    metrics = {name: value / world_size for name, value in totals.items()}
+    tokens_per_s = (state.tokens - window.tokens0) / elapsed
+    sink.log(state.step, {**metrics, "lr": engine.lr(), "grad_norm": engine.grad_norm(),
+                          "tokens": state.tokens, "tokens_per_s": tokens_per_s, "audio_s_per_s": audio_s / elapsed,
+                          "skipped_samples": algorithm.skipped(),
+                          **{f"lr/{group}": lr for group, lr in engine.group_lrs().items()}})
+    head = next(iter(metrics), None)
+    shown = f"{head} {metrics[head]:.3f} " if head is not None else ""
+    sink.advance(state.step, f"{shown}lr {engine.lr():.2e} {tokens_per_s:.0f} tok/s")
 
 
 def _open_key_log(cfg: TrainConfig, rank: int, world_size: int, step: int):
@@ -162,6 +292,15 @@ def _open_key_log(cfg: TrainConfig, rank: int, world_size: int, step: int):
     return open(folder / f"rank_{rank}.jsonl", "a", encoding="utf-8")
 
 
+def make_algorithm(cfg: TrainConfig, engine: Engine, loader, ctx: Dict[str, Any]) -> Algorithm:
+    """The step of cfg.kind around the loop's engine (the policy; for reward_model the score model)."""
+    if cfg.kind == "sft":
+        return SFTStep(cfg, engine, loader, ctx.get("key_log"))
+    from train.rl import build_algorithm
+
+    return build_algorithm(cfg, engine, loader, ctx)
+
+
 def run(cfg: TrainConfig) -> Dict[str, Any]:
     t_start = time.perf_counter()
     rank, world_size = init_distributed(timeout_s=cfg.resilience.collective_timeout_s)
@@ -180,91 +319,91 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
             sink.message(line)
 
     model_cfg = init_parts_once(cfg, tok, rank) if cfg.model.init_parts.qwen else cfg
-    engine = Engine(build_model(model_cfg, tok), cfg)
+    engine = Engine(build_model(model_cfg, tok, score=cfg.kind == "reward_model"), cfg)
     # (No reference to the module is kept here: DeepSpeed's hooks on it hold the engine, and whatever holds
     # the module until run() returns keeps the engine's optimizer state alive past Engine.close.)
     kernel = next(m.attention_implementation for m in engine.module.modules()
                   if isinstance(m, StepAudio2ForCausalLM))  # inside peft too
     sink.message(f"device {engine.device}, {cfg.engine.precision}, ZeRO-{cfg.engine.zero_stage}, decoder attention "
-                 f"{kernel} (model.attention={cfg.model.attention})")
+                 f"{kernel} (model.attention={cfg.model.attention}), kind {cfg.kind}")
     loader = build_loader(cfg.data, rank=rank, world_size=world_size, seed=cfg.seed)
     ckpt = Checkpointer(cfg.run_dir, cfg.checkpoint, rank, world_size, log=sink.message)
-    # The run's position, saved in train_state.json: the schedule and the budget are functions of it.
-    state: Dict[str, Any] = {"step": 0, "tokens": 0, "wall_s": 0.0, "eval_start": None}
+    state = RunState()
     resume = ckpt.resume_point()
+    ctx = {"tok": tok, "ids": ids, "rank": rank, "world_size": world_size, "sink": sink,
+           "build_model": lambda c=model_cfg, **kw: build_model(c, tok, **kw), "resume": resume}
+    ctx["key_log"] = _open_key_log(cfg, rank, world_size, resume_step(ckpt, resume))
+    algorithm = make_algorithm(cfg, engine, loader, ctx)
     if resume is not None:
-        saved, loader_state = ckpt.load(engine, *resume)
-        state.update({k: saved[k] for k in state if k in saved})
-        loader.load_state_dict(loader_state)  # every rank's state: the loader picks (or re-splits) its own
-        sink.message(f"resumed from {resume[0] / resume[1]} at step {state['step']}")
+        saved, data_state = ckpt.load(engine, *resume, others=algorithm.engines())
+        state = RunState(**{k: saved[k] for k in asdict(state) if k in saved})
+        algorithm.load_state_dict(data_state)
+        sink.message(f"resumed from {resume[0] / resume[1]} at step {state.step}")
     dtype = torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float32
     metric = cfg.eval.metric
-    t_start -= state["wall_s"]  # wall time counts every attempt: the ones before a resume, and this one
+    t_start -= state.wall_s  # wall time counts every attempt: the ones before a resume, and this one
+    generic_eval = bool(cfg.eval.shards) and cfg.kind != "reward_model"
 
-    def evaluate(tag: str) -> float:
+    def evaluate(tag: str) -> Optional[float]:
         try:
-            result = run_eval(cfg, engine, tok, ids, dtype, rank, world_size, beat=watchdog.beat)
+            own = algorithm.evaluate(tag)
+            result = run_eval(cfg, engine, tok, ids, dtype, rank, world_size, beat=watchdog.beat) \
+                if generic_eval else None
         except BaseException:
             watchdog.stop()  # the run ends here (e.g. eval.shards without samples): leave no timer armed
             raise
+        if own:
+            sink.log(state.step, {f"eval/{k}_{tag}": v for k, v in own.items()})
+            sink.message(f"[eval {tag} @ step {state.step}] " + ", ".join(f"{k} {v:.4g}" for k, v in own.items()))
+        if result is None:
+            return next(iter(own.values()), None) if own else None
         value, examples = result["value"], result["examples"]
-        sink.log(state["step"], {f"eval/{metric}_{tag}": value, "eval/num_samples": result["num_samples"]})
+        sink.log(state.step, {f"eval/{metric}_{tag}": value, "eval/num_samples": result["num_samples"]})
         shown = f"{100 * value:.1f}%" if metric == "wer" else f"{value:.4g}"
         example = f"; e.g. ref: {examples[0]['ref']!r} hyp: {examples[0]['hyp']!r}" if examples else ""
-        sink.message(f"[eval {tag} @ step {state['step']}] {metric.upper()} {shown} on {result['num_samples']} "
+        sink.message(f"[eval {tag} @ step {state.step}] {metric.upper()} {shown} on {result['num_samples']} "
                      f"held-out samples{example}")
         return value
 
     def save() -> None:
-        state["wall_s"] = time.perf_counter() - t_start
-        ckpt.save(engine, state["step"], loader.state_dict(), config_yaml, extra=dict(state))
+        state.wall_s = time.perf_counter() - t_start
+        ckpt.save(engine, state.step, algorithm.state_dict(), config_yaml, extra=asdict(state),
+                  others=algorithm.engines())
 
-    results: Dict[str, Any] = {"start_step": state["step"]}
+    results: Dict[str, Any] = {"start_step": state.step}
+    has_eval = generic_eval or bool(cfg.rl.eval_pairs and cfg.kind in ("dpo", "reward_model"))
     # Running from here to the end evaluation: each evaluated batch beats it, as each step does.
     watchdog = Watchdog(cfg.run_dir, rank, cfg.resilience.watchdog_s)
     watchdog.beat()
-    if cfg.eval.shards and cfg.eval.at_start and state["step"] == 0:
-        state["eval_start"] = evaluate("start")
+    if has_eval and cfg.eval.at_start and state.step == 0:
+        state.eval_start = evaluate("start")
 
-    batches = iter(loader)
-    key_log = _open_key_log(cfg, rank, world_size, state["step"])
     schedule = Schedule.from_config(cfg)
-    sink.start(state["step"], cfg.max_steps)
-    window = _new_window(state)
+    sink.start(state.step, cfg.max_steps)
+    window = _Window(state)
     engine.module.train()
     watchdog.beat()
-    out = None
     while budget_left(cfg, state):
-        engine.set_lr_factor(schedule.factor(state["step"], state["tokens"]))
-        step_tokens = 0
-        for _ in range(cfg.engine.grad_accum_steps):
-            batch = next(batches)  # (draws nothing from the global RNG: data.loader seeds its workers itself)
-            if key_log is not None:
-                key_log.write(json.dumps({"step": state["step"] + 1, "keys": batch["keys"],
-                                          "epochs": batch.get("epochs")}) + "\n")
-                key_log.flush()
-            out = engine.forward(batch)
-            engine.backward_and_step(out.loss)
-            # Summed on the device: reading a loss here would stall the host every micro-batch.
-            loss = out.loss.detach().float()
-            window["loss"] = loss if window["loss"] is None else window["loss"] + loss
-            window["audio_s"] += float(batch["num_audio_s"])
-            window["micro"] += 1
-            step_tokens += batch["num_tokens"]  # counted by the collate, on the host
-        state["step"] += 1
-        step = state["step"]
+        factor = schedule.factor(state.step, state.tokens)
+        engine.set_lr_factor(factor)
+        for other in algorithm.engines().values():
+            other.set_lr_factor(factor)
+        result = algorithm.step(state.step + 1)
+        window.add(result)
+        state.step += 1
+        step = state.step
         maybe_fault("step", step, rank)
         # The one host-device sync of a step: every rank's tokens (the budget, the schedule) and whether any
         # rank was signalled to stop (all ranks must stop at the same step).
-        totals = _sum_over_ranks({"tokens": step_tokens, "signalled": float(preempt.received is not None)},
+        totals = _sum_over_ranks({"tokens": result.tokens, "signalled": float(preempt.received is not None)},
                                  engine.device)
-        state["tokens"] += int(totals["tokens"])
+        state.tokens += int(totals["tokens"])
         finished = not budget_left(cfg, state)
         sink.advance(step)
         if step % cfg.metrics.log_every == 0 or finished:
-            _log_window(sink, engine, loader, window, state, world_size)
-            window = _new_window(state)
-        if cfg.eval.shards and cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and not finished:
+            _log_window(sink, engine, algorithm, window, state, world_size)
+            window = _Window(state)
+        if has_eval and cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and not finished:
             evaluate(f"step{step}")
         preempted = totals["signalled"] > 0 and not finished  # at the end, just finish
         if preempted or finished or cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
@@ -277,10 +416,10 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
             mark_preempted()
             raise Preempted()
         watchdog.beat()
-    sink.advance(state["step"])
+    sink.advance(state.step)
 
-    results.update(metric=metric, eval_start=state["eval_start"], eval_end=None)
-    if cfg.eval.shards and cfg.eval.at_end:
+    results.update(metric=metric, eval_start=state.eval_start, eval_end=None)
+    if has_eval and cfg.eval.at_end:
         results["eval_end"] = evaluate("end")
     watchdog.stop()
     for tag in ("start", "end"):
@@ -288,14 +427,23 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
             results[f"{metric}_{tag}"] = results[f"eval_{tag}"]
     if cfg.checkpoint.export:
         results.update(_export(cfg, engine, tok, rank, sink))
-    # The last step's output holds DeepSpeed's backward hooks, which hold the engine: let go of it first.
-    del out
+    algorithm.close()
+    for other in algorithm.engines().values():
+        other.close()
+    del result, algorithm
     engine.close()  # before the next stage builds its own
-    results.update(final_step=state["step"], tokens=state["tokens"], wall_s=time.perf_counter() - t_start)
-    sink.log(state["step"], {"done": True, **{k: v for k, v in results.items()
-                                              if isinstance(v, (int, float)) and not isinstance(v, bool)}})
+    results.update(final_step=state.step, tokens=state.tokens, wall_s=time.perf_counter() - t_start)
+    sink.log(state.step, {"done": True, **{k: v for k, v in results.items()
+                                           if isinstance(v, (int, float)) and not isinstance(v, bool)}})
     sink.close()
     return results
+
+
+def resume_step(ckpt: Checkpointer, resume) -> int:
+    """The step a resume starts from (0 for a fresh run), read before the engines load it."""
+    if resume is None:
+        return 0
+    return int(json.loads((resume[0] / resume[1] / "train_state.json").read_text(encoding="utf-8"))["step"])
 
 
 def _export(cfg: TrainConfig, engine: Engine, tok, rank: int, sink) -> Dict[str, Any]:
@@ -311,6 +459,10 @@ def _export(cfg: TrainConfig, engine: Engine, tok, rank: int, sink) -> Dict[str,
         # config.json must name the dtype the tensors are stored in (bf16 training exports bf16).
         stored = next(t.dtype for t in state.values() if t.is_floating_point())
         config = dataclasses.replace(engine.module.config, torch_dtype=str(stored).removeprefix("torch."))
+        if cfg.kind == "reward_model":
+            from model.score import score_config
+
+            config = score_config(config)
         save_stepfun(state, config, str(export_dir), tokenizer=tok)
         sink.message(f"exported StepFun-layout weights to {export_dir}")
         out["export_dir"] = str(export_dir)

@@ -77,3 +77,47 @@ def save_adapter(model: torch.nn.Module, full_state: Dict[str, torch.Tensor], ou
     model.peft_config["default"].save_pretrained(str(out_dir))
     save_file(adapter_state_dict(model, full_state), str(out_dir / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
     return out_dir
+
+
+def load_adapter(model: torch.nn.Module, folder: Union[str, Path]) -> None:
+    """Fills the LoRA model's adapter weights from a peft adapter folder (save_adapter's files); ValueError
+    naming the folder when its tensors do not match the adapters the model has."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = Path(folder) / ADAPTER_WEIGHTS_NAME
+    if not path.is_file():
+        raise ValueError(f"lora.adapter_init {folder}: no {ADAPTER_WEIGHTS_NAME} there (a LoRA run's RUN_DIR/adapter)")
+    state = {name.removeprefix(PEFT_PREFIX): t for name, t in load_file(str(path)).items()}
+    result = set_peft_model_state_dict(model, state)
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    if unexpected:
+        raise ValueError(f"lora.adapter_init {folder} holds tensors this run's adapters do not have, e.g. "
+                         f"{unexpected[:3]} (are lora.r / lora.target_modules the same as when it was trained?)")
+
+
+class adapters_disabled:
+    """`with adapters_disabled(model):` forwards of a LoRA model run as its frozen base: every peft layer
+    (LoRA linears, trainable audio rows) passes its input through the base weights alone. RL's reference
+    policy for a fresh adapter, without a second copy of the model. Nothing is disabled for a model
+    without peft layers."""
+
+    def __init__(self, model: torch.nn.Module):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self.layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+        self.requires_grad: Dict[torch.nn.Parameter, bool] = {}
+
+    def __enter__(self):
+        # peft's switch also changes requires_grad of the adapter weights: put back exactly what was there.
+        self.requires_grad = {p: p.requires_grad for layer in self.layers for p in layer.parameters()}
+        for layer in self.layers:
+            layer.enable_adapters(False)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        for layer in self.layers:
+            layer.enable_adapters(True)
+        for param, flag in self.requires_grad.items():
+            param.requires_grad_(flag)
+        return False

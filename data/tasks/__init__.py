@@ -6,16 +6,17 @@ from __future__ import annotations
 
 from typing import Dict
 
-from data.tasks.base import AUDIO, CODES, TARGET_AUDIO, TARGET_CODES, RenderOptions, Sample, Task
+from data.tasks.base import ANSWERS, AUDIO, CODES, TARGET_AUDIO, TARGET_CODES, RenderOptions, Sample, Task
 from data.tasks.continuation import CONTINUATION_TASKS
 from data.tasks.dialogue import DIALOGUE_TASKS
+from data.tasks.preference import PREFERENCE_TASKS
 from data.tasks.speech import SPEECH_TASKS
 
-TASKS: Dict[str, Task] = {t.name: t for t in SPEECH_TASKS + DIALOGUE_TASKS + CONTINUATION_TASKS}
+TASKS: Dict[str, Task] = {t.name: t for t in SPEECH_TASKS + DIALOGUE_TASKS + CONTINUATION_TASKS + PREFERENCE_TASKS}
 DEFAULT_TASK = "asr"
 
-__all__ = ["AUDIO", "CODES", "DEFAULT_TASK", "TARGET_AUDIO", "TARGET_CODES", "TASKS", "RenderOptions", "Sample",
-           "Task", "get_task"]
+__all__ = ["ANSWERS", "AUDIO", "CODES", "DEFAULT_TASK", "TARGET_AUDIO", "TARGET_CODES", "TASKS", "RenderOptions",
+           "Sample", "Task", "get_task"]
 
 
 def get_task(name: str) -> Task:

@@ -16,6 +16,8 @@ AUDIO = "flac"
 TARGET_AUDIO = "target.flac"
 CODES = "codes.npy"
 TARGET_CODES = "target.codes.npy"
+# The answers a paired task renders (RenderOptions.answer), in the order the loader's pairs mode stacks them.
+ANSWERS = ("chosen", "rejected")
 
 
 @dataclass
@@ -35,6 +37,9 @@ class RenderOptions:
     with_answer: bool = True
     """False: only the prompt that generation continues (up to `assistant\\n`, plus `<tts_start>` for a
     speech answer)."""
+    answer: str = ANSWERS[0]
+    """Which answer of a preference record a paired task renders: "chosen" or "rejected" (see
+    data/tasks/preference.py); other tasks have one answer and ignore it."""
 
 
 Render = Callable[[Sample, PreTrainedTokenizerFast, SpecialIds, RenderOptions], Rendered]
@@ -48,12 +53,19 @@ def _none(meta: Dict[str, Any]) -> List[str]:
 @dataclass(frozen=True)
 class Task:
     """A registered template: `audio(meta)` and `codes(meta)` name the members `render` needs, so the
-    loader decodes only those and skips a record whose codes are missing."""
+    loader decodes only those and skips a record whose codes are missing.
+
+    `prompt_codes(meta)` names the codes members the prompt alone (with_answer=False) reads, e.g. an
+    earlier spoken assistant turn of a dialogue: a prompt-only corpus (RL) has no codes of its answers,
+    and must not be skipped for them. `paired`: the task renders a chosen and a rejected answer of one
+    prompt (RenderOptions.answer), so the loader's pairs mode can take its records."""
     name: str
     render: Render
     audio: Members = _none
     codes: Members = _none
     doc: str = ""
+    prompt_codes: Members = _none
+    paired: bool = False
 
 
 def text_field(meta: Dict[str, Any], name: str, default: Optional[str] = None) -> str:

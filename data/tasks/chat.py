@@ -77,14 +77,20 @@ def parse_messages(value: Any, where: str = "messages") -> List[Message]:
     return out
 
 
+def _first_answer(messages: List[Message], every_answer: bool) -> Optional[int]:
+    """Index of the first labelled turn: the first assistant turn (after the last human one unless
+    every_answer); None without one."""
+    humans = [i for i, m in enumerate(messages) if m.role == "human"]
+    after = -1 if every_answer else max(humans, default=-1)
+    return next((i for i, m in enumerate(messages) if m.role == "assistant" and i > after), None)
+
+
 def render_chat(messages: List[Message], sample: Sample, tok: PreTrainedTokenizerFast, ids: SpecialIds,
                 options: RenderOptions, every_answer: bool = False) -> Rendered:
     """Token ids and labels of a chat; the answer is every assistant turn after the last human one, or
     with `every_answer` every assistant turn. Without options.with_answer: the prompt up to the first
     labelled turn's header."""
-    humans = [i for i, m in enumerate(messages) if m.role == "human"]
-    after = -1 if every_answer else max(humans, default=-1)
-    first_answer = next((i for i, m in enumerate(messages) if m.role == "assistant" and i > after), None)
+    first_answer = _first_answer(messages, every_answer)
     if first_answer is None:
         where = "" if every_answer else " after the last human turn"
         raise TemplateError("bad_messages", f"sample {sample.key!r}: no assistant turn{where} "
@@ -126,3 +132,10 @@ def message_members(messages: List[Message]) -> tuple:
     audio = list(dict.fromkeys(m.audio for m in messages if m.audio is not None))
     codes = list(dict.fromkeys(m.codes for m in messages if m.codes is not None))
     return audio, codes
+
+
+def prompt_members(messages: List[Message], every_answer: bool = False) -> tuple:
+    """(audio members, codes members) of the prompt alone: the turns before the first labelled one, which
+    is all a render with with_answer=False reads (e.g. the codes of an earlier spoken answer)."""
+    first = _first_answer(messages, every_answer)
+    return message_members(messages if first is None else messages[:first])

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any, Dict, List
 
 from data.tasks.base import RenderOptions, Sample, Task, text_field
-from data.tasks.chat import TOOL_SCHEMAS_ROLE, Message, message_members, parse_messages, render_chat, \
-    tool_schemas_text
+from data.tasks.chat import TOOL_SCHEMAS_ROLE, Message, message_members, parse_messages, prompt_members, \
+    render_chat, tool_schemas_text
 from data.templates import Rendered, TemplateError
 
 DIALOGUE_SYSTEM = "You are a helpful assistant."
@@ -63,11 +63,14 @@ def _sft(s: Sample, tok, ids, opt: RenderOptions) -> Rendered:
 DIALOGUE_TASKS = [
     Task("dialogue", _dialogue, lambda meta: message_members(dialogue_messages(meta))[0],
          lambda meta: message_members(dialogue_messages(meta))[1],
-         doc="chat from \"messages\"; speech turns name their audio/codes members; style/emotion steer"),
+         doc="chat from \"messages\"; speech turns name their audio/codes members; style/emotion steer",
+         prompt_codes=lambda meta: prompt_members(dialogue_messages(meta))[1]),
     Task("tool_call", _tool_call, lambda meta: message_members(tool_messages(meta))[0],
          lambda meta: message_members(tool_messages(meta))[1],
-         doc="dialogue with \"tools\" schemas, assistant tool_call turns and \"input\" results"),
+         doc="dialogue with \"tools\" schemas, assistant tool_call turns and \"input\" results",
+         prompt_codes=lambda meta: prompt_members(tool_messages(meta))[1]),
     Task("sft", _sft, lambda meta: message_members(sft_messages(meta))[0],
          lambda meta: message_members(sft_messages(meta))[1],
-         doc="conversation (python -m data.prepare conversations): loss on every assistant turn"),
+         doc="conversation (python -m data.prepare conversations): loss on every assistant turn",
+         prompt_codes=lambda meta: prompt_members(sft_messages(meta), every_answer=True)[1]),
 ]

@@ -36,6 +36,12 @@ def tts_codes(meta: Dict[str, Any]) -> List[str]:
     return [TARGET_CODES if "target_num_samples" in meta else CODES]
 
 
+def _answer_text(meta: Dict[str, Any], name: str, opt: RenderOptions) -> str:
+    """The answer's text field, or "" for a prompt (with_answer=False), which never shows it: a
+    prompt-only corpus (RL) may hold no answers."""
+    return text_field(meta, name) if opt.with_answer else ""
+
+
 def _asr(s: Sample, tok, ids, opt: RenderOptions) -> Rendered:
     text = text_field(s.meta, "text") if opt.with_answer else ""
     rendered = render_asr(text, s.mel_frames[AUDIO], tok, ids, opt.asr_instruction, opt.with_answer)
@@ -45,7 +51,7 @@ def _asr(s: Sample, tok, ids, opt: RenderOptions) -> Rendered:
 
 def _asr_chat(s: Sample, tok, ids, opt: RenderOptions) -> Rendered:
     return render_chat([_system(s.meta, opt.asr_instruction), Message("human", audio=AUDIO),
-                        Message("assistant", text_field(s.meta, "text"))], s, tok, ids, opt)
+                        Message("assistant", _answer_text(s.meta, "text", opt))], s, tok, ids, opt)
 
 
 def _tts(s: Sample, tok, ids, opt: RenderOptions) -> Rendered:
@@ -62,12 +68,12 @@ def _translate_system(meta: Dict[str, Any], speak: bool) -> Message:
 
 def _s2tt(s: Sample, tok, ids, opt: RenderOptions) -> Rendered:
     return render_chat([_translate_system(s.meta, speak=False), Message("human", audio=AUDIO),
-                        Message("assistant", text_field(s.meta, "translation"))], s, tok, ids, opt)
+                        Message("assistant", _answer_text(s.meta, "translation", opt))], s, tok, ids, opt)
 
 
 def _s2st(s: Sample, tok, ids, opt: RenderOptions) -> Rendered:
     return render_chat([_translate_system(s.meta, speak=True), Message("human", audio=AUDIO),
-                        Message("assistant", text_field(s.meta, "translation"), codes=TARGET_CODES)],
+                        Message("assistant", _answer_text(s.meta, "translation", opt), codes=TARGET_CODES)],
                        s, tok, ids, opt)
 
 
@@ -108,11 +114,14 @@ def para_question(key: str, meta: Dict[str, Any]) -> tuple:
 
 def _para_caption(s: Sample, tok, ids, opt: RenderOptions) -> Rendered:
     return render_chat([_system(s.meta, PARA_CAPTION_SYSTEM), Message("human", audio=AUDIO),
-                        Message("assistant", para_caption(s.meta))], s, tok, ids, opt)
+                        Message("assistant", para_caption(s.meta) if opt.with_answer else "")], s, tok, ids, opt)
 
 
 def _para_qa(s: Sample, tok, ids, opt: RenderOptions) -> Rendered:
-    question, answer = para_question(s.key, s.meta)
+    if not opt.with_answer and "question" in s.meta:  # the prompt needs the record's question, not its answer
+        question, answer = text_field(s.meta, "question"), ""
+    else:
+        question, answer = para_question(s.key, s.meta)
     return render_chat([_system(s.meta, PARA_QA_SYSTEM), Message("human", question, audio=AUDIO),
                         Message("assistant", answer)], s, tok, ids, opt)
 
