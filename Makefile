@@ -38,6 +38,7 @@ test: setup test-deps
 # translation -> styled spoken dialogue SFT, on an espeak corpus, on CPU.
 demo: demo-data
 	$(PY) -m train recipes/demo/curriculum.yaml
+	$(PY) -m train.report $(DEMO)/curriculum
 
 demo-data: setup
 	$(PY) -m data.demo $(DEMO)/corpus

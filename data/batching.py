@@ -14,8 +14,9 @@ from data.templates import IGNORE_INDEX
 
 BATCHING_MODES = ("fixed", "tokens", "packed")
 
-# A packed row is emitted once it holds this share of max_seq_len; emptier rows wait for samples that
-# fill them. 0.98 leaves room for rounding the row length up to a multiple of 8 within a 0.97 goal.
+# A packed row is full at this share of max_seq_len: a batch of full rows goes out as soon as it has all its
+# rows; emptier rows wait for samples that fill them until the buffer needs the room. 0.98 leaves room for
+# rounding the row length up to a multiple of 8 within a 0.97 goal.
 _FULL_FILL = 0.98
 # A sample held while this many buffers' worth of later samples arrived goes out with the next cut
 # whatever its batch's fill, so no length starves and the loader's pending set stays bounded.
@@ -80,10 +81,14 @@ class Batcher:
             give 2 x batch_size rows (collate_pairs), and only this mode takes them.
     tokens: up to `buffer_size` samples are held, sorted by length and cut into batches of
             rows x longest row <= `max_tokens`; the last, partly filled batch waits for more samples.
-    packed: held samples are packed best-fit decreasing into rows of <= `max_seq_len` tokens,
-            `max_tokens // max_seq_len` rows per batch; rows below 98 % fill wait for more samples.
+    packed: held samples are packed best-fit decreasing into rows of <= `max_seq_len` tokens, and
+            batches take `max_tokens // max_seq_len` rows: the token budget. Batches of rows 98 % full go
+            out; rows below that wait for more samples until the buffer is full, and then the fullest rows
+            go out as whole batches (a batch is short of rows only where max_mel_frames allows no more).
     In tokens and packed modes a batch's encoder input (mel chunks x longest chunk) stays within
-    `max_mel_frames` when that is > 0; in fixed mode only single samples are held to it.
+    `max_mel_frames` when that is > 0; in fixed mode only single samples are held to it. Batches of these
+    two modes carry "budget_tokens" (max_tokens; packed: rows x max_seq_len), the tokens a full batch
+    holds: num_tokens / budget_tokens is its fill.
     """
 
     def __init__(self, mode: str, pad_id: int, batch_size: int = 8, max_tokens: int = 4096,
@@ -126,15 +131,29 @@ class Batcher:
         continue numbering at `arrivals`: cuts look at how long samples waited, so resume needs both."""
         if self._held or self._arrivals:
             raise ValueError("Batcher.restore() needs a fresh batcher (it has already been given samples)")
+        # Held as they are, not re-added: a cut over them now could differ from none at all, which is
+        # what the interrupted batcher did with them until its next add.
+        order = [arrival for _, arrival in held]
+        if order != sorted(set(order)) or (order and order[-1] >= arrivals) or \
+                (self.mode == "fixed" and len(held) >= self.batch_size):
+            raise ValueError(f"Batcher.restore() got {len(held)} samples at arrivals {order[:8]} with arrivals="
+                             f"{arrivals}: not what a {self.mode!r} batcher holds after a cut (wrong state or "
+                             "other batching settings)")
         for sample, arrival in held:
-            self._arrivals = arrival
-            if self.add(sample):
-                raise ValueError("restored samples completed a batch on their own: they are not what a "
-                                 "batcher held after a cut (wrong state or other batching settings)")
+            self._check(sample)
+            self._held.append(_Item(sample, arrival))
         self._arrivals = arrivals
 
     def add(self, sample: Dict[str, Any]) -> List[Dict[str, Any]]:
         """Hold `sample`; return the batches it completes (often none), in order."""
+        self._check(sample)
+        self._held.append(_Item(sample, self._arrivals))
+        self._arrivals += 1
+        if self.mode == "fixed":
+            return self.flush() if len(self._held) == self.batch_size else []
+        return self._cut(final=False) if len(self._held) >= self.buffer_size else []
+
+    def _check(self, sample: Dict[str, Any]) -> None:
         if "uid" not in sample:
             raise ValueError(f"sample {sample.get('key')!r} has no 'uid': the Batcher reports held samples by uid")
         if "pair" in sample and self.mode != "fixed":
@@ -145,11 +164,6 @@ class Batcher:
             raise ValueError(f"sample {sample.get('key')!r} ({_Item(sample, 0).num_tokens} tokens, "
                              f"{encoder_frames(sample)} mel frames) cannot be batched: {reason}; "
                              "check reject_reason() and skip such samples before add()")
-        self._held.append(_Item(sample, self._arrivals))
-        self._arrivals += 1
-        if self.mode == "fixed":
-            return self.flush() if len(self._held) == self.batch_size else []
-        return self._cut(final=False) if len(self._held) >= self.buffer_size else []
 
     def pending_uids(self) -> List[Any]:
         """uids of the samples held and not yet in an emitted batch, in arrival order."""
@@ -192,7 +206,10 @@ class Batcher:
             closed.append(tail)
             tail = _Group()
         closed.sort(key=lambda group: group.oldest)
-        return [collate([item.sample for item in group.items], self.pad_id) for group in closed], [tail]
+        batches = [collate([item.sample for item in group.items], self.pad_id) for group in closed]
+        for batch in batches:
+            batch["budget_tokens"] = self.max_tokens
+        return batches, [tail]
 
     def _pack_rows(self) -> List[_Group]:
         """Best-fit decreasing: longest sample first, into the fullest row it fits (ties: earliest row).
@@ -214,35 +231,48 @@ class Batcher:
         return rows
 
     def _cut_packed(self, final: bool):
-        """Rows 98 % full (or holding a sample at its wait limit) go out in batches; the rest is repacked later."""
+        """Whole batches of rows: those holding a sample at its wait limit, then complete batches of full rows,
+        then the fullest rows while the buffer is still full. The rest is repacked at the next cut."""
         must, full, rest = [], [], []
         for row in self._pack_rows():
             if self._stale(row, final):
                 must.append(row)
             else:
                 (full if row.num_tokens >= _FULL_FILL * self.max_seq_len else rest).append(row)
-        rest.sort(key=lambda row: (-row.num_tokens, row.oldest))
-        # Too small a buffer for rows to fill: send the fullest rows so the next cut waits for new samples.
-        while rest and sum(len(row.items) for row in rest) >= self.buffer_size:
-            must.append(rest.pop(0))
         must.sort(key=lambda row: row.oldest)
         full.sort(key=lambda row: row.oldest)
-        must_ids = {id(row) for row in must}
+        rest.sort(key=lambda row: (-row.num_tokens, row.oldest))
+        # Rows in the order they go out; each batch takes the first rows that fit it (max_mel_frames), so a
+        # batch that must go out is completed with the best rows that would otherwise wait.
+        queue = must + full + rest
+        must_ids, rest_ids = {id(row) for row in must}, {id(row) for row in rest}
+        # Samples in rows still filling up; at a full buffer of them, the fullest rows go out.
+        filling = sum(len(row.items) for row in rest)
         batches: List[List[_Group]] = []
-        open_rows, open_items = [], _Group()
-        for row in must + full:
-            if open_rows and (len(open_rows) == self.rows_per_batch or not self._mel_fits(open_items, row)):
-                batches.append(open_rows)
-                open_rows, open_items = [], _Group()
-            open_rows.append(row)
-            for item in row.items:
-                open_items.add(item)
-        if open_rows and (any(id(row) in must_ids for row in open_rows) or len(open_rows) == self.rows_per_batch):
-            batches.append(open_rows)
-        elif open_rows:
-            rest.extend(open_rows)  # a partial batch of full rows: repacked at the next cut
+        while queue:
+            batch, items = [queue.pop(0)], _Group()
+            for item in batch[0].items:
+                items.add(item)
+            for row in list(queue):
+                if len(batch) == self.rows_per_batch:
+                    break
+                if self._mel_fits(items, row):
+                    queue.remove(row)
+                    batch.append(row)
+                    for item in row.items:
+                        items.add(item)
+            urgent = any(id(row) in must_ids for row in batch)
+            complete = len(batch) == self.rows_per_batch and \
+                all(row.num_tokens >= _FULL_FILL * self.max_seq_len for row in batch)
+            if not (urgent or complete or filling >= self.buffer_size):
+                queue = batch + queue  # waits; so does every row after it
+                break
+            batches.append(batch)
+            filling -= sum(len(row.items) for row in batch if id(row) in rest_ids)
+        batches.sort(key=lambda batch: min(row.oldest for row in batch))
         return [collate_packed([[item.sample for item in row.items] for row in batch], self.pad_id,
-                               max_len=self.max_seq_len) for batch in batches], rest
+                               max_len=self.max_seq_len, budget_tokens=self.rows_per_batch * self.max_seq_len)
+                for batch in batches], queue
 
 
 # ---------------------------------------------------------------------------------------------- collate
@@ -359,9 +389,11 @@ def collate_pairs(pairs: List[Dict[str, Any]], pad_id: int) -> Dict[str, Any]:
     return batch
 
 
-def collate_packed(rows: List[List[Dict[str, Any]]], pad_id: int, max_len: Optional[int] = None) -> Dict[str, Any]:
+def collate_packed(rows: List[List[Dict[str, Any]]], pad_id: int, max_len: Optional[int] = None,
+                   budget_tokens: Optional[int] = None) -> Dict[str, Any]:
     """Several samples per row, each with its own positions and segment id; rows padded to the fullest
-    row's length rounded up to a multiple of 8 (but not past `max_len` when given)."""
+    row's length rounded up to a multiple of 8 (but not past `max_len` when given). budget_tokens, when
+    given, is copied into the batch (the tokens a full batch holds; see Batcher)."""
     if not rows or not all(rows):
         raise ValueError(f"collate_packed got rows of {[len(row) for row in rows]} samples: expected >= 1 row, "
                          "each with >= 1 sample")
@@ -369,7 +401,23 @@ def collate_packed(rows: List[List[Dict[str, Any]]], pad_id: int, max_len: Optio
     length = -(-fill // _LEN_MULTIPLE) * _LEN_MULTIPLE
     if max_len is not None:
         length = max(fill, min(length, max_len))
-    return _batch(rows, pad_id, length, packed=True)
+    batch = _batch(rows, pad_id, length, packed=True)
+    if budget_tokens is not None:
+        batch["budget_tokens"] = budget_tokens
+    return batch
+
+
+def budget_fill(batches: Iterable[Dict[str, Any]]) -> float:
+    """Real tokens / token budget (the sum of num_tokens over the sum of budget_tokens) over `batches`."""
+    real = budget = 0
+    for batch in batches:
+        if "budget_tokens" not in batch:
+            raise ValueError("budget_fill needs batches with 'budget_tokens' (batching=tokens or packed)")
+        real += batch["num_tokens"]
+        budget += batch["budget_tokens"]
+    if budget == 0:
+        raise ValueError("budget_fill got no batches: expected at least one")
+    return real / budget
 
 
 def packing_efficiency(batches: Iterable[Dict[str, Any]]) -> float:

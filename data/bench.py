@@ -1,5 +1,6 @@
 """`python -m data.bench`: our shard loader (packed batches) against a naive per-file baseline on the same
-espeak mixture; prints audio seconds per second per worker and the packing efficiency of both.
+espeak mixture; prints audio seconds per second per worker, the packing efficiency of both and how full our
+batches fill their token budget.
 
 Baseline: one 16 kHz WAV file per sample, soundfile, transformers' WhisperFeatureExtractor per sample,
 the same templates and tokenizer, batches of 16 padded to the longest; one process.
@@ -23,7 +24,7 @@ import torch
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from data.audio import decode_audio
-from data.batching import collate, collate_packed, packing_efficiency
+from data.batching import budget_fill, collate, collate_packed, packing_efficiency
 from data.demo import VOICES, make_sentences, speak
 from data.features import SAMPLE_RATE, log_mel, split_chunks
 from data.loader import DataConfig, build_loader
@@ -125,7 +126,7 @@ def run_ours(paths: Dict[str, str], num_samples: int, workers: int, max_seq_len:
     del loader  # stops the worker processes
     return {"rt_per_worker": audio_s / wall_s / max(workers, 1), "startup_s": warm - start, "wall_s": wall_s,
             "audio_s": audio_s, "samples": seen - len(first["keys"]), "batches": len(batches) - 1,
-            "packing_efficiency": packing_efficiency(batches[1:])}
+            "packing_efficiency": packing_efficiency(batches[1:]), "budget_fill": budget_fill(batches[1:])}
 
 
 def run_baseline(paths: Dict[str, str], num_samples: int, padding: str) -> Dict[str, Any]:
@@ -223,7 +224,7 @@ def _measure(paths: Dict[str, str], args: argparse.Namespace) -> Dict[str, Any]:
     return {
         "ours_rt_per_worker": ours["rt_per_worker"], "baseline_rt_per_worker": baseline["rt_per_worker"],
         "speedup": ours["rt_per_worker"] / baseline["rt_per_worker"],
-        "packing_efficiency": ours["packing_efficiency"],
+        "packing_efficiency": ours["packing_efficiency"], "budget_fill": ours["budget_fill"],
         "baseline_packing_efficiency": baseline["packing_efficiency"],
         "ours_startup_s": ours["startup_s"], "workers": args.workers, "samples": measured,
         "audio_hours": ours["audio_s"] / 3600, "baseline_padding": args.baseline_padding,
@@ -247,6 +248,7 @@ def print_report(r: Dict[str, Any]) -> None:
     print(f"  packing efficiency (real / computed tokens): ours {r['packing_efficiency']:.3f} "
           f"({ours['batches']} packed batches), baseline {r['baseline_packing_efficiency']:.3f} "
           f"({base['batches']} padded batches of {BASELINE_BATCH_SIZE})")
+    print(f"  our token budget filled (real tokens / rows x max_seq_len): {r['budget_fill']:.3f}")
     print("  our per-sample work, ms per audio second (one process): " + ", ".join(
         f"{stage} {ms:.3f}" for stage, ms in r["profile_ms_per_audio_s"].items()))
     print(f"  goal >= {GOAL_RT_PER_WORKER:.0f}x per worker: {_verdict(goals['rt_per_worker'])}; "

@@ -665,7 +665,7 @@ class _SlotStream:
             except _Skip as s:
                 self.skipped[s.reason] += 1
                 stream.epoch_skips[s.reason] += 1
-                self.skipped_keys = (self.skipped_keys + [_sample_name(raw)])[-_MAX_SKIPPED_KEYS:]
+                self.skipped_keys = (self.skipped_keys + [f"{_sample_name(raw)} ({s.reason})"])[-_MAX_SKIPPED_KEYS:]
                 continue
             stream.state["usable"] += 1
             self.mixture.advance(name)
@@ -795,7 +795,8 @@ class ShardLoader:
         return batch
 
     def stats(self) -> Dict[str, Any]:
-        """Samples skipped so far in the batches consumed: {"skipped": {reason: n}, "skipped_keys": [...]}."""
+        """Samples skipped so far in the batches consumed: {"skipped": {reason: n}, "skipped_keys": the last
+        skipped samples as "SHARD:KEY (reason)", oldest first}."""
         return {"skipped": dict(self._skipped), "skipped_keys": list(self._skipped_keys)}
 
     def state_dict(self) -> Dict[str, Any]:

@@ -1,6 +1,6 @@
 """StepAudio2ForCausalLM: encoder + adapter outputs spliced into a Qwen2 decoder's <audio_patch> rows.
 
-The training loss is computed on labelled rows only and in checkpointed chunks, so the full
+The training loss is computed on labelled rows only, by model.fused_loss in chunks, so the full
 [tokens, vocab] fp32 logits never exist at once (158720 columns make them the largest activation).
 """
 from __future__ import annotations
@@ -12,8 +12,6 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import nn
 # Imported eagerly: transformers' lazy import, if first triggered inside deepspeed.zero.Init, fails
 # (it imports torch._dynamo while zero.Init has patched tensor construction).
@@ -21,13 +19,16 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2Model
 from transformers.utils.generic import ModelOutput
 
 from data.batching import packed_cu_seq_lens
+from model.attention import VARLEN_SDPA, segment_lengths, varlen_layout
 from model.checks import check
 from model.config import ADAPTER_HIDDEN, StepAudio2Config
 from model.encoder import Adaptor, AudioEncoder
+from model.fused_loss import linear_cross_entropy, linear_token_logprobs
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+# At most this many labelled rows per loss chunk (a large vocabulary takes fewer: fused_loss.chunk_rows).
 LOSS_CHUNK_ROWS = 1024
 # Shape of the stand-in audio run when a training batch has none (see _dummy_audio_term).
 _DUMMY_MEL_FRAMES = 16
@@ -57,23 +58,26 @@ class StepAudio2Output(ModelOutput):
     is a dict, whose values() DeepSpeed calls.)"""
 
 
-def _chunk_ce_sum(lm_head: nn.Linear, hidden_NH: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:
-    logits_NV = lm_head(hidden_NH).float()
-    return F.cross_entropy(logits_NV, targets_N, reduction="sum")
+def _labelled_rows(labels_BT: torch.Tensor, num_loss_tokens: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """(rows of the flattened [B * T] hidden states that predict a label, the labels they predict, count).
+
+    Position t predicts labels[t + 1], so a row r predicts the flattened label r + 1 (never across samples:
+    the last position of each sample predicts nothing). No host sync when num_loss_tokens is given."""
+    keep_BT = torch.zeros_like(labels_BT, dtype=torch.bool)
+    keep_BT[:, :-1] = labels_BT[:, 1:] != IGNORE_INDEX
+    keep_M = keep_BT.reshape(-1)
+    if num_loss_tokens is None:
+        count = int(keep_M.sum())
+    else:
+        count = int(num_loss_tokens)
+        check(keep_M.sum() == count, lambda: f"num_loss_tokens={count} but labels hold "
+                                             f"{int(keep_M.sum())} labelled targets")
+    # The labelled rows in order, by index (a boolean mask would sync to learn its size).
+    rows_N = torch.argsort((~keep_M).to(torch.int8), stable=True)[:count]
+    return rows_N, labels_BT.reshape(-1).index_select(0, rows_N + 1), count
 
 
-def _chunk_logprobs(lm_head: nn.Linear, hidden_NH: torch.Tensor, targets_N: torch.Tensor,
-                    temperature: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(log p(target), entropy) per row of one chunk, from logits / temperature in fp32."""
-    logits_NV = lm_head(hidden_NH).float() / temperature
-    lse_N = torch.logsumexp(logits_NV, dim=-1)
-    logprob_N = logits_NV.gather(-1, targets_N[:, None]).squeeze(-1) - lse_N
-    with torch.no_grad():
-        entropy_N = lse_N - (torch.softmax(logits_NV, dim=-1) * logits_NV).sum(-1)
-    return logprob_N, entropy_N
-
-
-ATTENTION_CHOICES = ("auto", "sdpa", "eager", "flash_attention_2")
+ATTENTION_CHOICES = ("auto", "sdpa", VARLEN_SDPA, "eager", "flash_attention_2")
 # flash-attention computes in half precision only; in fp32 it raises at the first forward.
 _FLASH_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -102,8 +106,9 @@ def resolve_attention(name: str, dtype: Optional[torch.dtype] = None) -> str:
     """The decoder's attention kernel for training or inference in `dtype` (default: torch's default dtype).
 
     "auto" = flash-attention 2 when it is usable (flash_attention_status) and dtype is bf16/fp16, else
-    PyTorch SDPA; the choice and the reason are logged. The encoder always uses SDPA (which picks flash
-    kernels on GPUs itself)."""
+    varlen_sdpa (model.attention: PyTorch SDPA, with packed rows computed sample by sample); the choice and
+    the reason are logged. "sdpa" keeps packed rows under one dense block-diagonal mask (the row's square).
+    The encoder always uses SDPA (which picks flash kernels on GPUs itself)."""
     if name not in ATTENTION_CHOICES:
         raise ValueError(f"attention={name!r}: expected one of {ATTENTION_CHOICES}")
     dtype = torch.get_default_dtype() if dtype is None else dtype
@@ -119,9 +124,9 @@ def resolve_attention(name: str, dtype: Optional[torch.dtype] = None) -> str:
     elif usable and dtype in _FLASH_DTYPES:
         chosen, reason = "flash_attention_2", why
     elif usable:
-        chosen, reason = "sdpa", f"flash-attention needs bf16/fp16, the model computes in {dtype}"
+        chosen, reason = VARLEN_SDPA, f"flash-attention needs bf16/fp16, the model computes in {dtype}"
     else:
-        chosen, reason = "sdpa", f"flash-attention not used: {why}"
+        chosen, reason = VARLEN_SDPA, f"flash-attention not used: {why}"
     logger.info("decoder attention: %s (%s)", chosen, reason)
     return chosen
 
@@ -150,13 +155,18 @@ def packed_attention(segment_ids_BT: torch.Tensor, implementation: str, dtype: t
 
     sdpa gets a boolean [B, 1, T, T] mask and eager an additive one (transformers passes 4D masks through
     unchanged). Padding (segment 0) attends to earlier padding only, so no softmax row is empty (an empty
-    row is NaN, and NaN leaks into gradients). flash_attention_2 takes no mask: every segment, padding
-    included, becomes one varlen sequence of the flattened batch (cu_seq_lens, from packed_cu_seq_lens;
-    given precomputed, no host-device sync is spent on it), which its kernel isolates.
+    row is NaN, and NaN leaks into gradients). flash_attention_2 and varlen_sdpa take no mask: every
+    segment, padding included, becomes one varlen sequence of the flattened batch (cu_seq_lens, from
+    packed_cu_seq_lens; given precomputed on the host, no host-device sync is spent on it), which their
+    kernels isolate: flash through cu_seq_lens_q/k and max_length_q/k, varlen_sdpa through a VarlenLayout.
     (transformers would also guess packing from position_ids alone; explicit segments cannot be misread.)
     """
     _check_segment_ids(segment_ids_BT)
     B, T = segment_ids_BT.shape
+    if implementation == VARLEN_SDPA:
+        if cu_seq_lens is None:
+            cu_seq_lens, _ = packed_cu_seq_lens(segment_ids_BT)
+        return None, {"varlen_layout": varlen_layout(segment_lengths(cu_seq_lens), segment_ids_BT.device)}
     if implementation == "flash_attention_2":
         if cu_seq_lens is None or max_length is None:
             cu_seq_lens, max_length = packed_cu_seq_lens(segment_ids_BT)
@@ -170,7 +180,8 @@ def packed_attention(segment_ids_BT: torch.Tensor, implementation: str, dtype: t
     if implementation == "eager":
         bias_B1TT = torch.zeros(allowed_B1TT.shape, dtype=dtype, device=segment_ids_BT.device)
         return bias_B1TT.masked_fill(~allowed_B1TT, torch.finfo(dtype).min), {}
-    raise ValueError(f"segment_ids with attention {implementation!r}: expected sdpa, eager or flash_attention_2")
+    raise ValueError(f"segment_ids with attention {implementation!r}: expected one of "
+                     f"{[name for name in ATTENTION_CHOICES if name != 'auto']}")
 
 
 class StepAudio2ForCausalLM(nn.Module):
@@ -189,7 +200,7 @@ class StepAudio2ForCausalLM(nn.Module):
 
     @property
     def attention_implementation(self) -> str:
-        """The decoder's attention kernel: sdpa, eager or flash_attention_2."""
+        """The decoder's attention kernel: sdpa, varlen_sdpa, eager or flash_attention_2."""
         return self.model.config._attn_implementation
 
     def set_gradient_checkpointing(self, enabled: Union[bool, Iterable[str]]) -> None:
@@ -268,6 +279,9 @@ class StepAudio2ForCausalLM(nn.Module):
             position_ids = packed_position_ids(segment_ids) if position_ids is None else position_ids
             attention_mask, attention_kwargs = packed_attention(
                 segment_ids, self.model.config._attn_implementation, embeds_BTH.dtype, cu_seq_lens, max_length)
+            if "varlen_layout" in attention_kwargs:
+                # Prepared masks, none: transformers would otherwise build a [B, T, T] one from position_ids.
+                attention_mask = {kind: None for kind in set(self.model.config.layer_types)}
         out = self.model(inputs_embeds=embeds_BTH, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, use_cache=use_cache, **attention_kwargs)
         return out.last_hidden_state, (out.past_key_values if use_cache else None)
@@ -309,78 +323,38 @@ class StepAudio2ForCausalLM(nn.Module):
         loss, count = self.chunked_loss(hidden_BTH, labels, num_loss_tokens, num_loss_chunks)
         return StepAudio2Output(loss=loss, past_key_values=cache, num_label_tokens=count)
 
-    def _labelled_rows(self, labels_BT: torch.Tensor, num_loss_tokens: Optional[int],
-                       num_loss_chunks: int) -> Tuple[torch.Tensor, torch.Tensor, int, int]:
-        """(row indices into the flattened [B * (T-1)] predictions, their targets, count, chunks)."""
-        targets_BT = labels_BT[:, 1:]
-        keep_N = (targets_BT != IGNORE_INDEX).reshape(-1)
-        if num_loss_tokens is None:
-            count = int(keep_N.sum())
-        else:
-            count = int(num_loss_tokens)
-            check(keep_N.sum() == count, lambda: f"num_loss_tokens={count} but labels hold "
-                                                 f"{int(keep_N.sum())} labelled targets")
-        chunks = max(-(-count // LOSS_CHUNK_ROWS), num_loss_chunks)
-        # The labelled rows in order, by index (a boolean mask would sync to learn its size).
-        rows_N = torch.argsort((~keep_N).to(torch.int8), stable=True)[:count]
-        return rows_N, targets_BT.reshape(-1).index_select(0, rows_N), count, chunks
-
     def chunked_loss(self, hidden_BTH: torch.Tensor, labels_BT: torch.Tensor, num_loss_tokens: Optional[int] = None,
                      num_loss_chunks: int = 0) -> Tuple[torch.Tensor, int]:
-        """Mean next-token cross-entropy over labelled positions, LOSS_CHUNK_ROWS rows at a time.
+        """(mean next-token cross-entropy over labelled positions, their count), by model.fused_loss: lm_head
+        is called once, and the fusion computes the labelled rows only, their loss and its gradients in the
+        forward pass, at most LOSS_CHUNK_ROWS rows at a time (fewer for a large vocabulary: chunk_rows).
 
         num_loss_tokens: the count of labelled targets (labels[:, 1:] != -100) when the caller knows it;
-        otherwise it is counted here, one host-device sync. num_loss_chunks: call lm_head at least this many
-        times (empty chunks add nothing): under ZeRO-3 each call gathers lm_head, a collective, so every
-        rank must make the same number of calls, forward and recomputed in backward alike."""
-        rows_N, targets_N, count, chunks = self._labelled_rows(labels_BT, num_loss_tokens, num_loss_chunks)
-        if chunks == 0:
-            # Keep the graph connected so backward still reaches every parameter on this rank.
-            return hidden_BTH.sum() * 0.0 + self.lm_head.weight.sum() * 0.0, 0
-        hidden_NH = hidden_BTH[:, :-1].reshape(-1, hidden_BTH.shape[-1]).index_select(0, rows_N)
-        total = hidden_NH.new_zeros((), dtype=torch.float32)
-        for start in range(0, chunks * LOSS_CHUNK_ROWS, LOSS_CHUNK_ROWS):
-            rows = slice(start, start + LOSS_CHUNK_ROWS)
-            if torch.is_grad_enabled():
-                total = total + torch.utils.checkpoint.checkpoint(
-                    _chunk_ce_sum, self.lm_head, hidden_NH[rows], targets_N[rows], use_reentrant=False)
-            else:
-                total = total + _chunk_ce_sum(self.lm_head, hidden_NH[rows], targets_N[rows])
-        # count == 0 (only empty chunks): the sum is 0 and keeps the graph connected.
-        return total / max(count, 1), count
+        otherwise it is counted here, one host-device sync. num_loss_chunks is accepted and unused: under
+        ZeRO-3 each lm_head call gathers its weight (a collective), and every rank now makes exactly one per
+        forward whatever its labels (with none the loss is a 0 that still reaches every parameter)."""
+        rows_N, targets_N, count = _labelled_rows(labels_BT, num_loss_tokens)
+        hidden_MH = hidden_BTH.reshape(-1, hidden_BTH.shape[-1])
+        loss = linear_cross_entropy(self.lm_head, hidden_MH, rows_N, targets_N, 1.0 / max(count, 1), LOSS_CHUNK_ROWS)
+        return loss, count
 
     def token_logprobs(self, hidden_BTH: torch.Tensor, labels_BT: torch.Tensor, temperature: float = 1.0,
                        num_loss_tokens: Optional[int] = None,
                        num_loss_chunks: int = 0) -> Tuple[torch.Tensor, torch.Tensor, int]:
         """(log-probabilities [B, T], entropies [B, T], count) of the labelled tokens, aligned with labels.
 
-        Computed LOSS_CHUNK_ROWS rows at a time (checkpointed when grad is on), like chunked_loss: the full
-        [tokens, vocab] fp32 logits never exist. Logits are divided by `temperature` first, so a rollout
-        sampled at temperature T is scored at T (otherwise the importance ratio of the first PPO step is
-        not 1). Same chunk-count rule as chunked_loss under ZeRO-3."""
+        By model.fused_loss, like chunked_loss: lm_head runs once and the full [tokens, vocab] fp32 logits
+        never exist; backward recomputes them chunk by chunk (the per-token upstream gradient is not known
+        in forward). Logits are divided by `temperature` first, so a rollout sampled at temperature T is
+        scored at T (otherwise the importance ratio of the first PPO step is not 1). num_loss_chunks: as in
+        chunked_loss, accepted and unused."""
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0 for log-probabilities, got {temperature}")
-        B, T, H = hidden_BTH.shape
-        rows_N, targets_N, count, chunks = self._labelled_rows(labels_BT, num_loss_tokens, num_loss_chunks)
-        hidden_NH = hidden_BTH[:, :-1].reshape(-1, H).index_select(0, rows_N)
-        logprob_parts, entropy_parts = [], []
-        for start in range(0, chunks * LOSS_CHUNK_ROWS, LOSS_CHUNK_ROWS):
-            rows = slice(start, start + LOSS_CHUNK_ROWS)
-            if torch.is_grad_enabled():
-                logprob_N, entropy_N = torch.utils.checkpoint.checkpoint(
-                    _chunk_logprobs, self.lm_head, hidden_NH[rows], targets_N[rows], temperature,
-                    use_reentrant=False)
-            else:
-                logprob_N, entropy_N = _chunk_logprobs(self.lm_head, hidden_NH[rows], targets_N[rows], temperature)
-            logprob_parts.append(logprob_N)
-            entropy_parts.append(entropy_N)
-        flat = hidden_BTH.new_zeros(B * (T - 1), dtype=torch.float32)
-        if logprob_parts:
-            logprob_N = torch.cat(logprob_parts)
-            entropy_N = torch.cat(entropy_parts)
-        else:  # no chunk at all: keep the graph connected (every parameter still gets a gradient)
-            logprob_N = hidden_NH.sum(-1).float() * 0.0 + self.lm_head.weight.sum() * 0.0
-            entropy_N = logprob_N.detach()
-        logprobs_BT = F.pad(flat.index_copy(0, rows_N, logprob_N).view(B, T - 1), (1, 0))
-        entropy_BT = F.pad(flat.detach().index_copy(0, rows_N, entropy_N).view(B, T - 1), (1, 0))
+        rows_N, targets_N, count = _labelled_rows(labels_BT, num_loss_tokens)
+        logprob_N, entropy_N = linear_token_logprobs(self.lm_head, hidden_BTH.reshape(-1, hidden_BTH.shape[-1]),
+                                                     rows_N, targets_N, temperature, LOSS_CHUNK_ROWS)
+        # Row r predicts the label at r + 1: put each value there, aligned with labels.
+        flat_M = hidden_BTH.new_zeros(labels_BT.numel(), dtype=torch.float32)
+        logprobs_BT = flat_M.index_copy(0, rows_N + 1, logprob_N).view_as(labels_BT)
+        entropy_BT = flat_M.index_copy(0, rows_N + 1, entropy_N).view_as(labels_BT)
         return logprobs_BT, entropy_BT, count

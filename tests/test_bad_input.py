@@ -133,7 +133,7 @@ def test_bad_sample_is_skipped_counted_and_named(tmp_path, tok_dir, kind):
     folder, good = _with_bad(tmp_path / "ds", members)
     batches, stats = _one_epoch(tok_dir, folder, len(good))
     assert set(batches) == good
-    assert stats == {"skipped": {reason: 1}, "skipped_keys": ["shard-000000.tar:bad"]}
+    assert stats == {"skipped": {reason: 1}, "skipped_keys": [f"shard-000000.tar:bad ({reason})"]}
 
 
 def test_tar_cut_off_in_the_middle(tmp_path, tok_dir):
@@ -147,7 +147,7 @@ def test_tar_cut_off_in_the_middle(tmp_path, tok_dir):
     # One batch into the next epoch: the marker is counted with the batch after it, and it may be last.
     batches, stats = _one_epoch(tok_dir, folder, 7)
     assert set(batches) == {k for k, _ in whole + cut[:3]}
-    assert stats == {"skipped": {"bad_shard": 1}, "skipped_keys": ["shard-000001.tar:cut"]}
+    assert stats == {"skipped": {"bad_shard": 1}, "skipped_keys": ["shard-000001.tar:cut (bad_shard)"]}
 
 
 def test_other_sample_rate_is_resampled_and_used(tmp_path, tok_dir):

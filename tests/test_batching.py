@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from data.batching import (BATCHING_MODES, Batcher, collate, collate_packed, encoder_frames,
+from data.batching import (BATCHING_MODES, Batcher, budget_fill, collate, collate_packed, encoder_frames,
                            packing_efficiency)
 
 PAD = 7
@@ -19,6 +19,19 @@ def make_sample(uid, num_tokens, mel_frames=(), first_id=100, mel_value=1.0):
     mels = [torch.full((128, f), mel_value + 0.5 * i) for i, f in enumerate(mel_frames)]
     return {"uid": uid, "key": f"key{uid}", "task": "asr", "text": "", "mels": mels,
             "num_audio_s": 0.5 * len(mel_frames), "input_ids": ids, "labels": labels}
+
+
+def short_mix_stream(n, seed):
+    """Lengths like the demo curriculum's mix stage: ASR ~46, S2TT ~59 tokens with audio, TTS ~106 without."""
+    rng = random.Random(seed)
+    for uid in range(n):
+        kind = uid % 3
+        if kind == 0:
+            yield make_sample(uid, rng.randint(40, 54), [rng.randint(20, 60)])
+        elif kind == 1:
+            yield make_sample(uid, rng.randint(96, 111))
+        else:
+            yield make_sample(uid, rng.randint(53, 67), [rng.randint(20, 60)])
 
 
 def demo_like_stream(n, seed):
@@ -189,6 +202,67 @@ def test_packed_mode_mel_cap_and_text_audio_sharing():
             assert b["mels"].shape[0] * b["mels"].shape[2] <= 400
     # text-only and audio samples share rows
     assert any(b["mels"] is not None and len(b["mel_lengths"]) < b["num_samples"] for b in batches)
+
+
+def test_packed_batches_fill_the_token_budget():
+    # Short samples (the demo mix): rows fill up long before a batch's rows do. Every batch takes its 4 rows
+    # (only the flush at the end may hold fewer), nearly full, and says what its budget was.
+    samples = list(short_mix_stream(900, seed=1))
+    batches = run(Batcher("packed", PAD, max_tokens=2048, max_seq_len=512, buffer_size=64), samples)
+    assert sorted(u for b in batches for u in b["uids"]) == list(range(900))
+    assert all(b["budget_tokens"] == 4 * 512 for b in batches)
+    assert all(b["input_ids"].shape[0] == 4 for b in batches[:-2])
+    assert budget_fill(batches) >= 0.95 and packing_efficiency(batches) >= 0.97
+    assert budget_fill(batches) == sum(b["num_tokens"] for b in batches) / (2048 * len(batches))
+    # max_tokens not a multiple of max_seq_len: the budget is the rows that fit
+    assert run(Batcher("packed", PAD, max_tokens=2000, max_seq_len=512), samples[:200])[0]["budget_tokens"] == 1536
+    # tokens mode: the budget is max_tokens
+    tokens = run(Batcher("tokens", PAD, max_tokens=1024, buffer_size=32), samples[:300])
+    assert {b["budget_tokens"] for b in tokens} == {1024} and 0.5 < budget_fill(tokens) <= 1.0
+    with pytest.raises(ValueError, match="needs batches with 'budget_tokens'"):
+        budget_fill(run(Batcher("fixed", PAD, batch_size=4), samples[:8]))
+
+
+def test_a_batch_that_must_go_out_is_completed_with_waiting_rows():
+    # Samples of 100 and 90 tokens fill no 128-token row; pairs of 63 do (126 >= 98 %) and go out two rows a
+    # batch. At its wait limit (4 buffers of arrivals) the 100 goes out, in a batch completed by another row.
+    batcher = Batcher("packed", PAD, max_tokens=2 * 128, max_seq_len=128, buffer_size=4)
+    out = batcher.add(make_sample(0, 100)) + batcher.add(make_sample(1, 90))
+    for uid in range(2, 30):
+        out += batcher.add(make_sample(uid, 63))
+    assert all(b["input_ids"].shape[0] == 2 for b in out)
+    assert out[0]["uids"] == [2, 3, 4, 5] and real_tokens_of_rows(out[0]) == [126, 126]
+    # sample 0 waited 16 arrivals: its batch takes the next full row; the 90 follows two arrivals later
+    assert [b["uids"] for b in out[3:5]] == [[0, 14, 15], [1, 16, 17]]
+    assert real_tokens_of_rows(out[3]) == [100, 126] and batcher.pending_uids() == []
+
+
+@pytest.mark.parametrize("mode", ["tokens", "packed"])
+def test_restore_after_any_cut_continues_exactly(mode):
+    samples = list(short_mix_stream(400, seed=4))
+    settings = dict(max_tokens=1024, max_seq_len=512, buffer_size=24)
+    whole = []
+    batcher = Batcher(mode, PAD, **settings)
+    states = []  # after each add: (batches so far, samples held with their arrival index)
+    for sample in samples:
+        whole += batcher.add(sample)
+        states.append((len(whole), [(samples[u], u) for u in batcher.pending_uids()]))
+    whole += batcher.flush()
+    for k in (23, 24, 57, 150, 399):
+        done, held = states[k]
+        resumed = Batcher(mode, PAD, **settings)
+        resumed.restore(held, k + 1)
+        assert resumed.pending_uids() == [s["uid"] for s, _ in held]
+        rest = run(resumed, samples[k + 1:])
+        assert [b["uids"] for b in rest] == [b["uids"] for b in whole[done:]]
+        for x, y in zip(rest, whole[done:]):
+            assert torch.equal(x["input_ids"], y["input_ids"]) and x["budget_tokens"] == y["budget_tokens"]
+    with pytest.raises(ValueError, match="needs a fresh batcher"):
+        batcher.restore([], 0)
+    with pytest.raises(ValueError, match=r"not what a 'packed' batcher holds after a cut"):
+        Batcher("packed", PAD, **settings).restore([(samples[3], 3), (samples[1], 1)], 10)
+    with pytest.raises(ValueError, match=r"not what a 'fixed' batcher holds after a cut"):
+        Batcher("fixed", PAD, batch_size=2).restore([(samples[0], 0), (samples[1], 1)], 2)
 
 
 def test_packed_pending_uids_and_bounded_wait():

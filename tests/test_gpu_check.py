@@ -51,15 +51,16 @@ def check_data(tmp_path_factory):
 
 
 def test_kernels_part_on_cpu(check_data):
-    """Every batching mode and a text-only batch through sdpa and eager; packed rows equal each sample alone."""
+    """Every batching mode and a text-only batch through sdpa, varlen_sdpa and eager; packed rows equal each
+    sample alone."""
     figures = gpu_check.check_kernels(check_data, torch.device("cpu"), torch.float32, preset="tiny")
-    assert figures["kernels"] == ["sdpa", "eager"]
-    assert set(figures["losses"]) == {f"{k}/{m}" for k in ("sdpa", "eager")
+    assert figures["kernels"] == ["sdpa", "varlen_sdpa", "eager"]
+    assert set(figures["losses"]) == {f"{k}/{m}" for k in ("sdpa", "varlen_sdpa", "eager")
                                       for m in ("fixed", "tokens", "packed", "text_only")}
     for mode in ("fixed", "tokens", "packed", "text_only"):
         assert figures["losses"][f"sdpa/{mode}"] == pytest.approx(figures["losses"][f"eager/{mode}"], abs=2e-4)
     assert max(figures["packed_vs_alone"].values()) < 1e-5
-    assert figures["auto_fp32"] == "sdpa"
+    assert figures["auto_fp32"] == "varlen_sdpa"
     assert figures["padding"]["packed"] < figures["padding"]["fixed"]
 
 

@@ -170,8 +170,10 @@ def test_skips_are_counted_by_reason(tmp_path, tok_dir):
     keys = [next(loader)["keys"][0] for _ in range(15)]
     assert set(keys) == set(samples) - set(bad)
     assert loader.stats()["skipped"] == {"bad_audio": 1, "bad_json": 1, "too_long": 2, "non_finite_audio": 1}
-    assert sorted(loader.stats()["skipped_keys"]) == sorted(
+    assert sorted(k.split(" (")[0] for k in loader.stats()["skipped_keys"]) == sorted(
         f"shard-00000{k[1]}.tar:{k}" for k in bad)
+    assert all(k.endswith(")") and k.split(" (")[1][:-1] in loader.stats()["skipped"]
+               for k in loader.stats()["skipped_keys"])
 
 
 def test_truncated_shard_keeps_its_good_samples(tmp_path, tok_dir):
@@ -187,7 +189,8 @@ def test_truncated_shard_keeps_its_good_samples(tmp_path, tok_dir):
     assert loader.stats()["skipped"] == {"bad_shard": 1}
     # The sample being read when the tar broke is the one named; every sample before it arrived.
     (named,) = loader.stats()["skipped_keys"]
-    assert named.startswith("shard-000001.tar:s1_")
+    assert named.startswith("shard-000001.tar:s1_") and named.endswith(" (bad_shard)")
+    named = named.removesuffix(" (bad_shard)")
     assert {k for k in samples if k.startswith("s0_")} <= keys
     assert {k for k in keys if k.startswith("s1_")} == {f"s1_{i}" for i in range(int(named[-1]))}
 
@@ -301,7 +304,8 @@ def test_length_filter_and_batcher_rejects_are_counted(tmp_path, tok_dir):
     loader = build_loader(cfg, 0, 1, 0)
     assert sorted(next(loader)["keys"]) == ["ok1", "ok2"]
     assert loader.stats()["skipped"] == {"too_short": 1, "too_many_tokens": 1}
-    assert sorted(loader.stats()["skipped_keys"]) == ["shard-000000.tar:short", "shard-000000.tar:wordy"]
+    assert sorted(loader.stats()["skipped_keys"]) == ["shard-000000.tar:short (too_short)",
+                                                      "shard-000000.tar:wordy (too_many_tokens)"]
 
 
 def test_bare_tars_are_counted_by_one_scan(tmp_path, tok_dir):

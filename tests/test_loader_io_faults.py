@@ -252,7 +252,7 @@ def test_loader_counts_a_persistent_fault_as_io_error(folder, tok_dir, monkeypat
     _inject(monkeypatch, path, fail_at=_data_offset(path, "s1_3"), read_faults=5)
     keys, stats = _epoch_keys(tok_dir, folder, 8)  # 7 usable in epoch 0; the marker is counted by batch 8
     assert sorted(keys[:7]) == [f"s0_{i}" for i in range(4)] + ["s1_0", "s1_1", "s1_2"]
-    assert stats == {"skipped": {"io_error": 1}, "skipped_keys": ["shard-000001.tar:s1_3"]}
+    assert stats == {"skipped": {"io_error": 1}, "skipped_keys": ["shard-000001.tar:s1_3 (io_error)"]}
     assert clock.waits == SCHEDULE
 
 

@@ -367,7 +367,7 @@ def test_fresh_encoder_output_carries_the_audio_not_only_its_position():
 
 def test_attention_switch_resolves_here_and_kernels_agree():
     from model.lalm import StepAudio2ForCausalLM, resolve_attention
-    assert resolve_attention("auto") == "sdpa"  # no GPU, no flash_attn on this machine
+    assert resolve_attention("auto") == "varlen_sdpa"  # no GPU, no flash_attn on this machine
     with pytest.raises(ValueError, match="attention='flash_attention_2' is not usable here: no CUDA device"):
         resolve_attention("flash_attention_2")
     with pytest.raises(ValueError, match=r"attention='flash': expected one of"):
@@ -398,9 +398,9 @@ def test_auto_attention_picks_flash_only_in_half_precision(monkeypatch, caplog):
         assert resolve_attention("auto", torch.bfloat16) == "flash_attention_2"
         assert resolve_attention("auto", torch.float16) == "flash_attention_2"
         # fp32, the default precision: flash-attention would reject it at the first forward.
-        assert resolve_attention("auto", torch.float32) == "sdpa"
+        assert resolve_attention("auto", torch.float32) == "varlen_sdpa"
     assert "decoder attention: flash_attention_2 (flash_attn 2.8.3)" in caplog.text
-    assert "decoder attention: sdpa (flash-attention needs bf16/fp16, the model computes in torch.float32)" \
+    assert "decoder attention: varlen_sdpa (flash-attention needs bf16/fp16, the model computes in torch.float32)" \
         in caplog.text
     with pytest.raises(ValueError, match=r"needs bf16 or fp16, the model computes in torch.float32 "
                                          r"\(set engine.precision=bf16"):
@@ -427,8 +427,8 @@ def test_broken_flash_build_is_reported_not_used(monkeypatch, caplog):
         assert not usable
         assert why.startswith("flash_attn is installed but its kernel does not load (ModuleNotFoundError:")
         with caplog.at_level("INFO", logger="model.lalm"):
-            assert lalm.resolve_attention("auto", torch.bfloat16) == "sdpa"
-        assert "decoder attention: sdpa (flash-attention not used: flash_attn is installed but its kernel" \
+            assert lalm.resolve_attention("auto", torch.bfloat16) == "varlen_sdpa"
+        assert "decoder attention: varlen_sdpa (flash-attention not used: flash_attn is installed but its kernel" \
             in caplog.text
         with pytest.raises(ValueError, match="is not usable here: flash_attn is installed but its kernel"):
             lalm.resolve_attention("flash_attention_2", torch.bfloat16)

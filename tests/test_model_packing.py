@@ -83,7 +83,7 @@ LAYOUTS = {"one_row": [["audio", "text", "two_chunks"]], "two_rows": [["two_chun
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("attention", ["sdpa", "varlen_sdpa", "eager"])
 def test_packed_logits_and_loss_equal_each_sample_alone(attention, layout):
     torch.manual_seed(0)
     model = StepAudio2ForCausalLM(preset_config("tiny"), attention=attention).eval()
@@ -101,8 +101,9 @@ def test_packed_logits_and_loss_equal_each_sample_alone(attention, layout):
     assert float(packed.loss) == pytest.approx(float((losses * counts).sum() / counts.sum()), abs=1e-5)
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "varlen_sdpa"])
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_batches_from_collate_packed_keep_samples_apart(layout):
+def test_batches_from_collate_packed_keep_samples_apart(layout, attention):
     # data.batching lists mels sample by sample, row by row: the order the model fills patch rows in.
     rows = [[{"key": name, "input_ids": SAMPLES[name]["input_ids"].tolist(), "num_audio_s": 0.0,
               "labels": SAMPLES[name]["labels"].tolist(), "mels": SAMPLES[name]["mels"]} for name in row]
@@ -114,17 +115,18 @@ def test_batches_from_collate_packed_keep_samples_apart(layout):
     real = mine["segment_ids"] > 0  # padding positions do not matter
     assert torch.equal(batch["position_ids"][real], mine["position_ids"][real])
     torch.manual_seed(0)
-    model = StepAudio2ForCausalLM(preset_config("tiny")).eval()
+    model = StepAudio2ForCausalLM(preset_config("tiny"), attention=attention).eval()
     with torch.no_grad():
         logits = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "segment_ids",
-                                                 "mels", "mel_lengths")}).logits
+                                                 "mels", "mel_lengths", "cu_seq_lens", "max_length")}).logits
         for name, (row, start, n) in spans.items():
             torch.testing.assert_close(logits[row, start:start + n], _alone(model, name)[0], atol=1e-5, rtol=0)
 
 
-def test_packed_gradients_equal_summed_alone_gradients():
+@pytest.mark.parametrize("attention", ["sdpa", "varlen_sdpa"])
+def test_packed_gradients_equal_summed_alone_gradients(attention):
     torch.manual_seed(0)
-    model = StepAudio2ForCausalLM(preset_config("tiny")).eval()
+    model = StepAudio2ForCausalLM(preset_config("tiny"), attention=attention).eval()
     batch, _ = _pack(LAYOUTS["one_row"], 80)
     packed = model(**batch)
     packed.loss.backward()

@@ -235,3 +235,23 @@ def test_config_errors_name_render_and_batching(tmp_path, tok_dir, overrides, me
     _write(tmp_path / "ds", [_text_pair(0), _text_pair(1)])
     with pytest.raises(ValueError, match=message):
         build_loader(_cfg(tok_dir, tmp_path / "ds", **overrides), 0, 1, 0)
+
+
+def test_prompt_only_records_render_a_prompt_and_ask_for_speech_when_told(tok_dir):
+    """An RL prompt set has no answers: a dialogue record whose messages end at the human turn renders its
+    prompt (with <tts_start> when "speech_answer": true), and is refused for training with an answer."""
+    from data.tasks import TASKS
+    from data.tasks.base import RenderOptions, Sample
+    from data.templates import TemplateError
+
+    tok = load_tokenizer(str(tok_dir))
+    ids = special_ids(tok)
+    meta = {"messages": [{"role": "human", "text": "say the cat sat slowly"}], "style": "slow"}
+    spoken = TASKS["dialogue"].render(Sample("k", {**meta, "speech_answer": True}), tok, ids,
+                                      RenderOptions(with_answer=False))
+    text = TASKS["dialogue"].render(Sample("k", meta), tok, ids, RenderOptions(with_answer=False))
+    assert tok.decode(spoken.input_ids).endswith("say the cat sat slowly<|EOT|><|BOT|>assistant\n<tts_start>")
+    assert spoken.input_ids[:-1] == text.input_ids and spoken.input_ids[-1] == ids.tts_start
+    assert set(spoken.labels) == {IGNORE_INDEX}
+    with pytest.raises(TemplateError, match="no assistant turn after the last human turn"):
+        TASKS["dialogue"].render(Sample("k", meta), tok, ids, RenderOptions(with_answer=True))

@@ -106,8 +106,8 @@ def test_mixed_tasks_one_batch(tmp_path, tok_dir):
     second = next(loader)  # u0 and b0 are skipped, the next epoch begins again with a0
     assert second["keys"] == ["a0", "t0", "s0", "x0"]
     assert loader.stats()["skipped"] == {"missing_codes": 2, "unknown_task": 1, "bad_codes": 1}
-    assert loader.stats()["skipped_keys"] == ["shard-000000.tar:t1", "shard-000000.tar:u0",
-                                              "shard-000000.tar:b0", "shard-000000.tar:t1"]
+    assert loader.stats()["skipped_keys"] == ["shard-000000.tar:t1 (missing_codes)", "shard-000000.tar:u0 (unknown_task)",
+                                              "shard-000000.tar:b0 (bad_codes)", "shard-000000.tar:t1 (missing_codes)"]
 
 
 def test_text_only_batch_has_no_mels_and_config_task_is_the_default(tmp_path, tok_dir):

@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data.loader import DataConfig
+from model.lalm import ATTENTION_CHOICES
 from train.schedule import SCHEDULES
 
 # Parameter groups a recipe can train or freeze, by StepFun parameter-name prefix.
@@ -64,8 +65,9 @@ class ModelConfig:
     gradient_checkpointing: List[str] = field(default_factory=list)
     """Parts whose activations are recomputed in the backward pass to save memory: [encoder, decoder]."""
     attention: str = "auto"
-    """Decoder attention kernel: auto (flash-attention 2 when installed on a GPU, else sdpa), sdpa, eager or
-    flash_attention_2."""
+    """Decoder attention kernel: auto (flash-attention 2 on a GPU in bf16 when installed, else varlen_sdpa:
+    packed rows cost their samples' attention either way), varlen_sdpa, sdpa (a dense block-diagonal mask for
+    packed rows), eager or flash_attention_2."""
     init_parts: InitPartsConfig = field(default_factory=InitPartsConfig)
     """Start from a Qwen2.5 decoder and a Qwen2-Audio encoder instead of init_from (the paper's stage 1)."""
 
@@ -480,8 +482,8 @@ def validate(cfg: TrainConfig) -> None:
                                                        "model.trainable)")
     if any(p not in ("encoder", "decoder") for p in cfg.model.gradient_checkpointing):
         bad("model.gradient_checkpointing", cfg.model.gradient_checkpointing, "a list from [encoder, decoder]")
-    if cfg.model.attention not in ("auto", "sdpa", "eager", "flash_attention_2"):
-        bad("model.attention", cfg.model.attention, "auto, sdpa, eager or flash_attention_2")
+    if cfg.model.attention not in ATTENTION_CHOICES:
+        bad("model.attention", cfg.model.attention, ", ".join(ATTENTION_CHOICES))
     parts = cfg.model.init_parts
     if bool(parts.qwen) != bool(parts.audio_encoder):
         bad("model.init_parts", {"qwen": parts.qwen, "audio_encoder": parts.audio_encoder},

@@ -242,7 +242,7 @@ def check_kernels(data: Path, device: torch.device, dtype: torch.dtype, preset: 
     batches = {mode: first_batch(data_config(data, mode)) for mode in ("fixed", "tokens", "packed")}
     batches["text_only"] = first_batch(data_config(data, "fixed", tasks=("tts",)))
     require(batches["text_only"]["mels"] is None, "the TTS batch holds input audio: not a text-only batch")
-    kernels = ["sdpa", "eager"] + (["flash_attention_2"] if flash_attention_status()[0] and
+    kernels = ["sdpa", "varlen_sdpa", "eager"] + (["flash_attention_2"] if flash_attention_status()[0] and
                                    dtype in (torch.bfloat16, torch.float16) else [])
     figures: Dict[str, Any] = {"kernels": kernels, "dtype": str(dtype), "losses": {}, "packed_vs_alone": {}}
     base = _tiny_model(tok, ids, preset, "sdpa", "cpu", torch.float32).state_dict()
@@ -272,7 +272,7 @@ def check_kernels(data: Path, device: torch.device, dtype: torch.dtype, preset: 
         losses = [figures["losses"][f"{k}/{mode}"] for k in kernels]
         spread = (max(losses) - min(losses)) / max(abs(losses[0]), 1e-6)
         require(spread <= 10 * tolerance, f"{mode}: the kernels' losses disagree: {dict(zip(kernels, losses))}")
-    require(resolve_attention("auto", torch.float32) == "sdpa", "model.attention=auto picked flash in fp32")
+    require(resolve_attention("auto", torch.float32) == "varlen_sdpa", "model.attention=auto picked flash in fp32")
     figures["auto_fp32"] = resolve_attention("auto", torch.float32)
     figures["auto_bf16"] = resolve_attention("auto", torch.bfloat16)
     figures["padding"] = {mode: round(1 - b["num_tokens"] / b["input_ids"].numel(), 3) for mode, b in batches.items()}

@@ -21,6 +21,7 @@ from data.loader import build_loader
 from data.tokenizer import load_tokenizer, special_ids
 from model.checkpoint import load_stepfun, save_stepfun
 from model.config import preset_config
+from model.attention import VARLEN_KERNELS
 from model.lalm import StepAudio2ForCausalLM, resolve_attention
 from train import evaluate as evaluation
 from train.checkpoint import Checkpointer, seed_host_generators
@@ -28,6 +29,7 @@ from train.config import InitPartsConfig, TrainConfig, to_yaml
 from train.engine import (Engine, compute_dtype, gathered_for_write, inference_model, init_distributed,
                           model_init_context)
 from train.faults import maybe_fault
+from train.flops import device_peak_flops, mfu, step_flops, training_passes
 from train.lora import apply_lora, audio_rows, load_adapter, save_adapter
 from train.metrics import make_sink
 from train.preempt import PREEMPTED_EXIT_CODE, Preempted, PreemptionFlag, mark_preempted
@@ -36,12 +38,14 @@ from train.schedule import Schedule
 from train.watchdog import Watchdog
 
 
-def build_model(cfg: TrainConfig, tok, score: bool = False, init_from: Optional[str] = None) -> StepAudio2ForCausalLM:
+def build_model(cfg: TrainConfig, tok, score: bool = False, init_from: Optional[str] = None,
+                frozen: bool = False) -> StepAudio2ForCausalLM:
     """The model a run trains: the policy (a causal LM, LoRA-wrapped with lora.enabled), or with score=True a
-    score model (model.score: reward model, critic) from `init_from` (default: the run's starting folder)."""
+    score model (model.score: reward model, critic) from `init_from` (default: the run's starting folder);
+    frozen=True for one that never trains (a reward model used as a reward): no LoRA adapters on it."""
     ids = special_ids(tok)
     if score:
-        return _build_score_model(cfg, tok, init_from or cfg.model.init_from or cfg.lora.init_from)
+        return _build_score_model(cfg, tok, init_from or cfg.model.init_from or cfg.lora.init_from, frozen)
     # "auto" becomes a concrete kernel for the precision the model will compute in (logged there).
     attention = resolve_attention(cfg.model.attention, compute_dtype(cfg))
     # A LoRA run's frozen base is re-read from lora.init_from on every start, resumes included.
@@ -76,7 +80,7 @@ def build_model(cfg: TrainConfig, tok, score: bool = False, init_from: Optional[
                                      attention=attention)
 
 
-def _build_score_model(cfg: TrainConfig, tok, init_from: Optional[str]):
+def _build_score_model(cfg: TrainConfig, tok, init_from: Optional[str], frozen: bool = False):
     from model.score import load_score_model
 
     if not init_from:
@@ -90,7 +94,7 @@ def _build_score_model(cfg: TrainConfig, tok, init_from: Optional[str]):
     if model.config.vocab_size < len(tok):
         raise ValueError(f"{init_from} has {model.config.vocab_size} vocabulary rows, fewer than the tokenizer "
                          f"{cfg.data.tokenizer} ({len(tok)} tokens)")
-    if cfg.lora.enabled:
+    if cfg.lora.enabled and not frozen:
         ids = special_ids(tok)
         apply_lora(model, cfg.lora, audio_rows(ids.first_audio_code, ids.num_audio_codes))
     return model
@@ -165,6 +169,10 @@ class StepResult:
     steps of a log window and over the ranks."""
     audio_s: float = 0.0
     """Seconds of input audio in the step (audio_s_per_s)."""
+    data_wait_s: float = 0.0
+    """Seconds the step waited for the loader (data_stall: the share of the log window's time)."""
+    flops: float = 0.0
+    """Model FLOPs this rank computed in the step (train.flops), for tflops_per_s and MFU; 0 = not counted."""
 
 
 class Algorithm:
@@ -192,42 +200,79 @@ class Algorithm:
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.loader.load_state_dict(state)  # every rank's state: the loader picks (or re-splits) its own
 
-    def skipped(self) -> int:
-        return sum(self.loader.stats()["skipped"].values())
+    def skip_stats(self) -> Dict[str, Any]:
+        """{"skipped": {reason: n}, "skipped_keys": ["SHARD:KEY (reason)", ...]} of this rank's data."""
+        return self.loader.stats()
 
     def close(self) -> None:
         pass
 
 
-class SFTStep(Algorithm):
-    """Supervised next-token loss: engine.grad_accum_steps micro-batches from the loader per step."""
+def global_count(local: int, device: torch.device) -> int:
+    """The sum of a host-side count over all ranks (a small collective every rank must make)."""
+    t = torch.tensor([float(local)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return int(t.item())
 
-    def __init__(self, cfg: TrainConfig, engine: Engine, loader, key_log=None):
+
+class SFTStep(Algorithm):
+    """Supervised next-token loss: engine.grad_accum_steps micro-batches from the loader per step.
+
+    The step's loss is the mean over every label token of the step, on all ranks and all micro-batches
+    together (not a mean of per-rank or per-micro-batch means, which weighs a token of a short batch more:
+    the gradient-accumulation bug transformers fixed in 2024). The step's micro-batches are drawn first, their
+    label counts (known on the host from the collate) summed over ranks in one small collective, and each
+    micro-batch's summed cross-entropy is scaled by world x grad_accum / that total, which DeepSpeed's mean
+    over ranks and its division by grad_accum turn back into exactly 1 / total."""
+
+    def __init__(self, cfg: TrainConfig, engine: Engine, loader, key_log=None, count_flops=None):
         self.cfg, self.engine, self.loader, self.key_log = cfg, engine, loader, key_log
         self.batches = iter(loader)
+        self.count_flops = count_flops  # batch -> model FLOPs (train.flops.step_flops), or None
 
     def step(self, step: int) -> StepResult:
-        loss_sum, tokens, audio_s, out = None, 0, 0.0, None
-        for _ in range(self.cfg.engine.grad_accum_steps):
-            batch = next(self.batches)  # (draws nothing from the global RNG: data.loader seeds its workers itself)
-            if self.key_log is not None:
+        gas = self.cfg.engine.grad_accum_steps
+        world = dist.get_world_size()
+        # (draws nothing from the global RNG: data.loader seeds its workers itself)
+        t0 = time.perf_counter()
+        batches = [next(self.batches) for _ in range(gas)]
+        data_wait_s = time.perf_counter() - t0
+        if self.key_log is not None:
+            for batch in batches:
                 self.key_log.write(json.dumps({"step": step, "keys": batch["keys"],
                                                "epochs": batch.get("epochs")}) + "\n")
-                self.key_log.flush()
+            self.key_log.flush()
+        total = global_count(sum(_label_count(b) for b in batches), self.engine.device)
+        loss_sum, tokens, audio_s, out = None, 0, 0.0, None
+        for batch in batches:
             out = self.engine.forward(batch)
-            self.engine.backward_and_step(out.loss)
+            # out.loss is this micro-batch's mean over its own labels: back to a sum, then over the step's.
+            summed = out.loss * _label_count(batch)
+            self.engine.backward_and_step(summed * (world * gas / max(total, 1)))
             # Summed on the device: reading a loss here would stall the host every micro-batch.
-            loss = out.loss.detach().float()
+            loss = summed.detach().float()
             loss_sum = loss if loss_sum is None else loss_sum + loss
             audio_s += float(batch["num_audio_s"])
             tokens += batch["num_tokens"]  # counted by the collate, on the host
         # (out, holding DeepSpeed's backward hooks and through them the engine, dies here.)
         del out
-        return StepResult(tokens, {"loss": loss_sum / self.cfg.engine.grad_accum_steps}, audio_s)
+        computed = sum(b["input_ids"].numel() for b in batches)
+        budget = sum(b.get("budget_tokens") or 0 for b in batches)
+        flops = sum(self.count_flops(b) for b in batches) if self.count_flops is not None else 0.0
+        # Logged as this rank's share x world: the loop's mean over ranks is then the step's global mean.
+        metrics = {"loss": loss_sum * (world / max(total, 1)), "padding": 1.0 - tokens / computed}
+        if budget:  # tokens / packed batching: the share of the token budget real tokens fill
+            metrics["budget_fill"] = tokens / budget
+        return StepResult(tokens, metrics, audio_s, data_wait_s, flops)
 
     def close(self) -> None:
         if self.key_log is not None:
             self.key_log.close()
+
+
+def _label_count(batch: Dict[str, Any]) -> int:
+    count = batch.get("num_loss_tokens")
+    return int((batch["labels"][:, 1:] != -100).sum()) if count is None else int(count)
 
 
 class _Window:
@@ -236,7 +281,7 @@ class _Window:
     def __init__(self, state: RunState):
         self.sums: Dict[str, Any] = {}
         self.counts: Dict[str, int] = {}  # steps that reported each metric (e.g. none during a critic warm-up)
-        self.steps, self.audio_s = 0, 0.0
+        self.steps, self.audio_s, self.data_wait_s, self.flops = 0, 0.0, 0.0, 0.0
         self.tokens0, self.t0 = state.tokens, time.perf_counter()
 
     def add(self, result: StepResult) -> None:
@@ -246,6 +291,8 @@ class _Window:
             self.counts[name] = self.counts.get(name, 0) + 1
         self.steps += 1
         self.audio_s += result.audio_s
+        self.data_wait_s += result.data_wait_s
+        self.flops += result.flops
 
 
 def _sum_over_ranks(values: Dict[str, Any], device: torch.device) -> Dict[str, float]:
@@ -257,21 +304,39 @@ def _sum_over_ranks(values: Dict[str, Any], device: torch.device) -> Dict[str, f
     return dict(zip(values, t.tolist()))
 
 
-def _log_window(sink, engine, algorithm: Algorithm, window: _Window, state: RunState, world_size: int) -> None:
+def _log_window(sink, engine, algorithm: Algorithm, window: _Window, state: RunState, world_size: int,
+                named: set, peak: Optional[float] = None) -> None:
+    """One metrics line for the window (means over its steps and the ranks); skipped samples not named
+    before (this rank's, "SHARD:KEY (reason)") go to the log as messages, once each (`named`)."""
     elapsed = time.perf_counter() - window.t0
     # The window's metrics stayed on the device (no sync per step); this is where they are read.
     means = {name: value / window.counts[name] for name, value in window.sums.items()}
-    totals = _sum_over_ranks({**means, "__audio_s": window.audio_s}, engine.device)
-    audio_s = totals.pop("__audio_s")
+    totals = _sum_over_ranks({**means, "__audio_s": window.audio_s, "__wait_s": window.data_wait_s,
+                              "__flops": window.flops}, engine.device)
+    audio_s, wait_s, flops = totals.pop("__audio_s"), totals.pop("__wait_s"), totals.pop("__flops")
     metrics = {name: value / world_size for name, value in totals.items()}
     tokens_per_s = (state.tokens - window.tokens0) / elapsed
+    if flops > 0:
+        metrics.update(flops_per_token=flops / max(state.tokens - window.tokens0, 1),
+                       tflops_per_s=flops / elapsed / 1e12, tflops_per_s_per_device=flops / elapsed / world_size / 1e12)
+        if peak is not None:
+            metrics["mfu"] = mfu(flops / elapsed / world_size, peak)
+    skips = algorithm.skip_stats()
     sink.log(state.step, {**metrics, "lr": engine.lr(), "grad_norm": engine.grad_norm(),
-                          "tokens": state.tokens, "tokens_per_s": tokens_per_s, "audio_s_per_s": audio_s / elapsed,
-                          "skipped_samples": algorithm.skipped(),
+                          "tokens": state.tokens, "tokens_per_s": tokens_per_s,
+                          "tokens_per_s_per_device": tokens_per_s / world_size, "audio_s_per_s": audio_s / elapsed,
+                          "data_stall": wait_s / world_size / elapsed,
+                          "skipped_samples": sum(skips["skipped"].values()),
+                          **{f"skipped/{reason}": n for reason, n in sorted(skips["skipped"].items())},
                           **{f"lr/{group}": lr for group, lr in engine.group_lrs().items()}})
+    for name in skips["skipped_keys"]:
+        if name not in named:
+            named.add(name)
+            sink.message(f"skipped sample {name}")
     head = next(iter(metrics), None)
     shown = f"{head} {metrics[head]:.3f} " if head is not None else ""
-    sink.advance(state.step, f"{shown}lr {engine.lr():.2e} {tokens_per_s:.0f} tok/s")
+    shown_mfu = f" MFU {100 * metrics['mfu']:.1f}%" if "mfu" in metrics else ""
+    sink.advance(state.step, f"{shown}lr {engine.lr():.2e} {tokens_per_s:.0f} tok/s{shown_mfu}")
 
 
 def _open_key_log(cfg: TrainConfig, rank: int, world_size: int, step: int):
@@ -295,7 +360,7 @@ def _open_key_log(cfg: TrainConfig, rank: int, world_size: int, step: int):
 def make_algorithm(cfg: TrainConfig, engine: Engine, loader, ctx: Dict[str, Any]) -> Algorithm:
     """The step of cfg.kind around the loop's engine (the policy; for reward_model the score model)."""
     if cfg.kind == "sft":
-        return SFTStep(cfg, engine, loader, ctx.get("key_log"))
+        return SFTStep(cfg, engine, loader, ctx.get("key_log"), ctx.get("count_flops"))
     from train.rl import build_algorithm
 
     return build_algorithm(cfg, engine, loader, ctx)
@@ -326,6 +391,16 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
                   if isinstance(m, StepAudio2ForCausalLM))  # inside peft too
     sink.message(f"device {engine.device}, {cfg.engine.precision}, ZeRO-{cfg.engine.zero_stage}, decoder attention "
                  f"{kernel} (model.attention={cfg.model.attention}), kind {cfg.kind}")
+    dtype = torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float32
+    # Model FLOPs per batch for tflops_per_s and MFU (train.flops): trained parts count 6 per parameter and
+    # token, frozen ones a gradient crosses 4, forward-only ones 2; attention per sample where the kernel
+    # isolates packed samples.
+    model_config = next(m.config for m in engine.module.modules() if isinstance(m, StepAudio2ForCausalLM))
+    flops_args = dict(varlen=kernel in VARLEN_KERNELS, passes=training_passes(cfg.model.trainable, cfg.lora),
+                      lm_head=cfg.kind != "reward_model")
+    peak = device_peak_flops(engine.device, dtype)
+    if peak is None:
+        sink.message(f"MFU is not logged: no peak FLOP/s known for {engine.device} (train.flops.GPU_PEAKS)")
     loader = build_loader(cfg.data, rank=rank, world_size=world_size, seed=cfg.seed)
     ckpt = Checkpointer(cfg.run_dir, cfg.checkpoint, rank, world_size, log=sink.message)
     state = RunState()
@@ -333,13 +408,13 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
     ctx = {"tok": tok, "ids": ids, "rank": rank, "world_size": world_size, "sink": sink,
            "build_model": lambda c=model_cfg, **kw: build_model(c, tok, **kw), "resume": resume}
     ctx["key_log"] = _open_key_log(cfg, rank, world_size, resume_step(ckpt, resume))
+    ctx["count_flops"] = lambda batch: step_flops(model_config, batch, **flops_args)
     algorithm = make_algorithm(cfg, engine, loader, ctx)
     if resume is not None:
         saved, data_state = ckpt.load(engine, *resume, others=algorithm.engines())
         state = RunState(**{k: saved[k] for k in asdict(state) if k in saved})
         algorithm.load_state_dict(data_state)
         sink.message(f"resumed from {resume[0] / resume[1]} at step {state.step}")
-    dtype = torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float32
     metric = cfg.eval.metric
     t_start -= state.wall_s  # wall time counts every attempt: the ones before a resume, and this one
     generic_eval = bool(cfg.eval.shards) and cfg.kind != "reward_model"
@@ -381,6 +456,8 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
     schedule = Schedule.from_config(cfg)
     sink.start(state.step, cfg.max_steps)
     window = _Window(state)
+    named_skips: set = set()
+    result = None
     engine.module.train()
     watchdog.beat()
     while budget_left(cfg, state):
@@ -401,7 +478,7 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
         finished = not budget_left(cfg, state)
         sink.advance(step)
         if step % cfg.metrics.log_every == 0 or finished:
-            _log_window(sink, engine, algorithm, window, state, world_size)
+            _log_window(sink, engine, algorithm, window, state, world_size, named_skips, peak)
             window = _Window(state)
         if has_eval and cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and not finished:
             evaluate(f"step{step}")
@@ -430,7 +507,9 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
     algorithm.close()
     for other in algorithm.engines().values():
         other.close()
-    del result, algorithm
+    # The last step's result holds device tensors whose graph holds DeepSpeed's hooks, and the algorithm its
+    # engines: let go of both before the engine closes.
+    result = algorithm = None
     engine.close()  # before the next stage builds its own
     results.update(final_step=state.step, tokens=state.tokens, wall_s=time.perf_counter() - t_start)
     sink.log(state.step, {"done": True, **{k: v for k, v in results.items()

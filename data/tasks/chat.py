@@ -91,6 +91,11 @@ def render_chat(messages: List[Message], sample: Sample, tok: PreTrainedTokenize
     with `every_answer` every assistant turn. Without options.with_answer: the prompt up to the first
     labelled turn's header."""
     first_answer = _first_answer(messages, every_answer)
+    prompt_only = first_answer is None and not options.with_answer
+    if prompt_only:
+        # A prompt record without answers (an RL prompt set): every turn, then the header generation starts
+        # from; the record's "speech_answer": true asks for a spoken answer (<tts_start>).
+        first_answer = len(messages)
     if first_answer is None:
         where = "" if every_answer else " after the last human turn"
         raise TemplateError("bad_messages", f"sample {sample.key!r}: no assistant turn{where} "
@@ -124,6 +129,9 @@ def render_chat(messages: List[Message], sample: Sample, tok: PreTrainedTokenize
             call = msg.tool_call
             body = text_ids(msg.text + (tool_call_text(call["name"], call["arguments"]) if call else ""), tok, ids)
         out.add(body + [ids.eot], labelled)
+    if prompt_only:
+        speech = sample.meta.get("speech_answer") is True
+        out.add([ids.bot] + text_ids("assistant\n", tok, ids) + ([ids.tts_start] if speech else []))
     return out.done()
 
 

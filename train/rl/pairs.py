@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -134,8 +135,11 @@ class DPOStep(Algorithm):
         cfg, engine = self.cfg, self.engine
         tokens, audio_s, stats = 0, 0.0, {}
         gas = cfg.engine.grad_accum_steps
+        wait = 0.0
         for _ in range(gas):
+            t0 = time.perf_counter()
             batch = next(self.batches)
+            wait += time.perf_counter() - t0
             pairs = _halves(batch)
             out = engine.forward(batch, token_logprobs=True)
             mask = answer_mask(batch).to(out.token_logprobs.device)
@@ -162,7 +166,7 @@ class DPOStep(Algorithm):
             tokens += batch["num_tokens"]
             audio_s += float(batch["num_audio_s"])
             del out
-        return StepResult(tokens, stats, audio_s)
+        return StepResult(tokens, stats, audio_s, wait)
 
     def evaluate(self, tag: str) -> Dict[str, float]:
         """Held-out rl.eval_pairs: the share of pairs whose implicit reward ranks the chosen answer first."""
@@ -207,8 +211,11 @@ class RewardModelStep(Algorithm):
     def step(self, step: int) -> StepResult:
         tokens, audio_s, stats = 0, 0.0, {}
         gas = self.cfg.engine.grad_accum_steps
+        wait = 0.0
         for _ in range(gas):
+            t0 = time.perf_counter()
             batch = next(self.batches)
+            wait += time.perf_counter() - t0
             pairs = _halves(batch)
             out = self.engine.forward(batch)
             s = self.scores(out.scores, batch)
@@ -219,7 +226,7 @@ class RewardModelStep(Algorithm):
             tokens += batch["num_tokens"]
             audio_s += float(batch["num_audio_s"])
             del out
-        return StepResult(tokens, stats, audio_s)
+        return StepResult(tokens, stats, audio_s, wait)
 
     def evaluate(self, tag: str) -> Dict[str, float]:
         """Held-out rl.eval_pairs: pairwise accuracy (score of the chosen answer above the rejected one)."""

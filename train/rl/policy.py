@@ -12,7 +12,6 @@ ratio is exactly 1 (and the KL exactly 0 while the policy equals its reference).
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Any, Dict, List, Optional
 
@@ -54,7 +53,7 @@ class PolicyGradient(Algorithm):
             self.reference = Reference(cfg, engine, build_model, reference_mode(cfg))
 
         def score_model(folder: str) -> FrozenModel:
-            return FrozenModel(build_model(score=True, init_from=folder), cfg, engine.device)
+            return FrozenModel(build_model(score=True, init_from=folder, frozen=True), cfg, engine.device)
 
         self.rewards = Rewards(self.rl.rewards, score_model=score_model, truncated_reward=self.rl.truncated_reward)
         self.critic: Optional[Engine] = None
@@ -91,6 +90,7 @@ class PolicyGradient(Algorithm):
         rl, cfg, engine = self.rl, self.cfg, self.engine
         t0 = time.perf_counter()
         prompts = prompt_rows(next(self.batches), self.ids.audio_start)
+        data_wait_s = time.perf_counter() - t0
         rollout = sample_answers(engine, prompts, self.ids, self.tok, rl.num_generations, rl.max_new_tokens,
                                  rl.temperature, rl.top_p, self.generator)
         t_rollout = time.perf_counter() - t0
@@ -137,12 +137,20 @@ class PolicyGradient(Algorithm):
 
         train_policy = step > rl.critic_warmup_steps or not self.ppo
         gas = cfg.engine.grad_accum_steps
+        # Token-level normalisation over each minibatch on all ranks together: every answer token of the
+        # minibatch weighs the same wherever it is (the counts are host ints from the collate; one collective).
+        world = torch.distributed.get_world_size()
+        local = torch.tensor([float(sum(micro[k]["num_loss_tokens"] for k in range(mb * gas, (mb + 1) * gas)))
+                              for mb in range(rl.num_minibatches)], dtype=torch.float64, device=engine.device)
+        torch.distributed.all_reduce(local)
+        # DeepSpeed averages gradients over ranks: dividing by global / world leaves exactly 1 / global.
+        per_minibatch = [max(c, 1.0) / world for c in local.tolist()]
         for epoch in range(rl.epochs):
             order = list(range(rl.num_minibatches)) if epoch == 0 else \
                 torch.randperm(rl.num_minibatches, generator=self.shuffle).tolist()
             for mb in order:
                 ks = range(mb * gas, (mb + 1) * gas)
-                mb_tokens = sum(masks[k].sum() for k in ks).clamp(min=1)
+                mb_tokens = per_minibatch[mb]
                 for k in ks:
                     if train_policy:
                         out = engine.forward(micro[k], token_logprobs=True, temperature=rl.temperature)
@@ -188,4 +196,4 @@ class PolicyGradient(Algorithm):
             metrics["value_mean"] = torch.stack([L.masked_mean(values[k], masks[k]) for k in range(len(micro))]).mean()
         tokens = sum(b["num_tokens"] for b in micro)
         audio_s = sum(float(b["num_audio_s"]) for b in micro)
-        return StepResult(tokens, metrics, audio_s)
+        return StepResult(tokens, metrics, audio_s, data_wait_s)
