@@ -12,7 +12,7 @@ import json
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
-from data.formats import Candidate, Corpus, Reject, _file_key, _read_lines
+from data.formats import Candidate, Corpus, Reject, _file_key, read_jsonl
 from data.tasks import TASKS
 from data.tasks.chat import parse_messages
 from data.templates import TemplateError
@@ -114,7 +114,7 @@ def _conversation(record: Any, base_dir: str) -> Tuple[dict, Dict[str, Tuple[str
         raise _Bad("missing field", f"field 'messages' is {json.dumps(messages)[:80]}: expected a non-empty list "
                                     f"of turns")
     task = record.get("task", DEFAULT_TASK)
-    if task not in TASKS:
+    if not isinstance(task, str) or task not in TASKS:
         raise _Bad("unknown task", f"field 'task' is {task!r}: expected one of {sorted(TASKS)}")
     tools = record.get("tools")
     if tools is not None and (not isinstance(tools, list) or not tools):
@@ -137,16 +137,11 @@ def _conversation(record: Any, base_dir: str) -> Tuple[dict, Dict[str, Tuple[str
 def read_conversations(path: str) -> Corpus:
     """A JSONL file of conversations; relative audio paths resolve against its folder."""
     base_dir = os.path.dirname(os.path.abspath(path))
-    candidates, rejects = [], []
-    for line_no, text in enumerate(_read_lines(path), start=1):
-        if not text.strip():
-            continue
+    lines, rejects = read_jsonl(path)
+    candidates = []
+    for line_no, record in lines:
         where = {"line": line_no}
         try:
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise _Bad("invalid JSON", f"invalid JSON: {exc}") from None
             meta, members = _conversation(record, base_dir)
         except _Bad as bad:
             rejects.append(Reject(line_no, where, bad.audio, str(bad), bad.kind))
@@ -154,5 +149,6 @@ def read_conversations(path: str) -> Corpus:
         sources = [given for given, _ in members.values()]
         candidates.append(Candidate(
             line_no, where, _file_key(record, f"conv-{line_no:08d}"), meta, ", ".join(sources), "", members=members))
+    rejects.sort(key=lambda r: r.order)
     return Corpus("conversations", path, candidates, rejects, unit="line")
 

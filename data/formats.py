@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from data.shards import is_valid_key, sanitize_key
+from data.tasks import TASKS
+from data.tasks.text import TEXT_TASK
 
 
 class PrepareError(ValueError):
@@ -82,42 +84,122 @@ def _file_key(record: dict, fallback: str) -> str:
     return given if is_valid_key(given) else sanitize_key(fallback)
 
 
-def _read_lines(path: str) -> List[str]:
+_BOM = b"\xef\xbb\xbf"
+
+
+class _BadLine(Exception):
+    """One line of a file is unusable: `kind` for the summary, str() the reject reason."""
+
+    def __init__(self, kind: str, reason: str):
+        super().__init__(reason)
+        self.kind = kind
+
+
+def _raw_lines(path: str) -> List[bytes]:
+    """The file's lines as bytes, split on "\n" only (a "\r" before it and a UTF-8 BOM are dropped):
+    str.splitlines would also split inside a JSON string at U+2028, U+0085, form feeds, ..."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
         raise PrepareError(f"cannot read {path!r}: {exc}") from None
+    lines = data[len(_BOM):].split(b"\n") if data.startswith(_BOM) else data.split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()
+    return [line[:-1] if line.endswith(b"\r") else line for line in lines]
+
+
+def _decode_line(line: bytes) -> str:
+    """The line as text; _BadLine naming the offset of the first byte that is not UTF-8."""
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _BadLine("invalid UTF-8", f"not valid UTF-8 at byte {exc.start}") from None
+
+
+def _read_lines(path: str) -> List[str]:
+    """Every line of a text file (Kaldi tables); PrepareError naming the first line that is not UTF-8."""
+    out = []
+    for line_no, line in enumerate(_raw_lines(path), start=1):
+        try:
+            out.append(_decode_line(line))
+        except _BadLine as bad:
+            raise PrepareError(f"cannot read {path!r}: line {line_no} is {bad}") from None
+    return out
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON (Python's extension; write null or a string)")
+
+
+def _parse_object(line: bytes) -> dict:
+    """One JSONL line as an object; _BadLine with the reason for every way a line can be unusable."""
+    text = _decode_line(line)
+    try:
+        record = json.loads(text, parse_constant=_no_constant)
+    except RecursionError:
+        raise _BadLine("invalid JSON", "invalid JSON: nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, NaN / Infinity, an integer over Python's digit limit
+        raise _BadLine("invalid JSON", f"invalid JSON: {exc}") from None
+    if not isinstance(record, dict):
+        raise _BadLine("invalid JSON", f"invalid JSON: expected an object, got {type(record).__name__}")
+    try:  # a "\\ud800" escape decodes to a lone surrogate, which no shard's UTF-8 .json can hold
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise _BadLine("invalid UTF-8", f"a string holds the lone surrogate "
+                                        f"{exc.object[exc.start:exc.end]!r}: not encodable as UTF-8") from None
+    return record
+
+
+def read_jsonl(path: str) -> Tuple[List[Tuple[int, dict]], List[Reject]]:
+    """([(line number, object)] of a JSONL file's usable lines, a Reject for each other non-blank line).
+
+    A line is rejected, never the file, when it is not UTF-8 ("not valid UTF-8 at byte N", N counted
+    from the line's start, 0 first), not JSON, not an object, or holds a string UTF-8 cannot encode.
+    """
+    records, rejects = [], []
+    for line_no, line in enumerate(_raw_lines(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append((line_no, _parse_object(line)))
+        except _BadLine as bad:
+            rejects.append(Reject(line_no, {"line": line_no}, None, str(bad), bad.kind))
+    return records, rejects
 
 
 # ------------------------------------------------------------------------------------------ manifest
 
 def read_manifest(manifest: str) -> Corpus:
     """JSONL lines of {"audio": path, "text": str, ...}, optional "target_audio": path; relative paths
-    resolve against the manifest's folder. Every other field is kept as metadata."""
+    resolve against the manifest's folder. Every other field is kept as metadata. A line of task "text"
+    may have no "audio": it becomes a sample of its .json alone (plain text for the LM)."""
     base_dir = os.path.dirname(os.path.abspath(manifest))
-    candidates, rejects = [], []
-    for line_no, text in enumerate(_read_lines(manifest), start=1):
-        if not text.strip():
-            continue
+    lines, rejects = read_jsonl(manifest)
+    candidates = []
+    for line_no, record in lines:
         where = {"line": line_no}
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as exc:
-            rejects.append(Reject(line_no, where, None, f"invalid JSON: {exc}", "invalid JSON"))
-            continue
-        if not isinstance(record, dict):
-            rejects.append(Reject(line_no, where, None, f"invalid JSON: expected an object, got "
-                                  f"{type(record).__name__}", "invalid JSON"))
-            continue
         audio = record.get("audio")
-        problem = next((f"missing field {name!r}" for name in ("audio", "text") if name not in record), None)
+        task = record.get("task")
+        text_only = "audio" not in record and task == TEXT_TASK
+        problem = next((f"missing field {name!r}" for name in ("audio", "text")
+                        if name not in record and not (name == "audio" and text_only)), None)
+        if problem == "missing field 'audio'":
+            problem += f" (only a line of task {TEXT_TASK!r} may have no audio)"
         problem = problem or next((f"field {name!r} must be a string, got {type(record[name]).__name__}"
                                    for name in ("audio", "text", "target_audio")
                                    if name in record and not isinstance(record[name], str)), None)
         if problem:
             kind = "missing field" if problem.startswith("missing") else "wrong type"
             rejects.append(Reject(line_no, where, audio if isinstance(audio, str) else None, problem, kind))
+            continue
+        if "task" in record and not (isinstance(task, str) and task in TASKS):
+            rejects.append(Reject(line_no, where, audio, f"field 'task' is {task!r}: expected one of "
+                                                         f"{sorted(TASKS)}", "unknown task"))
+            continue
+        if text_only:  # no audio member at all; data.prepare writes just the .json
+            candidates.append(Candidate(line_no, where, _file_key(record, f"text-{line_no:08d}"), record, "", "",
+                                        members={}))
             continue
         target = record.get("target_audio")
         stem = os.path.splitext(os.path.basename(audio))[0]
@@ -126,6 +208,7 @@ def read_manifest(manifest: str) -> Corpus:
             line_no, where, _file_key(record, f"{stem}-{line_no:08d}"), meta, audio,
             os.path.join(base_dir, os.path.expanduser(audio)), target,
             None if target is None else os.path.join(base_dir, os.path.expanduser(target))))
+    rejects.sort(key=lambda r: r.order)
     return Corpus("manifest", manifest, candidates, rejects, unit="line")
 
 

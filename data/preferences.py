@@ -14,7 +14,7 @@ import os
 from typing import Any, Dict, Tuple
 
 from data.conversations import _Bad, _turn
-from data.formats import Candidate, Corpus, Reject, _file_key, _read_lines
+from data.formats import Candidate, Corpus, Reject, _file_key, read_jsonl
 from data.tasks.chat import parse_messages
 from data.tasks import ANSWERS
 from data.templates import TemplateError
@@ -94,16 +94,11 @@ def _preference(record: Any, base_dir: str) -> Tuple[dict, Dict[str, Tuple[str, 
 def read_preferences(path: str) -> Corpus:
     """A JSONL file of preference pairs; relative audio paths resolve against its folder."""
     base_dir = os.path.dirname(os.path.abspath(path))
-    candidates, rejects = [], []
-    for line_no, text in enumerate(_read_lines(path), start=1):
-        if not text.strip():
-            continue
+    lines, rejects = read_jsonl(path)
+    candidates = []
+    for line_no, record in lines:
         where = {"line": line_no}
         try:
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise _Bad("invalid JSON", f"invalid JSON: {exc}") from None
             meta, members = _preference(record, base_dir)
         except _Bad as bad:
             rejects.append(Reject(line_no, where, bad.audio, str(bad), bad.kind))
@@ -111,4 +106,5 @@ def read_preferences(path: str) -> Corpus:
         sources = [given for given, _ in members.values()]
         candidates.append(Candidate(
             line_no, where, _file_key(record, f"pref-{line_no:08d}"), meta, ", ".join(sources), "", members=members))
+    rejects.sort(key=lambda r: r.order)
     return Corpus("preferences", path, candidates, rejects, unit="line")

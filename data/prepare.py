@@ -365,7 +365,8 @@ def prepare_preferences(path: str, out_dir: str, shard_size: int = 1000, workers
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__.splitlines()[0])
     formats = parser.add_subparsers(dest="format", required=True, metavar="FORMAT")
-    p_manifest = formats.add_parser("manifest", help="JSONL lines of {'audio': path, 'text': str, ...}")
+    p_manifest = formats.add_parser("manifest", help="JSONL lines of {'audio': path, 'text': str, ...}, or "
+                                    "{'text': str, 'task': 'text'} (plain text, no audio)")
     p_manifest.add_argument("manifest", help="JSONL file; relative audio paths resolve against its folder")
     p_kaldi = formats.add_parser("kaldi", help="Kaldi data folder: wav.scp, text, optional utt2spk, utt2lang")
     p_kaldi.add_argument("data_dir", help="folder holding wav.scp and text")

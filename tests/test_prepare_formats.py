@@ -1,4 +1,5 @@
-"""Kaldi, folder and Hugging Face corpora into shards; target audio; per-task counts; resuming a killed run."""
+"""Kaldi, folder and Hugging Face corpora into shards; target audio; per-task counts; resuming a killed run;
+JSONL lines that are not UTF-8 or not JSON rejected one by one in every JSONL format."""
 import hashlib
 import io
 import json
@@ -13,7 +14,9 @@ import webdataset as wds
 
 import data.prepare as prepare_module
 from data.audio import decode_audio
-from data.formats import read_folder, read_hf, read_kaldi
+from data.conversations import read_conversations
+from data.formats import read_folder, read_hf, read_kaldi, read_manifest
+from data.preferences import read_preferences
 from data.prepare import PrepareError, prepare, prepare_manifest
 from data.shards import read_index, shard_paths
 
@@ -294,3 +297,59 @@ def test_parquet_with_plain_bytes_columns_and_a_target_column(tmp_path):
     np.testing.assert_array_equal(_pcm_of(samples["ab-1"]["flac"]), source)
     assert index["rejects"] == [{"row": 1, "audio": "row 1", "reason": "target audio: no audio (neither bytes "
                                  "nor a path): row 1"}]
+
+
+def test_manifest_line_of_invalid_utf8_is_rejected_and_the_rest_kept(tmp_path):
+    sf.write(tmp_path / "a.wav", _pcm(3, 1600), 16000, subtype="PCM_16")
+    good = [json.dumps({"id": f"g{i}", "audio": "a.wav", "text": f"line {i}"}).encode() for i in range(3)]
+    bad = b'{"id": "bad", "audio": "a.wav", "text": "caf\xe9 \xff"}'  # Latin-1, not UTF-8: byte 44
+    (tmp_path / "m.jsonl").write_bytes(b"\n".join([good[0], good[1], bad, good[2]]) + b"\n")
+    index = prepare_manifest(str(tmp_path / "m.jsonl"), str(tmp_path / "out"), workers=1, progress=False)
+
+    samples = _samples(tmp_path / "out")
+    assert list(samples) == ["g0", "g1", "g2"]
+    assert [json.loads(s["json"])["text"] for s in samples.values()] == ["line 0", "line 1", "line 2"]
+    assert index["num_samples"] == 3
+    assert index["rejects"] == [{"line": 3, "audio": None, "reason": "not valid UTF-8 at byte 44"}]
+
+    cli_out = tmp_path / "cli"
+    result = _cli("manifest", str(tmp_path / "m.jsonl"), str(cli_out))
+    assert result.returncode == 0, result.stderr
+    assert "3 samples" in result.stderr and "1 rejected (1 invalid UTF-8)" in result.stderr
+
+
+# Every way one JSONL line can be unusable, as (line bytes, reject reason): each is rejected alone.
+BAD_LINES = [
+    (b'{"text": "\xc3("}', "not valid UTF-8 at byte 10"),
+    (b"{not json", "invalid JSON: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"),
+    (b'["a list"]', "invalid JSON: expected an object, got list"),
+    (b'{"text": "x", "score": NaN}', "invalid JSON: NaN is not JSON (Python's extension; write null or a string)"),
+    (b"[" * 100_000 + b"]" * 100_000, "invalid JSON: nested too deeply"),
+    (b'{"text": "\\ud800"}', "a string holds the lone surrogate '\\ud800': not encodable as UTF-8"),
+]
+
+
+def _conversation_line(i):
+    return {"id": f"c{i}", "messages": [{"role": "user", "text": "hi"}, {"role": "assistant", "text": f"ok {i}"}]}
+
+
+def _preference_line(i):
+    return {"id": f"p{i}", "messages": [{"role": "user", "text": "hi"}], "chosen": {"text": f"yes {i}"},
+            "rejected": {"text": "no"}}
+
+
+@pytest.mark.parametrize("read, good_line", [
+    (read_manifest, lambda i: {"id": f"m{i}", "audio": "a.wav", "text": f"t {i}"}),
+    (read_conversations, _conversation_line),
+    (read_preferences, _preference_line),
+], ids=["manifest", "conversations", "preferences"])
+def test_every_bad_jsonl_line_is_rejected_alone(tmp_path, read, good_line):
+    # A BOM, CRLF endings and a U+2028 inside a string (str.splitlines would cut the line there) are fine.
+    first = json.dumps(good_line(0), ensure_ascii=False).replace('"id"', '"note": "a\u2028b", "id"', 1)
+    lines = [b"\xef\xbb\xbf" + first.encode()] + [bad for bad, _ in BAD_LINES] + [json.dumps(good_line(1)).encode()]
+    (tmp_path / "in.jsonl").write_bytes(b"\r\n".join(lines) + b"\r\n")
+    corpus = read(str(tmp_path / "in.jsonl"))
+    assert [c.where["line"] for c in corpus.candidates] == [1, len(lines)]
+    assert corpus.candidates[0].record["note"] == "a\u2028b"
+    assert [(r.where, r.reason) for r in corpus.rejects] == [
+        ({"line": line_no}, reason) for line_no, (_, reason) in enumerate(BAD_LINES, start=2)]

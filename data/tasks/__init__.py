@@ -11,8 +11,10 @@ from data.tasks.continuation import CONTINUATION_TASKS
 from data.tasks.dialogue import DIALOGUE_TASKS
 from data.tasks.preference import PREFERENCE_TASKS
 from data.tasks.speech import SPEECH_TASKS
+from data.tasks.text import TEXT_TASKS
 
-TASKS: Dict[str, Task] = {t.name: t for t in SPEECH_TASKS + DIALOGUE_TASKS + CONTINUATION_TASKS + PREFERENCE_TASKS}
+TASKS: Dict[str, Task] = {t.name: t for t in SPEECH_TASKS + DIALOGUE_TASKS + CONTINUATION_TASKS + PREFERENCE_TASKS
+                          + TEXT_TASKS}
 DEFAULT_TASK = "asr"
 
 __all__ = ["ANSWERS", "AUDIO", "CODES", "DEFAULT_TASK", "TARGET_AUDIO", "TARGET_CODES", "TASKS", "RenderOptions",
