@@ -130,7 +130,7 @@ def test_pairs_batch_has_chosen_rows_then_rejected_rows(tmp_path, tok_dir):
         else:
             assert batch["mels"] is None and batch["num_audio_s"] == 0.0
     assert loader.stats()["skipped"] == {"not_a_pair": 1}
-    assert loader.stats()["skipped_keys"] == ["shard-000000.tar:asr0"]
+    assert loader.stats()["skipped_keys"] == ["shard-000000.tar:asr0 (not_a_pair)"]
 
 
 def test_prompt_mode_renders_every_task_prompt_with_its_metadata(tmp_path, tok_dir):
