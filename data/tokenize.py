@@ -280,24 +280,27 @@ def tokenize_shards(specs: List[str], tokenizer: str, out_dir: Optional[str] = N
 
 def fit_tokenizer(specs: List[str], num_codes: int, out: str, seed: int = 0, iterations: int = 30,
                   max_frames: int = 200_000, progress: bool = True) -> KMeansTokenizer:
-    """Fit a k-means tokenizer on the main audio of the shards (in file order, the first `max_frames`
-    25 Hz frames) and save it to `out`."""
+    """Fit a k-means tokenizer on every audio member of the shards (a sample's main audio and each
+    conversation turn's, in file order, the first `max_frames` 25 Hz frames) and save it to `out`.
+
+    Every member counts because the codes must cover all the speech they will encode: a codec fitted on one
+    voice at its default pitch maps a high-pitched answer onto low-pitched codes (the pitch is lost)."""
     feats, total, bad = [], 0, 0
     paths = shard_paths(list(specs))
     with tqdm(total=max_frames, desc="read frames", unit="frame", file=sys.stderr, disable=not progress) as bar:
         for path in paths:
             for key, members in _read_samples(path):
-                data = members.get("flac", members.get("wav"))
-                if data is None:
-                    continue
-                try:
-                    rows_NM = pooled_mel_NM(read_audio_bytes(data, f"{path}:{key}"))[:max_frames - total]
-                except AudioError:
-                    bad += 1
-                    continue
-                feats.append(rows_NM)
-                total += rows_NM.shape[0]
-                bar.update(rows_NM.shape[0])
+                for ext, data in members.items():
+                    if ext.rpartition(".")[2] not in ("flac", "wav") or total >= max_frames:
+                        continue
+                    try:
+                        rows_NM = pooled_mel_NM(read_audio_bytes(data, f"{path}:{key}.{ext}"))[:max_frames - total]
+                    except AudioError:
+                        bad += 1
+                        continue
+                    feats.append(rows_NM)
+                    total += rows_NM.shape[0]
+                    bar.update(rows_NM.shape[0])
                 if total >= max_frames:
                     break
             if total >= max_frames:
@@ -313,7 +316,7 @@ def fit_tokenizer(specs: List[str], num_codes: int, out: str, seed: int = 0, ite
     tok = KMeansTokenizer(centroids_KM, {"seed": seed, "iterations": iterations, "num_frames": total})
     tok.save(out)
     print(f"data.tokenize fit: {num_codes} codes from {total} frames ({total / tok.frame_rate_hz:.0f} s of audio, "
-          f"{bad} undecodable samples) -> {out}; hash {tok.hash()[:16]}", file=sys.stderr)
+          f"{bad} undecodable members) -> {out}; hash {tok.hash()[:16]}", file=sys.stderr)
     return tok
 
 

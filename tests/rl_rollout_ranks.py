@@ -20,7 +20,8 @@ from model.generate import generate  # noqa: E402
 from model.lalm import StepAudio2ForCausalLM  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
 from model.checkpoint import load_stepfun, save_stepfun  # noqa: E402
-from train.engine import Engine, gathered_for_write, init_distributed, model_init_context  # noqa: E402
+from train.engine import (Engine, gathered_for_write, init_distributed, model_init_context,  # noqa: E402
+                          shutdown_distributed)
 from train.rl.rollout import left_padded, sample_answers  # noqa: E402
 
 MAX_NEW = 24
@@ -78,8 +79,8 @@ def main(out: Path) -> None:
     answers = [s.answer_ids for s in rollout.samples]
     (out / f"rank{rank}.json").write_text(json.dumps({"answers": answers, "max_new_tokens": MAX_NEW,
                                                       "gathers": calls["n"]}))
-    torch.distributed.barrier()
     engine.close()
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -175,7 +175,7 @@ def _rank_main(root: Path, out: Path) -> None:
     from data.batching import pad_mels
     from data.loader import iter_rendered
     from train.config import EngineConfig, OptimConfig, TrainConfig
-    from train.engine import Engine, inference_model, init_distributed
+    from train.engine import Engine, inference_model, init_distributed, shutdown_distributed
 
     torch.set_num_threads(1)
     rank, world_size = init_distributed(timeout_s=120)
@@ -256,6 +256,7 @@ def _rank_main(root: Path, out: Path) -> None:
     report["losses_with_eval"] = losses
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank_{rank}.json").write_text(json.dumps(report))
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

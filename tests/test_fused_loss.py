@@ -229,7 +229,7 @@ def _z3_rank_main(out: Path) -> None:
     import deepspeed
 
     from train.config import load_config
-    from train.engine import Engine, init_distributed
+    from train.engine import Engine, init_distributed, shutdown_distributed
 
     rank, _ = init_distributed(timeout_s=60)
     lalm.LOSS_CHUNK_ROWS = Z3_CHUNK_ROWS  # 149 labelled rows: 3 chunks per forward
@@ -242,6 +242,7 @@ def _z3_rank_main(out: Path) -> None:
     grads = {name: deepspeed.utils.safe_get_full_grad(params[name]).clone() for name in Z3_PARAMS}
     out.mkdir(parents=True, exist_ok=True)
     torch.save(grads, out / f"rank_{rank}.pt")
+    shutdown_distributed()
 
 
 def test_zero3_gradients_equal_one_process(tmp_path, monkeypatch):

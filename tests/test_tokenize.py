@@ -103,6 +103,13 @@ def test_kmeans_fit_is_deterministic_and_codes_are_25hz_in_range(dataset, kmeans
     assert torch.equal(mel_MF[:, 4], tok.centroids_KM[codes[1]])
 
 
+def test_kmeans_fit_reads_every_audio_member_of_a_sample(kmeans_file):
+    # Sample 3's target.flac (a conversation turn's audio is a member like it) is read too: a codec fitted
+    # on the main audio alone never sees the answers' voice and styles. utt4 is undecodable.
+    expected = sum(pooled_mel_NM(_wave(i)).shape[0] for i in (0, 1, 2, 3, 5)) + pooled_mel_NM(_tone(0.8, 300.0)).shape[0]
+    assert KMeansTokenizer.load(kmeans_file).config["num_frames"] == expected
+
+
 def test_tone_and_noise_get_different_codes():
     feats = torch.cat([pooled_mel_NM(_tone(2.0)), pooled_mel_NM(_noise(2.0))])
     tok = KMeansTokenizer(fit_kmeans(feats, 4, seed=0))

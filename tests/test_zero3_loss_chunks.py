@@ -27,7 +27,7 @@ def _rank_main(out: Path) -> None:
     from model.config import preset_config
     from model.lalm import StepAudio2ForCausalLM
     from train.config import load_config
-    from train.engine import Engine, init_distributed, model_init_context
+    from train.engine import Engine, init_distributed, model_init_context, shutdown_distributed
 
     rank, _ = init_distributed(timeout_s=60)
     cfg = load_config(None, ["engine.zero_stage=3", "data.shards=[unused]", "data.tokenizer=unused",
@@ -43,6 +43,7 @@ def _rank_main(out: Path) -> None:
         losses.append(float(result.loss.detach()))
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank_{rank}.json").write_text(json.dumps({"losses": losses, "count": result.num_label_tokens}))
+    shutdown_distributed()
 
 
 def test_ranks_with_different_loss_chunk_counts_step_together_under_zero3(tmp_path):

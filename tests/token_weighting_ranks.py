@@ -17,7 +17,7 @@ from data.batching import collate  # noqa: E402
 from model.config import preset_config  # noqa: E402
 from model.lalm import StepAudio2ForCausalLM  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
-from train.engine import Engine, init_distributed  # noqa: E402
+from train.engine import Engine, init_distributed, shutdown_distributed  # noqa: E402
 from train.loop import SFTStep  # noqa: E402
 
 # (rank, micro-batch) -> label counts of its rows: 23 vs 41 labels per rank, 20 vs 3 per micro-batch.
@@ -79,6 +79,7 @@ def main(out: Path) -> None:
         "global_mean": (summed / total).item(), "grad_norm": sum(float(p.grad.norm()) for p in reference.parameters()
                                                                   if p.grad is not None)}))
     engine.close()
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -46,14 +46,17 @@ def main(argv=None) -> int:
             print(f"# {label}deepspeed:")
             print(json.dumps(deepspeed_config(one), indent=2))
         return 0
+    from train.engine import shutdown_distributed
+
     if cfg.stages:
         from train.curriculum import run_curriculum
 
         run_curriculum(cfg)
-        return 0
-    from train.loop import run
+    else:
+        from train.loop import run
 
-    run(cfg)
+        run(cfg)
+    shutdown_distributed()
     return 0
 
 

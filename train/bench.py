@@ -16,6 +16,7 @@ rotates) and each figure is the median over the rounds.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import shutil
@@ -332,6 +333,7 @@ def bare_worker(setup: Dict[str, Any]) -> Dict[str, Any]:
     world, rank = setup["world"], int(os.environ.get("RANK", "0"))
     if world > 1:
         dist.init_process_group("gloo")
+        atexit.register(dist.destroy_process_group)  # an exit with the group up may abort (train.engine)
     cfg, model, groups = _build(setup)
     batches = torch.load(Path(setup["work"]) / f"packed_rank{rank}.pt", weights_only=True)
     optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)

@@ -127,7 +127,7 @@ def zero3_worker(args: argparse.Namespace) -> None:
     per-rank figures to args.out."""
     from model.checkpoint import load_stepfun
     from train.config import TrainConfig
-    from train.engine import Engine, gathered_for_write, init_distributed, model_init_context
+    from train.engine import Engine, gathered_for_write, init_distributed, model_init_context, shutdown_distributed
     from train.rl.rollout import sample_answers
 
     rank, world = init_distributed()
@@ -166,8 +166,8 @@ def zero3_worker(args: argparse.Namespace) -> None:
     torch.distributed.all_gather_object(ranks, mine)
     if rank == 0:
         Path(args.out).write_text(json.dumps({"ranks": ranks}))
-    torch.distributed.barrier()
     engine.close()
+    shutdown_distributed()
 
 
 def measure_zero3(args: argparse.Namespace, model: StepAudio2ForCausalLM) -> Dict[str, Any]:
