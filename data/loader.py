@@ -30,15 +30,15 @@ import torchaudio
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext
 
-from data import epochs
+from data import epochs, remote
 from data.audio import AudioError, decode_audio
 from data.audio_tokenizers import audio_tokenizer_hash
 from data.batching import BATCHING_MODES, Batcher, pad_mels
 from data.features import SAMPLE_RATE, log_mel, num_audio_tokens, split_chunks
-from data.shards import INDEX_NAME, read_index, shard_paths
+from data.shards import INDEX_NAME, MissingIndexError, read_index, shard_paths
 from data.tasks import ANSWERS, DEFAULT_TASK, TASKS, RenderOptions, Sample
 from data.templates import DEFAULT_ASR_INSTRUCTION, IGNORE_INDEX, TemplateError
-from data.tokenize import read_tokenizer_record
+from data.tokenize import TOKENIZER_NAME, read_tokenizer_record
 from data.tokenizer import SpecialIds, load_tokenizer, special_ids
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class DatasetConfig:
     name: str = ""
     """Its name in metrics, batches ("datasets") and the loader state; unique within data.datasets."""
     shards: List[str] = field(default_factory=list)
-    """Dataset folders holding index.json, tar paths, globs or brace patterns, as data.shards."""
+    """Dataset folders holding index.json, tar paths, globs or brace patterns, or URLs, as data.shards."""
     weight: float = 1.0
     """Share of the mixture's samples, relative to the other datasets' weights."""
     task: Optional[str] = None
@@ -74,7 +74,8 @@ class DataConfig:
     shards' samples are counted from their tar headers, the same on every rank; an OSError that persists
     while counting stops the loader, since ranks with different counts would get overlapping shares."""
     shards: List[str] = field(default_factory=list)
-    """Dataset folders holding index.json, tar paths, globs (`d/*.tar`) or brace patterns (`d/s-{0..9}.tar`).
+    """Dataset folders holding index.json, tar paths, globs (`d/*.tar`) or brace patterns (`d/s-{0..9}.tar`);
+    the folders and tars may be http(s)://, s3:// or gs:// URLs, or `pipe:CMD` (data.remote), streamed.
     One dataset; leave empty when data.datasets is set."""
     datasets: List[DatasetConfig] = field(default_factory=list)
     """Several datasets mixed by weight; empty = the one dataset data.shards names."""
@@ -120,7 +121,8 @@ class DataConfig:
 # ---------------------------------------------------------------------------------------------- shards
 
 def resolve_shards(patterns: List[str], key: str = "data.shards") -> List[str]:
-    """Tar paths named by dataset folders, index.json files, tar paths, globs or brace patterns, in order."""
+    """Tar paths or URLs named by dataset folders, index.json files, tar paths, globs or brace patterns, or
+    their URLs (data.shards.shard_paths), in order."""
     if not patterns:
         raise ValueError(f"{key} is empty: expected dataset folders, tar paths or glob patterns")
     paths = shard_paths(list(patterns))
@@ -134,8 +136,12 @@ def resolve_shards(patterns: List[str], key: str = "data.shards") -> List[str]:
 def check_audio_tokenizer(paths: List[str], expected: Optional[str]) -> None:
     """Refuse shards whose folder's tokenizer.json names another audio tokenizer than `expected`."""
     want = audio_tokenizer_hash(expected) if expected else None
-    for folder in sorted({os.path.dirname(os.path.abspath(p)) for p in paths}):
-        record = read_tokenizer_record(folder)
+    folders = {remote.folder_of(p) for p in paths}
+    if None in folders and want is not None:
+        logger.warning("pipe: shards have no folder holding a tokenizer.json: data.audio_tokenizer is not "
+                       "checked against their audio codes")
+    for folder in sorted(f for f in folders if f is not None):
+        record = _tokenizer_record(folder)
         if record is None:
             continue  # no codes in this folder: samples that need them are skipped as "missing_codes"
         found = record["hash"]
@@ -150,17 +156,39 @@ def check_audio_tokenizer(paths: List[str], expected: Optional[str]) -> None:
                              "(tokenizer.json says complete=false); re-run it to tokenize the remaining shards")
 
 
+def _tokenizer_record(folder: str) -> Optional[Dict[str, Any]]:
+    """The folder's tokenizer.json (data.tokenize.read_tokenizer_record), the folder a path or a URL."""
+    if not remote.is_url(folder):
+        return read_tokenizer_record(folder)
+    url = remote.join(folder, TOKENIZER_NAME)
+    try:
+        record = json.loads(remote.read_bytes(url))
+    except FileNotFoundError:
+        return None
+    except ValueError:  # invalid JSON or UTF-8: refused below, as a local file would be
+        record = None
+    if not isinstance(record, dict) or not isinstance(record.get("hash"), str):
+        raise ValueError(f"{url} is not an audio tokenizer record: expected JSON with a 'hash' "
+                         "(written by `python -m data.tokenize`)")
+    return record
+
+
 IO_RETRY_DELAYS_S: Tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
 """Seconds to wait before each re-open of a shard after an OSError while opening or reading it (a file
 briefly missing, a network filesystem's hiccup): len() retries, 7.5 s in all. A re-open skips the samples
 already delivered, so none comes out twice or is lost. When they are spent, the rest of that shard is
 skipped for the epoch and counted once as "io_error" (named like a "bad_shard"), with the path and the
 error logged: as with bad input, one shard's fault does not stop the run, and the metrics say it happened.
-A corrupt tar (tarfile's errors, EOFError) is not retried: it would fail the same way again."""
+A corrupt tar (tarfile's errors, EOFError) is not retried: it would fail the same way again. A URL's stream
+resumes a dropped connection at the byte reached on its own (data.remote, the same waits), so only a fault
+that outlasts those resumes comes here."""
 
 
 def _open_binary(path: str):
-    """The shard file opened for reading; the one place the loader opens shards (tests inject faults here)."""
+    """The shard opened for reading: a local file, or a URL's or pipe: command's stream (data.remote); the one
+    place the loader opens shards (tests inject faults here)."""
+    if remote.is_remote(path):
+        return remote.open_stream(path, IO_RETRY_DELAYS_S)
     return open(path, "rb")
 
 
@@ -235,12 +263,14 @@ def _scan_count(path: str) -> int:
 
     A corrupt tar counts the samples before the damage, the same on every rank. An OSError is retried as
     _read_shard does; if it persists this raises, because a count that differs between ranks would give
-    them overlapping shares of the epoch.
+    them overlapping shares of the epoch. A URL or pipe: stream cannot seek past the members' data, so it is
+    read whole (a folder's index.json spares that).
     """
+    mode = "r|*" if remote.is_remote(path) else "r:*"
     for attempt in range(len(IO_RETRY_DELAYS_S) + 1):
         num_samples, key = 0, None
         try:
-            with _open_binary(path) as f, tarfile.open(fileobj=f, mode="r:*") as tar:
+            with _open_binary(path) as f, tarfile.open(fileobj=f, mode=mode) as tar:
                 for info in tar:
                     if not info.isreg() or _META_MEMBER.match(info.name):
                         continue
@@ -263,13 +293,13 @@ def _scan_count(path: str) -> int:
 
 
 def _index_counts(folder: str) -> Dict[str, int]:
-    """Samples per shard name from `folder`'s index.json; {} without one. A damaged index is warned
-    about, naming the file and what is wrong, and its shards are counted from their headers instead."""
-    path = os.path.join(folder, INDEX_NAME)
-    if not os.path.isfile(path):
-        return {}  # bare tars: counting them is the normal way
+    """Samples per shard name from `folder`'s index.json (a path or a URL); {} without one. A damaged index
+    is warned about, naming the file and what is wrong, and its shards are counted from their headers instead."""
+    path = remote.join(folder, INDEX_NAME)
     try:
         shards = read_index(folder)["shards"]
+    except MissingIndexError:
+        return {}  # bare tars: counting them is the normal way
     except ValueError as e:
         # read_index's messages start with the file's path.
         logger.warning("%s; the samples of its folder's shards are counted from their tar headers instead", e)
@@ -293,15 +323,15 @@ def shard_counts(paths: List[str]) -> List[int]:
     A corrupt index.json (invalid JSON, missing fields, a bad num_samples) is warned about and its shards
     scanned rather than refused: the scan reads the tar itself, so every rank gets the same counts and
     equal shares stay equal. (A dataset folder named as the spec still needs a readable index: it is the
-    list of shards, see data.shards.shard_paths.)
+    list of shards, see data.shards.shard_paths.) A pipe: command has no folder: its output is scanned.
     """
     by_folder: Dict[str, Dict[str, int]] = {}
     out = []
     for path in paths:
-        folder = os.path.dirname(os.path.abspath(path))
-        if folder not in by_folder:
+        folder = remote.folder_of(path)
+        if folder is not None and folder not in by_folder:
             by_folder[folder] = _index_counts(folder)
-        known = by_folder[folder].get(os.path.basename(path))
+        known = by_folder[folder].get(remote.name_of(path)) if folder is not None else None
         out.append(known if known is not None else _scan_count(path))
     return out
 
@@ -495,7 +525,8 @@ class _Dataset:
         return sum(self.counts)
 
     def fingerprint(self) -> str:
-        listing = "\n".join(f"{os.path.basename(p)}:{n}" for p, n in zip(self.paths, self.counts, strict=True))
+        # By file name, not location: a run may resume with its shards moved to object storage.
+        listing = "\n".join(f"{remote.name_of(p)}:{n}" for p, n in zip(self.paths, self.counts, strict=True))
         return hashlib.sha1(listing.encode()).hexdigest()
 
 

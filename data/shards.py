@@ -1,7 +1,8 @@
 """The on-disk shard format shared by every writer and reader: reproducible WebDataset tars, index.json.
 
 A dataset folder holds shard-000000.tar, ... and index.json (counts, durations, checksums, rejects);
-see `ShardWriter`, `read_index` and `shard_paths`.
+see `ShardWriter`, `read_index` and `shard_paths`. Writers write local folders; readers also take the
+folder or its shards as URLs or pipe: commands (data.remote).
 """
 from __future__ import annotations
 
@@ -16,9 +17,12 @@ from typing import Optional, Sequence, Union
 
 import braceexpand
 
+from data import remote
+
 INDEX_NAME = "index.json"
 INDEX_FORMAT = 1
 SHARD_PATTERN = "shard-%06d.tar"
+_SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")  # a URL ending so names a shard; any other names a dataset folder
 # WebDataset splits a member name at its first dot into key and extension; a slash would make a folder.
 _KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 _EXT_RE = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
@@ -130,15 +134,17 @@ def write_index(out_dir: str, index: dict) -> str:
     return path
 
 
+class MissingIndexError(ValueError):
+    """A dataset folder without index.json: an error where the folder is what names the shards, the normal
+    case where shards named one by one are counted from their tar headers."""
+
+
 def read_index(out_dir: str) -> dict:
-    """The index.json of a prepared dataset folder, checked for the fields readers rely on."""
-    path = os.path.join(out_dir, INDEX_NAME)
-    if not os.path.isfile(path):
-        raise ValueError(f"dataset folder {out_dir!r} has no {INDEX_NAME}: expected the output of "
-                         "`python -m data.prepare`")
+    """The index.json of a prepared dataset folder (a local path or a URL), checked for the fields readers
+    rely on."""
+    path = remote.join(out_dir, INDEX_NAME)
     try:
-        with open(path, encoding="utf-8") as f:
-            index = json.load(f)
+        index = json.loads(_read_index_text(out_dir, path))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path} is not valid JSON ({exc})") from None
     if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
@@ -150,15 +156,32 @@ def read_index(out_dir: str) -> dict:
     return index
 
 
+def _read_index_text(out_dir: str, path: str) -> str:
+    missing = MissingIndexError(f"dataset folder {out_dir!r} has no {INDEX_NAME}: expected the output of "
+                                "`python -m data.prepare`")
+    if remote.is_url(out_dir):
+        try:
+            return remote.read_bytes(path).decode("utf-8")
+        except FileNotFoundError:
+            raise missing from None
+    if not os.path.isfile(path):
+        raise missing
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
 def shard_paths(spec: Union[str, Sequence[str]]) -> list[str]:
     """Shard files named by `spec`: a dataset folder (its index.json), an index.json, a tar file,
-    a glob ("data/*/shard-*.tar"), a brace pattern ("shard-{000000..000009}.tar") or a list of these.
+    a glob ("data/*/shard-*.tar"), a brace pattern ("shard-{000000..000009}.tar") or a list of these;
+    also a URL or pipe: command naming a folder or shards (see _remote_shard_paths).
     """
     if not isinstance(spec, str):
         paths = [path for item in spec for path in shard_paths(item)]
         if not paths:
             raise ValueError(f"shard spec {spec!r} names no shards")
         return paths
+    if remote.is_remote(spec):
+        return _remote_shard_paths(spec)
     if os.path.isdir(spec) or os.path.basename(spec) == INDEX_NAME:
         folder = spec if os.path.isdir(spec) else os.path.dirname(spec)
         paths = [os.path.join(folder, shard["name"]) for shard in read_index(folder)["shards"]]
@@ -175,4 +198,34 @@ def shard_paths(spec: Union[str, Sequence[str]]) -> list[str]:
         if not matches:
             raise ValueError(f"shard spec {spec!r}: nothing matches {pattern!r}")
         paths.extend(matches)
+    return paths
+
+
+def _remote_shard_paths(spec: str) -> list[str]:
+    """Shards named by a URL or pipe: spec, brace patterns expanded as webdataset expands them.
+
+    A URL has no listing to glob: one whose path ends in .tar (.tar.gz, .tgz) is a shard, one ending in
+    index.json is that index, any other is a dataset folder whose index.json lists the shards. Each pipe:
+    command is one shard. The listed shards are not checked for existence (a request per shard at every
+    start): a missing one fails when read, as a local file deleted after the start does.
+    """
+    paths = []
+    for location in braceexpand.braceexpand(spec):
+        remote.check_supported(location)
+        if remote.is_pipe(location):
+            paths.append(location)
+            continue
+        path = remote.url_path(location)
+        if any(c in path for c in "*?["):
+            raise ValueError(f"shard spec {spec!r}: a URL cannot be globbed (there is no listing); name its "
+                             f"dataset folder (its {INDEX_NAME} lists the shards) or use a brace pattern "
+                             "(shard-{000000..000009}.tar)")
+        if path.endswith(_SHARD_SUFFIXES):
+            paths.append(location)
+            continue
+        folder = remote.folder_of(location) if path.endswith("/" + INDEX_NAME) else location.rstrip("/")
+        listed = [remote.join(folder, shard["name"]) for shard in read_index(folder)["shards"]]
+        if not listed:
+            raise ValueError(f"shard spec {spec!r}: the index lists no shards")
+        paths.extend(listed)
     return paths

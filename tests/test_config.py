@@ -147,3 +147,34 @@ def test_print_config_of_a_curriculum_shows_every_stage(tmp_path):
     assert "# stage 0 one: resolved config:" in proc.stdout and "# stage 1 two: deepspeed:" in proc.stdout
     two_yaml = proc.stdout.split("# stage 1 two: resolved config:\n")[1].split("# stage 1 two: deepspeed:")[0]
     assert "run_dir: runs/x/stages/1-two" in two_yaml and "max_tokens: 1000" in two_yaml
+
+
+_GRPO = ["kind=grpo", "data.batch_size=2", 'rl.rewards=[{name: r, function: "tests.rl_rewards:constant"}]']
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["kind=ppo_v2"], r"config key 'kind' = 'ppo_v2': expected sft, "),
+    (["kind=grpo", "data.batch_size=2"], r"config key 'rl.rewards' = \[\]: expected at least one reward component "
+                                          r"for kind=grpo"),
+    ([*_GRPO, "rl.num_generations=1"], r"config key 'rl.num_generations' = 1: expected an integer >= 2 for grpo"),
+    ([*_GRPO, "rl.num_minibatches=3"], r"config key 'rl.num_minibatches' = 3: expected an integer >= 1 dividing the "
+                                       r"answers per rank per step \(data.batch_size x rl.num_generations = 8\)"),
+    ([*_GRPO, "rl.kl_estimator=k4"], r"config key 'rl.kl_estimator' = 'k4': expected k1, k2 or k3"),
+    ([*_GRPO, "rl.kl_coef=0.1", "rl.reference=none"], r"config key 'rl.reference' = 'none': expected a reference"),
+    ([*_GRPO, 'rl.rewards=[{name: "a b", function: "m:f"}]'], r"config key 'rl.rewards\[0\].name' = 'a b'"),
+    ([*_GRPO, 'rl.rewards=[{name: r, function: "m:f", model: dir}]'], r"config key 'rl.rewards\[0\]' = .*: expected "
+                                                                        r"exactly one of function"),
+    (["kind=dpo", "data.batch_size=2", "rl.placebo=true"], r"config key 'rl.placebo' = True: expected false for "
+                                                           r"kind=dpo"),
+    (["kind=dpo", "data.batch_size=2", "rl.beta=0"], r"config key 'rl.beta' = 0.0: expected a positive number"),
+])
+def test_rl_config_errors_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(str(REPO / "recipes/demo/asr.yaml"), overrides)
+
+
+def test_an_rl_kind_sets_its_rendering_and_a_wrong_one_is_named():
+    assert load_config(str(REPO / "recipes/demo/asr.yaml"), _GRPO).data.render == "prompt"
+    assert load_config(str(REPO / "recipes/demo/asr.yaml"), ["kind=dpo", "data.batch_size=2"]).data.render == "pairs"
+    with pytest.raises(ConfigError, match=r"config key 'data.render' = 'pairs': expected prompt for kind=grpo"):
+        load_config(str(REPO / "recipes/demo/asr.yaml"), [*_GRPO, "data.render=pairs"])

@@ -1,5 +1,5 @@
 """RL through `python -m train` on a tiny model (CPU): GRPO and PPO raise a rule reward on held-out prompts
-while a placebo (the same rewards shuffled across answers) does not; DPO and the reward model learn
+while a placebo (rl.placebo: the same rewards dealt to the wrong answers) does not; DPO and the reward model learn
 separable preference pairs; a reward model's export serves as PPO's reward; RL resumes exactly."""
 from __future__ import annotations
 
@@ -86,15 +86,20 @@ def test_rl_raises_a_rule_reward_on_heldout_prompts_and_a_placebo_does_not(kind,
              "ppo": ["data.batch_size=16", "rl.num_generations=1", "rl.kl_coef=0.05", "optim.lr=1e-3",
                      "rl.epochs=2", "rl.num_minibatches=2", "rl.critic_lr=1e-3", "rl.critic_warmup_steps=5",
                      "rl.lam=1.0"]}[kind]
-    for fn in ("audio_share", "shuffled_audio_share"):
-        train(tmp_path / fn, espeak_data, base, kind, *setup, rule(fn), "max_steps=30", "checkpoint.export=true")
+    for name, extra in (("audio_share", []), ("placebo", ["rl.placebo=true"])):
+        train(tmp_path / name, espeak_data, base, kind, *setup, rule("audio_share"), *extra, "max_steps=30",
+              "checkpoint.export=true")
     before = heldout_audio_share(base, espeak_data)
     after = heldout_audio_share(tmp_path / "audio_share" / "export", espeak_data)
-    placebo = heldout_audio_share(tmp_path / "shuffled_audio_share" / "export", espeak_data)
+    placebo = heldout_audio_share(tmp_path / "placebo" / "export", espeak_data)
     print(f"{kind}: held-out reward before {before:.3f}, after {after:.3f}, placebo {placebo:.3f}")
     # Measured: grpo 0.06 -> 0.5, ppo 0.06 -> 0.6; the placebos stay near 0.06.
     assert after > before + 0.2, (before, after)
     assert placebo < before + 0.05, (before, placebo)
+    # The placebo logs the true rewards of its answers (they stay low), not the permuted ones it learns from.
+    logged_placebo = [m["reward/audio_mean"] for m in steps(tmp_path / "placebo").values()]
+    assert max(logged_placebo) < before + 0.15 and abs(logged_placebo[0] - steps(tmp_path / "audio_share")[1][
+        "reward/audio_mean"]) < 0.05, logged_placebo
     real = steps(tmp_path / "audio_share")
     # The KL to the reference stays bounded (k3 per answer token; measured <= 4 with kl_coef 0.05).
     assert max(m.get("kl", 0.0) for m in real.values()) < 6.0  # (PPO's critic warm-up steps log none)

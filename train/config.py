@@ -33,7 +33,7 @@ KINDS = ("sft", "dpo", "grpo", "ppo", "reward_model")
 REFERENCES = ("auto", "copy", "adapters_off", "none")
 
 # eval.metric values (train.evaluate.run_eval).
-EVAL_METRICS = ("wer", "code_accuracy", "bleu")
+EVAL_METRICS = ("wer", "code_accuracy", "bleu", "paralinguistic", "speaker_similarity")
 
 # The decoder layer's linear layers LoRA may target (lora.target_modules).
 DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -158,7 +158,10 @@ class EvalConfig:
     across ranks, and the metric does not depend on either."""
     metric: str = "wer"
     """wer (ASR, lower is better), code_accuracy (teacher-forced accuracy of audio-code answers, higher is
-    better) or bleu (speech translation, sacrebleu corpus BLEU 0-100)."""
+    better), bleu (speech translation, sacrebleu corpus BLEU 0-100), paralinguistic (answers about the voice
+    matched to each attribute's labels: mean per-attribute accuracy, higher is better) or speaker_similarity
+    (cosine between a spoken answer's voice and the clip in its prompt, by the speaker encoder at
+    runs/speaker/speaker.pt; higher is better)."""
 
 
 @dataclass
@@ -275,6 +278,10 @@ class RLConfig:
     # --- rewards (grpo, ppo)
     rewards: List[RewardConfig] = field(default_factory=list)
     """The reward's components, summed with their weights; each is logged."""
+    placebo: bool = False
+    """A control run: the policy learns from the rewards permuted across each rank's rollout batch (the same
+    values, dealt to the wrong answers); the logged rewards are the true ones. What a placebo gains is what
+    the real run's gains must beat."""
     # --- DPO
     beta: float = 0.1
     """DPO's temperature of the implicit reward."""
@@ -600,6 +607,8 @@ def validate_rl(cfg: TrainConfig) -> None:
             bad("rl.critic_lr", rl.critic_lr, "a positive number (or unset: optim.lr)")
         if rl.critic_warmup_steps < 0:
             bad("rl.critic_warmup_steps", rl.critic_warmup_steps, "an integer >= 0")
+    if rl.placebo and kind not in ("grpo", "ppo"):
+        bad("rl.placebo", True, f"false for kind={kind} (a placebo permutes the rewards of grpo/ppo rollouts)")
     if kind == "dpo":
         if not rl.beta > 0:
             bad("rl.beta", rl.beta, "a positive number")

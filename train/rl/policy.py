@@ -47,6 +47,10 @@ class PolicyGradient(Algorithm):
         self.generator.manual_seed(_generator_seed(cfg.seed, self.rank))
         self.shuffle = torch.Generator()
         self.shuffle.manual_seed(_generator_seed(cfg.seed + 1, self.rank))
+        self.placebo: Optional[torch.Generator] = None
+        if self.rl.placebo:
+            self.placebo = torch.Generator()
+            self.placebo.manual_seed(_generator_seed(cfg.seed + 2, self.rank))
         build_model = ctx["build_model"]
         self.reference: Optional[Reference] = None
         if self.rl.kl_coef > 0:
@@ -68,8 +72,11 @@ class PolicyGradient(Algorithm):
         return {"critic": self.critic} if self.critic is not None else {}
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"loader": self.loader.state_dict(), "generator": self.generator.get_state().cpu(),
-                "shuffle": self.shuffle.get_state(), "rank": self.rank}
+        state = {"loader": self.loader.state_dict(), "generator": self.generator.get_state().cpu(),
+                 "shuffle": self.shuffle.get_state(), "rank": self.rank}
+        if self.placebo is not None:
+            state["placebo"] = self.placebo.get_state()
+        return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         ranks = state["ranks"]
@@ -78,6 +85,8 @@ class PolicyGradient(Algorithm):
         if mine is not None and len(ranks) == torch.distributed.get_world_size():
             self.generator.set_state(mine["generator"].to(self.generator.get_state().device))
             self.shuffle.set_state(mine["shuffle"])
+            if self.placebo is not None and "placebo" in mine:
+                self.placebo.set_state(mine["placebo"])
 
     def close(self) -> None:
         self.rewards.close()
@@ -108,7 +117,10 @@ class PolicyGradient(Algorithm):
             ref = [self.reference.logprobs(b, rl.temperature) for b in micro] if self.reference else None
             values = [_action_values(self.critic.forward(b).scores.detach()) for b in micro] if self.critic else None
         total, parts = self.rewards(rollout.samples, micro)
-        rewards_B = total.to(engine.device)
+        # A placebo run learns from the same rewards dealt to the wrong answers (permuted across the rank's
+        # rollout batch); the metrics keep the true rewards, which is what the placebo shows.
+        trained = total[torch.randperm(len(total), generator=self.placebo)] if self.placebo is not None else total
+        rewards_B = trained.to(engine.device)
 
         if self.ppo:
             advantages, returns = [], []
