@@ -60,19 +60,22 @@ def demo_sentences(num_train: int = 400, num_heldout: int = 40, seed: int = 0) -
 
 
 def heldout_requests(out_dir: str, num_sentences: int = 8, seed: int = EVAL_SEED, styles: Sequence[str] = tuple(STYLES),
-                     exclude: Optional[frozenset] = None, workers: int = 2) -> List[Dict[str, Any]]:
+                     exclude: Optional[frozenset] = None, workers: int = 2,
+                     sentences: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     """Each of `num_sentences` new sentences asked for in each style: records {key, text, style, request_wav,
     request_text, request_voice, request_speed, espeak_wav (espeak's own answer: TTS_VOICE in the style's
     settings), normal_wav (TTS_VOICE at its default), record (the conversation as data.demo writes it)}.
     The requests are built by data.demo's own dialogue builder (its voices, speeds and wording); the sentences
-    are none of `exclude` (default: demo_sentences() for make_demo's default sizes). WAVs are named by content
-    under out_dir as data.demo names them: a re-run reuses them."""
+    are none of `exclude` (default: demo_sentences() for make_demo's default sizes), or exactly `sentences`
+    when given (e.g. training sentences in styles they were not trained in). WAVs are named by content under
+    out_dir as data.demo names them: a re-run reuses them."""
     unknown = [s for s in styles if s not in STYLES]
     if unknown or not styles:
         raise ValueError(f"styles {list(styles)}: expected some of {list(STYLES)}")
     if num_sentences < 1:
         raise ValueError(f"num_sentences={num_sentences}: expected at least 1")
-    sentences = make_sentences(num_sentences, seed, exclude=demo_sentences() if exclude is None else exclude)
+    if sentences is None:
+        sentences = make_sentences(num_sentences, seed, exclude=demo_sentences() if exclude is None else exclude)
     # _dialogue gives sample i the style STYLES[i % 3]: each sentence repeated once per style asks for all three.
     repeated = [s for s in sentences for _ in STYLES]
     records, wavs = _dialogue("eval", repeated, seed)

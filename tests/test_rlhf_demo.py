@@ -1,0 +1,66 @@
+"""make rlhf-demo's driver (train/rlhf_demo.py): every run it plans loads against the schema with the reward it
+builds, a missing demo is named, and the report table reads the figures it is given. (The whole demo runs
+in `make rlhf-demo`, minutes on two cores: not in the suite.)"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from train.config import load_config
+from train.rlhf_demo import RECIPE, check_demo, demo_paths, format_report, planned_runs, rewards_override
+from tests.conftest import REPO
+
+
+def _args(**kw):
+    base = dict(runs="grpo,placebo,ppo,dpo", seeds=3, steps=30, ppo_steps=15, dpo_steps=30)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_every_planned_run_loads_with_the_reward_it_builds(tmp_path):
+    paths = demo_paths(tmp_path / "demo")
+    common = [f"model.init_from={paths['sft']}", f"data.tokenizer={paths['sft']}",
+              f"data.shards=[{paths['prompts']}]", f"data.audio_tokenizer={paths['codes']}",
+              rewards_override(paths, tmp_path / "out" / "style.pt")]
+    runs = planned_runs(_args(), tmp_path / "pairs")
+    assert list(runs) == ["grpo-seed0", "grpo-seed1", "grpo-seed2", "grpo-placebo", "ppo", "dpo"]
+    kinds = {}
+    for name, overrides in runs.items():
+        cfg = load_config(str(REPO / RECIPE), [f"run_dir={tmp_path / name}", *common, *overrides])
+        kinds[name] = (cfg.kind, cfg.seed, cfg.max_steps, cfg.rl.placebo, cfg.data.render)
+        assert [(r.name, r.weight) for r in cfg.rl.rewards] == [("style", 1.0), ("words", 1.0), ("guard", 0.5)]
+        assert cfg.rl.rewards[0].args == {"classifier": str(tmp_path / "out" / "style.pt"),
+                                          "codes": f"kmeans:{tmp_path / 'demo' / 'kmeans.pt'}"}
+        assert cfg.rl.rewards[1].args["asr_model"] == str(tmp_path / "demo/curriculum/stages/0-asr/export")
+        assert cfg.model.init_from == str(tmp_path / "demo/curriculum/stages/3-dialogue/export")
+    assert kinds == {"grpo-seed0": ("grpo", 0, 30, False, "prompt"), "grpo-seed1": ("grpo", 1, 30, False, "prompt"),
+                     "grpo-seed2": ("grpo", 2, 30, False, "prompt"), "grpo-placebo": ("grpo", 0, 30, True, "prompt"),
+                     "ppo": ("ppo", 0, 15, False, "prompt"), "dpo": ("dpo", 0, 30, False, "pairs")}
+    assert list(planned_runs(_args(runs="grpo", seeds=1), None)) == ["grpo-seed0"]
+    assert "dpo" not in planned_runs(_args(), None)  # no pairs, no DPO
+
+
+def test_a_missing_demo_is_named(tmp_path):
+    with pytest.raises(SystemExit, match=r"3-dialogue/export, .*0-asr/export, .*kmeans.pt, .*dialogue/train, .*"
+                                         r"train.jsonl missing: run `make demo` first"):
+        check_demo(demo_paths(tmp_path / "nowhere"))
+
+
+def test_the_report_table_reads_each_models_figures():
+    summary = lambda ratio, stop, total: {"heldout": {"slow_over_quick_s_per_word": ratio},  # noqa: E731
+                                          "all": {"stop_rate": stop}, "reward": {"total": total}}
+    report = {"models": {"sft": {"summary": summary(1.2, 0.75, 0.9)}, "grpo": {"summary": summary(1.6, 1.0, 1.8)}},
+              "espeak": {"espeak": {"slow_over_quick_s_per_word": 2.2, "all": {"stop_rate": 1.0}}}}
+    assert format_report(report).splitlines() == [
+        "| measure | sft | grpo | espeak | goal |", "|---|---|---|---|---|",
+        "| slow/quick s per word | 1.200 | 1.600 | 2.200 | >= 1.5 |",
+        "| stop rate | 0.750 | 1.000 | 1.000 | >= 0.95 |",
+        "| reward | 0.900 | 1.800 | - |  |"]
+
+
+def test_the_recipe_is_the_demo_run(tmp_path):
+    cfg = load_config(str(REPO / RECIPE), [])
+    assert (cfg.kind, cfg.model.trainable, cfg.rl.kl_coef, cfg.rl.truncated_reward) == \
+        ("grpo", ["decoder", "lm_head"], 0.05, 0.0)
+    assert Path(cfg.model.init_from) == Path("runs/demo/curriculum/stages/3-dialogue/export")
