@@ -13,7 +13,7 @@ export TOKENIZERS_PARALLELISM ?= false
 
 DEMO := runs/demo
 
-.PHONY: setup system-deps test-deps test demo demo-data voice-demo clean-demo
+.PHONY: setup system-deps test-deps test demo demo-data rlhf-demo voice-demo clean-demo
 
 setup: $(VENV)/.installed system-deps
 
@@ -35,7 +35,8 @@ test: setup test-deps
 	$(PY) -m pytest -q tests
 
 # The demo curriculum (recipes/demo/curriculum.yaml): ASR -> TTS on k-means codes -> a mixture with
-# translation -> styled spoken dialogue SFT, on an espeak corpus, on CPU.
+# translation and paralinguistic questions -> styled spoken dialogue SFT -> paralinguistic QA, on an espeak
+# corpus, on CPU.
 demo: demo-data
 	$(PY) -m train recipes/demo/curriculum.yaml
 	$(PY) -m train.report $(DEMO)/curriculum
@@ -44,15 +45,24 @@ demo-data: setup
 	$(PY) -m data.demo $(DEMO)/corpus
 	$(PY) -m data.tokenizer build --manifest $(DEMO)/corpus/texts.jsonl --out $(DEMO)/tokenizer \
 		--vocab-size 1024 --num-audio-codes 256
-	for t in asr tts s2tt; do for s in train heldout; do \
+	for t in asr tts s2tt para; do for s in train heldout; do \
 		$(PY) -m data.prepare manifest $(DEMO)/corpus/$$t/$$s.jsonl $(DEMO)/shards/$$t/$$s --shard-size 100 \
 			--workers 1 --no-progress || exit 1; done; done
 	for s in train heldout; do \
 		$(PY) -m data.prepare conversations $(DEMO)/corpus/dialogue/$$s.jsonl $(DEMO)/shards/dialogue/$$s \
 			--shard-size 100 --workers 1 --no-progress || exit 1; done
-	$(PY) -m data.tokenize fit $(DEMO)/shards/tts/train --num-codes 256 --out $(DEMO)/kmeans.pt --no-progress
+	# The codes are fitted on all the speech they will encode: the TTS voice and the dialogue's requests and
+	# styled answers (slow, quick, high), so that pitch and speed survive the codec.
+	$(PY) -m data.tokenize fit $(DEMO)/shards/tts/train $(DEMO)/shards/dialogue/train --num-codes 256 \
+		--out $(DEMO)/kmeans.pt --no-progress
 	$(PY) -m data.tokenize $(DEMO)/shards/tts/train $(DEMO)/shards/tts/heldout $(DEMO)/shards/dialogue/train \
 		$(DEMO)/shards/dialogue/heldout --tokenizer kmeans:$(DEMO)/kmeans.pt --no-progress
+
+# RLHF on the demo's styled spoken dialogue (after `make demo`): GRPO x 3 seeds, a placebo, PPO and DPO from
+# the dialogue stage's export, measured on held-out requests beside the SFT model and best-of-N from it
+# (train/rlhf_demo.py, recipes/demo/rlhf.yaml); runs/rlhf_demo/report.md and WAVs.
+rlhf-demo: setup
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m train.rlhf_demo --demo $(DEMO) --out runs/rlhf_demo
 
 # A custom voice in an afternoon: LoRA on the real voice of asterisk-core-sounds-en-wav, measured with a
 # speaker embedding trained on espeak voices (after `make demo`, whose TTS stage is the base).

@@ -10,7 +10,8 @@ import hashlib
 import json
 import os
 import re
-from typing import Callable, List, Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -283,28 +284,58 @@ class S3Tokenizer(AudioTokenizer):
 
 # ------------------------------------------------------------------------------------------- by name
 
-def _split_spec(spec: str) -> tuple:
-    kind, sep, path = spec.partition(":")
-    if sep and kind in ("kmeans", "s3"):
-        return kind, path
-    return ("s3" if spec.endswith(".onnx") else "kmeans"), spec
+@dataclass(frozen=True)
+class TokenizerKind:
+    """How a spec `NAME:FILE` becomes a tokenizer: a new audio tokenizer is a class and one register call."""
+    load: Callable[[str], AudioTokenizer]
+    """FILE -> the tokenizer."""
+    file_hash: Callable[[str], str]
+    """FILE -> the hash shards record (cheap: no model runtime needed where it can be avoided)."""
+    suffix: Optional[str] = None
+    """A bare path ending in this selects the kind (the default kind is the first registered without one)."""
+
+
+AUDIO_TOKENIZERS: Dict[str, TokenizerKind] = {}
+
+
+def register_audio_tokenizer(name: str, kind: TokenizerKind) -> None:
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+        raise ValueError(f"audio tokenizer name {name!r}: expected lowercase letters, digits and _")
+    AUDIO_TOKENIZERS[name] = kind
+
+
+register_audio_tokenizer("kmeans", TokenizerKind(KMeansTokenizer.load, lambda path: KMeansTokenizer.load(path).hash()))
+register_audio_tokenizer("s3", TokenizerKind(S3Tokenizer.from_onnx, file_sha256, suffix=".onnx"))
+
+
+def _expected() -> str:
+    return ", ".join(f"{name}:FILE" for name in AUDIO_TOKENIZERS)
+
+
+def _split_spec(spec: str) -> Tuple[str, str]:
+    name, sep, path = spec.partition(":")
+    if sep and name in AUDIO_TOKENIZERS:
+        return name, path
+    by_suffix = next((n for n, k in AUDIO_TOKENIZERS.items() if k.suffix and spec.endswith(k.suffix)), None)
+    return by_suffix or next(n for n, k in AUDIO_TOKENIZERS.items() if not k.suffix), spec
 
 
 def load_audio_tokenizer(spec: str) -> AudioTokenizer:
-    """`kmeans:FILE.pt`, `s3:FILE.onnx`, or a bare path (`.onnx` is S3, anything else k-means)."""
-    kind, path = _split_spec(spec)
+    """`NAME:FILE` of a registered kind (kmeans:FILE.pt, s3:FILE.onnx), or a bare path (its suffix picks the
+    kind: .onnx is S3, anything else k-means)."""
+    name, path = _split_spec(spec)
     if not os.path.isfile(path):
-        raise ValueError(f"audio tokenizer {spec!r}: no file {path!r} (expected kmeans:FILE.pt or s3:FILE.onnx)")
-    return S3Tokenizer.from_onnx(path) if kind == "s3" else KMeansTokenizer.load(path)
+        raise ValueError(f"audio tokenizer {spec!r}: no file {path!r} (expected one of {_expected()})")
+    return AUDIO_TOKENIZERS[name].load(path)
 
 
 def audio_tokenizer_hash(spec: str) -> str:
     """The hash a tokenizer spec names: a tokenizer file's hash (no s3tokenizer package needed), or the
     spec itself when it is a hex hash (12 to 64 digits, compared as a prefix)."""
-    kind, path = _split_spec(spec)
+    name, path = _split_spec(spec)
     if os.path.isfile(path):
-        return file_sha256(path) if kind == "s3" else KMeansTokenizer.load(path).hash()
+        return AUDIO_TOKENIZERS[name].file_hash(path)
     if _HEX_RE.fullmatch(spec):
         return spec
     raise ValueError(f"audio tokenizer {spec!r}: expected a tokenizer hash (12-64 lowercase hex digits) or an "
-                     "existing tokenizer file (kmeans:FILE.pt, s3:FILE.onnx)")
+                     f"existing tokenizer file ({_expected()})")

@@ -1,8 +1,9 @@
 """A tiny real-speech corpus spoken by espeak-ng for the demo curriculum: `python -m data.demo OUT_DIR`
 -> OUT_DIR/wav/ and OUT_DIR/<task>/{train,heldout}.jsonl for ASR, TTS, S2TT (English speech -> German
-text) and styled spoken dialogue (conversations for `data.prepare conversations`), plus texts.jsonl,
-every text the templates will write, for `data.tokenizer build`. OUT_DIR/{train,heldout}.jsonl repeat
-the ASR manifests.
+text), styled spoken dialogue (conversations for `data.prepare conversations`) and paralinguistic
+questions (the voice's gender, speed and pitch), plus texts.jsonl, every text the templates will write, for
+`data.tokenizer build`. OUT_DIR/{train,heldout}.jsonl repeat the ASR manifests. On request (`--tasks
+timbre`): speech in a retrieved voice (task timbre_search: the found clip and the answer in one voice).
 
 Sentences follow one template over a small vocabulary, so a tiny model can learn them; held-out
 sentences (shared by all tasks) are new combinations of the same words, in none of the training sets.
@@ -142,8 +143,15 @@ STYLES = {"slowly": {"speed": 110, "pitch": DEFAULT_PITCH}, "quickly": {"speed":
           "in a high voice": {"speed": 175, "pitch": 90}}
 DIALOGUE_SYSTEM = "Say what you are asked to say, in the way you are asked to say it."
 TARGET_LANGUAGE = "German"
-TASK_NAMES = ("asr", "tts", "s2tt", "dialogue")
-_TASK_SEEDS = {"tts": 101, "s2tt": 202, "dialogue": 303}  # each task its own training sentences
+TASK_NAMES = ("asr", "tts", "s2tt", "dialogue", "para", "timbre")
+DEFAULT_TASKS = TASK_NAMES[:-1]  # what the demo curriculum trains; timbre on request
+_TASK_SEEDS = {"tts": 101, "s2tt": 202, "dialogue": 303, "para": 404, "timbre": 505}  # own training sentences
+# Paralinguistic labels the demo can produce: a voice's gender (from espeak's variant), and speed and pitch
+# as espeak settings (pitch relative to the voice's own).
+VOICE_GENDERS = {voice: "male" if "+m" in voice else "female" for voice in VOICES}
+PARA_SPEEDS = {"slow": 120, "normal": 175, "fast": 240}  # words per minute
+PARA_PITCHES = {"low": 20, "normal": DEFAULT_PITCH, "high": 85}
+PARA_ATTRIBUTES = ("gender", "speed", "pitch")
 
 
 def _wav(text: str, voice: str, speed: int, pitch: int = DEFAULT_PITCH) -> dict:
@@ -201,16 +209,73 @@ def _dialogue(split: str, sentences: List[str], seed: int) -> Tuple[List[dict], 
     return records, wavs
 
 
-_BUILDERS = {"asr": _asr, "tts": _tts, "s2tt": _s2tt, "dialogue": _dialogue}
+def _para(split: str, sentences: List[str], seed: int) -> Tuple[List[dict], List[dict]]:
+    """Paralinguistic QA: each sentence spoken once (voice, speed and pitch drawn), asked about each of
+    PARA_ATTRIBUTES in a record of its own (task para_qa, "ask" names the attribute)."""
+    rng = random.Random(f"para-{split}-{seed}")
+    records, wavs = [], []
+    for i, text in enumerate(sentences):
+        voice, speed, pitch = VOICES[i % len(VOICES)], rng.choice(list(PARA_SPEEDS)), rng.choice(list(PARA_PITCHES))
+        wav = _wav(text, voice, PARA_SPEEDS[speed], PARA_PITCHES[pitch])
+        labels = {"gender": VOICE_GENDERS[voice], "speed": speed, "pitch": pitch}
+        records += [{"id": f"para-{split}-{i:05d}-{ask}", "audio": "../" + wav["path"], "text": text, "speaker": voice,
+                     "language": "en", "task": "para_qa", **labels, "ask": ask} for ask in PARA_ATTRIBUTES]
+        wavs.append(wav)
+    return records, wavs
 
 
-def _template_texts() -> List[str]:
-    """The fixed texts the chat templates write around the demo data (system prompts, role headers)."""
+def voice_description(voice: str) -> str:
+    """How a timbre request names an espeak voice: "en-us+m3" -> "the American male voice m3"."""
+    language, _, variant = voice.partition("+")
+    accent, gender = "American" if language == "en-us" else "British", "male" if variant.startswith("m") else "female"
+    return f"the {accent} {gender} voice {variant}"
+
+
+def _timbre(split: str, sentences: List[str], seed: int) -> Tuple[List[dict], List[dict]]:
+    """Speech in a retrieved voice (task timbre_search): the voice named in the request, the clip the search
+    finds (that voice saying the next sentence of the split) and the answer in the same voice."""
+    records, wavs = [], []
+    for i, text in enumerate(sentences):
+        voice = VOICES[i % len(VOICES)]
+        clip, answer = _wav(sentences[(i + 1) % len(sentences)], voice, 175), _wav(text, voice, 175)
+        records.append({"id": f"timbre-{split}-{i:05d}", "audio": "../" + clip["path"],
+                        "target_audio": "../" + answer["path"], "text": text, "query": voice_description(voice),
+                        "speaker": voice, "language": "en", "task": "timbre_search"})
+        wavs += [clip, answer]
+    return records, wavs
+
+
+_BUILDERS = {"asr": _asr, "tts": _tts, "s2tt": _s2tt, "dialogue": _dialogue, "para": _para, "timbre": _timbre}
+
+
+def _template_texts(tasks: Sequence[str]) -> List[str]:
+    """The fixed texts the chat templates write around the demo data (system prompts, role headers, the
+    paralinguistic questions and labels, the audio-search tool)."""
     from data.tasks.dialogue import DIALOGUE_SYSTEM as DEFAULT_SYSTEM
-    from data.tasks.speech import TTS_SYSTEM
+    from data.tasks.speech import PARA_QA_SYSTEM, PARA_QUESTIONS, TTS_SYSTEM
     from data.templates import DEFAULT_ASR_INSTRUCTION
-    return [DEFAULT_ASR_INSTRUCTION, TTS_SYSTEM, f"Translate the speech into {TARGET_LANGUAGE}.", DEFAULT_SYSTEM,
-            DIALOGUE_SYSTEM, "system\n", "human\n", "assistant\n"]
+    texts = [DEFAULT_ASR_INSTRUCTION, TTS_SYSTEM, f"Translate the speech into {TARGET_LANGUAGE}.", DEFAULT_SYSTEM,
+             DIALOGUE_SYSTEM, "system\n", "human\n", "assistant\n"]
+    if "para" in tasks:
+        texts += [PARA_QA_SYSTEM, *(PARA_QUESTIONS[a] for a in PARA_ATTRIBUTES), *VOICE_GENDERS.values(),
+                  *PARA_SPEEDS, *PARA_PITCHES]
+    if "timbre" in tasks:
+        from data.tasks.chat import tool_schemas_text
+        from data.tasks.timbre import AUDIO_SEARCH_SCHEMA, TIMBRE_SYSTEM
+        texts += [TIMBRE_SYSTEM, "tool_json_schemas\n" + tool_schemas_text([AUDIO_SEARCH_SCHEMA]), "input\n"]
+    return texts
+
+
+def _record_texts(task: str, records: List[dict]) -> List[str]:
+    """Texts a task's records add beyond their sentences: translations, timbre requests and tool calls."""
+    if task == "s2tt":
+        return [r["translation"] for r in records]
+    if task == "timbre":
+        from data.tasks.chat import tool_call_text
+        from data.tasks.timbre import AUDIO_SEARCH_TOOL, timbre_request
+        return [t for r in records for t in (timbre_request(r["text"], r["query"]),
+                                             tool_call_text(AUDIO_SEARCH_TOOL, {"query": r["query"]}))]
+    return []
 
 
 def _write_jsonl(path: str, records: List[dict]) -> None:
@@ -226,19 +291,20 @@ def make_demo(out_dir: str, num_train: int = 400, num_heldout: int = 40, seed: i
     also as OUT_DIR/{train,heldout}.jsonl) and OUT_DIR/texts.jsonl; returns {task: {split: records}}.
 
     ASR trains on `num_train` sentences, every other task on num_task_train[task] (default: 3/4 of
-    num_train for TTS and S2TT, 1/2 for dialogue); all tasks hold out the same `num_heldout` sentences.
+    num_train for TTS and S2TT, 1/2 for dialogue and timbre, 1/4 for para, which asks three questions of
+    each); all tasks hold out the same `num_heldout` sentences.
     """
     unknown = sorted(set(tasks) - set(TASK_NAMES))
     if unknown or not tasks:
         raise ValueError(f"tasks {list(tasks)}: expected some of {list(TASK_NAMES)}")
     sizes = {"asr": num_train, "tts": num_train * 3 // 4, "s2tt": num_train * 3 // 4, "dialogue": num_train // 2,
-             **(num_task_train or {})}
+             "para": num_train // 4, "timbre": num_train // 2, **(num_task_train or {})}
     espeak_binary()
     asr_train = make_sentences(num_train, seed)
     heldout = make_sentences(num_heldout, seed + _HELDOUT_SEED_OFFSET, exclude=frozenset(asr_train))
     splits: Dict[str, Dict[str, List[dict]]] = {}
     wavs: Dict[str, dict] = {}
-    texts = _template_texts()
+    texts = _template_texts(tasks)
     for task in TASK_NAMES:
         if task not in tasks:
             continue
@@ -250,7 +316,7 @@ def make_demo(out_dir: str, num_train: int = 400, num_heldout: int = 40, seed: i
             splits[task][split] = records
             wavs.update((w["path"], w) for w in spoken)
             texts += sentences + [w["text"] for w in spoken]
-            texts += [r["translation"] for r in records if "translation" in r]
+            texts += _record_texts(task, records)
     os.makedirs(os.path.join(out_dir, "wav"), exist_ok=True)
     todo = [w for path, w in wavs.items() if not os.path.exists(os.path.join(out_dir, path))]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # each thread waits on one espeak process
@@ -276,10 +342,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--num-train", type=int, default=400, help="ASR training sentences")
     parser.add_argument("--num-heldout", type=int, default=40, help="held-out sentences (every task)")
     for task in TASK_NAMES[1:]:
+        share = {"dialogue": "1/2", "timbre": "1/2", "para": "1/4"}.get(task, "3/4")
         parser.add_argument(f"--num-{task}", type=int, default=None,
-                            help=f"{task} training samples (default: {'1/2' if task == 'dialogue' else '3/4'} "
+                            help=f"{task} training {'clips' if task == 'para' else 'samples'} (default: {share} "
                                  f"of --num-train)")
-    parser.add_argument("--tasks", default=",".join(TASK_NAMES), help="comma-separated tasks to make")
+    parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
+                        help=f"comma-separated tasks to make, of {','.join(TASK_NAMES)}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2, help="espeak-ng processes at once")
     args = parser.parse_args(argv)

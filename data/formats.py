@@ -1,11 +1,14 @@
 """Corpus readers for data.prepare: a JSONL manifest, a Kaldi data folder, a folder of audio files with
-transcripts, a Hugging Face dataset (save_to_disk folder or parquet) -> one list of candidate samples.
+transcripts (beside each, or LibriSpeech's *.trans.txt), a Hugging Face dataset (save_to_disk folder or
+parquet), of transcribed audio or of paired source and target speech -> one list of candidate samples.
 
 Readers only look at text and file names; audio is decoded later, in data.prepare's worker processes.
 A problem with one sample is a Reject with a reason; a problem with the whole corpus is a PrepareError.
+A bad line or row (not UTF-8, a missing value, a repeated id) is a Reject of its own, never the file's.
 """
 from __future__ import annotations
 
+import collections
 import glob
 import json
 import os
@@ -35,7 +38,7 @@ AudioRef = Union[str, Blob]  # a str is a file path
 @dataclass
 class Reject:
     order: int  # position in the corpus's own order; the index lists rejects in this order
-    where: Dict[str, Any]  # {"line": 3}, {"utt": "u1"}, {"file": "spk/a.wav"} or {"row": 7}
+    where: Dict[str, Any]  # {"line": 3}, {"utt": "u1"}, {"file": "spk/a.wav"}, {"row": 7}, {"file": "text", "line": 4}
     audio: Optional[str]
     reason: str
     kind: str  # the reason without its details, for the summary line
@@ -61,7 +64,7 @@ class Candidate:
 
 @dataclass
 class Corpus:
-    kind: str  # "manifest", "kaldi", "folder", "hf", "conversations" or "preferences"
+    kind: str  # "manifest", "kaldi", "folder", "hf", "hf_pairs", "conversations" or "preferences"
     source: str  # the path the user gave
     candidates: List[Candidate]
     rejects: List[Reject]
@@ -70,11 +73,10 @@ class Corpus:
 
 
 def describe(where: Dict[str, Any]) -> str:
-    """'line 3', "utterance 'u1'", "file 'spk/a.wav'", 'row 7': where a sample is in its corpus."""
-    (name, value), = where.items()
-    if isinstance(value, int):
-        return f"{name} {value}"
-    return f"{'utterance' if name == 'utt' else name} {value!r}"
+    """'line 3', "utterance 'u1'", "file 'spk/a.wav'", 'row 7', "file 'text' line 4": where a sample or a
+    rejected line is in its corpus."""
+    return " ".join(f"{name} {value}" if isinstance(value, int) else
+                    f"{'utterance' if name == 'utt' else name} {value!r}" for name, value in where.items())
 
 
 def _file_key(record: dict, fallback: str) -> str:
@@ -115,17 +117,6 @@ def _decode_line(line: bytes) -> str:
         return line.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise _BadLine("invalid UTF-8", f"not valid UTF-8 at byte {exc.start}") from None
-
-
-def _read_lines(path: str) -> List[str]:
-    """Every line of a text file (Kaldi tables); PrepareError naming the first line that is not UTF-8."""
-    out = []
-    for line_no, line in enumerate(_raw_lines(path), start=1):
-        try:
-            out.append(_decode_line(line))
-        except _BadLine as bad:
-            raise PrepareError(f"cannot read {path!r}: line {line_no} is {bad}") from None
-    return out
 
 
 def _no_constant(name: str):
@@ -214,17 +205,67 @@ def read_manifest(manifest: str) -> Corpus:
 
 # --------------------------------------------------------------------------------------------- kaldi
 
-def _kaldi_table(path: str, required: bool) -> Dict[str, tuple]:
-    """{utt: (rest of line, line number)} of a Kaldi table file; repeated ids keep the first line."""
+def _kaldi_lines(path: str) -> List[Tuple[int, Optional[str], str, Optional[_BadLine]]]:
+    """(line number, utterance id, rest of the line, fault or None) of each non-blank line of a Kaldi
+    table file. A line that is not UTF-8 has a fault; its id is None where the first field itself is not
+    UTF-8, so nothing says which utterance the line was about."""
+    out = []
+    for line_no, raw in enumerate(_raw_lines(path), start=1):
+        fields = raw.split(maxsplit=1)
+        if not fields:
+            continue
+        try:
+            parts = _decode_line(raw).strip().split(maxsplit=1)
+        except _BadLine as bad:
+            try:
+                utt: Optional[str] = fields[0].decode("utf-8")
+            except UnicodeDecodeError:
+                utt = None
+            out.append((line_no, utt, "", bad))
+            continue
+        out.append((line_no, parts[0], parts[1].strip() if len(parts) > 1 else "", None))
+    return out
+
+
+@dataclass
+class _KaldiTable:
+    """One table file (text, utt2spk, utt2lang): the values of its good lines, the faults of its bad ones.
+    Orders are the corpus order of the line (its file's base + its line number), for sorting rejects."""
+    values: Dict[str, Tuple[str, int]]  # utt -> (value, order)
+    faults: Dict[str, Tuple[int, str, str]]  # utt -> (order, reason naming file and line, kind)
+    rejects: List[Reject]  # lines no utterance answers for: an unreadable id, a repeated id
+    end: int  # the order after its last line: the next file's base
+
+
+def _kaldi_table(path: str, name: str, what: str, required: bool, order_base: int) -> _KaldiTable:
+    """The `id value` table file at `path`, called `name` in messages, whose value per utterance is its
+    `what` ("transcript", "speaker", ...): a Kaldi table or a LibriSpeech *.trans.txt.
+
+    A line that is not UTF-8 or has no value is a fault of its utterance (which is then rejected, the
+    reason naming file and line); where its id is unreadable, or repeats an earlier line's (the first
+    line counts), the line is rejected by itself, named by file and line."""
     if not os.path.isfile(path):
         if required:
-            raise PrepareError(f"Kaldi data folder has no {os.path.basename(path)}: expected {path!r}")
-        return {}
-    table: Dict[str, tuple] = {}
-    for line_no, line in enumerate(_read_lines(path), start=1):
-        parts = line.strip().split(maxsplit=1)
-        if parts:
-            table.setdefault(parts[0], (parts[1] if len(parts) > 1 else "", line_no))
+            raise PrepareError(f"Kaldi data folder has no {name}: expected {path!r}")
+        return _KaldiTable({}, {}, [], order_base)
+    lines = _kaldi_lines(path)
+    table = _KaldiTable({}, {}, [], order_base + (lines[-1][0] if lines else 0))
+    first_line: Dict[str, int] = {}
+    for line_no, utt, value, bad in lines:
+        order, where = order_base + line_no, {"file": name, "line": line_no}
+        if utt is None:
+            table.rejects.append(Reject(order, where, None, str(bad), bad.kind))
+        elif utt in first_line:
+            table.rejects.append(Reject(order, where, None, f"utterance {utt!r} repeated (first on line "
+                                        f"{first_line[utt]})", "repeated utterance"))
+        else:
+            first_line[utt] = line_no
+            if bad is not None:
+                table.faults[utt] = (order, f"{name} line {line_no}: {bad}", bad.kind)
+            elif not value:
+                table.faults[utt] = (order, f"{name} line {line_no}: no {what} after the utterance id", f"no {what}")
+            else:
+                table.values[utt] = (value, order)
     return table
 
 
@@ -233,7 +274,8 @@ def read_kaldi(data_dir: str, root: Optional[str] = None) -> Corpus:
 
     Relative paths in wav.scp resolve against `root` (default: the current directory, as Kaldi's own
     tools do). A piped command in wav.scp is rejected, never run: preparing data must not execute
-    whatever a downloaded corpus says.
+    whatever a downloaded corpus says. A bad line of any file (not UTF-8, no value, a repeated id) is
+    rejected with the file and line named, and takes down at most the one utterance it describes.
     """
     if os.path.exists(os.path.join(data_dir, "segments")):
         raise PrepareError(f"{os.path.join(data_dir, 'segments')}: Kaldi segments are not supported; "
@@ -241,44 +283,59 @@ def read_kaldi(data_dir: str, root: Optional[str] = None) -> Corpus:
     wav_path = os.path.join(data_dir, "wav.scp")
     if not os.path.isfile(wav_path):
         raise PrepareError(f"Kaldi data folder has no wav.scp: expected {wav_path!r}")
-    wav_lines = _read_lines(wav_path)
-    texts = _kaldi_table(os.path.join(data_dir, "text"), required=True)
-    speakers = _kaldi_table(os.path.join(data_dir, "utt2spk"), required=False)
-    languages = _kaldi_table(os.path.join(data_dir, "utt2lang"), required=False)
+    wav_lines = _kaldi_lines(wav_path)
+    tables = []
+    for name, what, required in (("text", "transcript", True), ("utt2spk", "speaker", False),
+                                 ("utt2lang", "language", False)):
+        tables.append(_kaldi_table(os.path.join(data_dir, name), name, what, required,
+                                   tables[-1].end if tables else (wav_lines[-1][0] if wav_lines else 0)))
+    texts, speakers, languages = tables
+    # The first fault of each utterance, text's before utt2spk's before utt2lang's.
+    faults: Dict[str, Tuple[int, str, str]] = {}
+    for table in reversed(tables):
+        faults.update(table.faults)
     seen_line: Dict[str, int] = {}
-    candidates, rejects = [], []
-    for order, line in enumerate(wav_lines):
-        parts = line.strip().split(maxsplit=1)
-        if not parts:
+    candidates = []
+    rejects = [r for table in tables for r in table.rejects]
+    for line_no, utt, audio, bad in wav_lines:
+        order = line_no - 1
+        if utt is None:
+            rejects.append(Reject(order, {"file": "wav.scp", "line": line_no}, None, str(bad), bad.kind))
             continue
-        utt, audio = parts[0], (parts[1].strip() if len(parts) > 1 else "")
         where = {"utt": utt}
         if utt in seen_line:
             rejects.append(Reject(order, where, audio or None, f"utterance id repeated in wav.scp (line "
-                                  f"{order + 1}, first on line {seen_line[utt]})", "repeated utterance"))
+                                  f"{line_no}, first on line {seen_line[utt]})", "repeated utterance"))
             continue
-        seen_line[utt] = order + 1
+        seen_line[utt] = line_no
         problem = None
-        if not audio:
+        if bad is not None:
+            problem = (f"wav.scp line {line_no}: {bad}", bad.kind)
+        elif not audio:
             problem = ("no audio path in wav.scp", "no audio path")
         elif audio.endswith("|"):
             problem = ("piped command in wav.scp is not executed", "piped command")
-        elif utt not in texts:
+        elif utt in faults:
+            problem = faults[utt][1:]
+        elif utt not in texts.values:
             problem = ("no transcript in text", "no transcript")
         if problem:
             rejects.append(Reject(order, where, audio or None, *problem))
             continue
-        record = {"id": utt, "text": texts[utt][0]}
-        if utt in speakers:
-            record["speaker"] = speakers[utt][0]
-        if utt in languages:
-            record["language"] = languages[utt][0]
+        record = {"id": utt, "text": texts.values[utt][0]}
+        if utt in speakers.values:
+            record["speaker"] = speakers.values[utt][0]
+        if utt in languages.values:
+            record["language"] = languages.values[utt][0]
         path = os.path.join(root or os.getcwd(), os.path.expanduser(audio))
         candidates.append(Candidate(order, where, _file_key(record, utt), record, audio, path))
-    for utt, (_, line_no) in texts.items():
+    for utt, (_, order) in texts.values.items():
         if utt not in seen_line:
-            rejects.append(Reject(len(wav_lines) + line_no, {"utt": utt}, None, "no audio in wav.scp",
-                                  "no audio"))
+            rejects.append(Reject(order, {"utt": utt}, None, "no audio in wav.scp", "no audio"))
+    for utt, (order, reason, kind) in faults.items():
+        if utt not in seen_line:  # a bad line of an utterance wav.scp does not hold: still named
+            rejects.append(Reject(order, {"utt": utt}, None, reason, kind))
+    rejects.sort(key=lambda r: r.order)
     return Corpus("kaldi", data_dir, candidates, rejects, identity=f"root={root or os.getcwd()}",
                   unit="utterance")
 
@@ -289,40 +346,91 @@ AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 TRANSCRIPT_EXTENSIONS = (".txt", ".lab")
 
 
+LIBRISPEECH_TRANSCRIPTS = ".trans.txt"  # LibriSpeech: one SPEAKER-CHAPTER.trans.txt of "ID TEXT" lines per folder
+
+
+def _transcript_file(path: str) -> str:
+    """The words of a .txt/.lab transcript, whitespace joined; _BadLine naming the first line that is not
+    UTF-8, or that the file cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise _BadLine("unreadable transcript", f"unreadable transcript {path}: {exc.strerror}") from None
+    lines = data[len(_BOM):].split(b"\n") if data.startswith(_BOM) else data.split(b"\n")
+    words = []
+    for line_no, line in enumerate(lines, start=1):
+        try:
+            words += _decode_line(line).split()
+        except _BadLine as bad:
+            raise _BadLine(bad.kind, f"transcript {path} line {line_no}: {bad}") from None
+    return " ".join(words)
+
+
 def read_folder(root: str) -> Corpus:
     """Every audio file under `root` (recursively, sorted) with a .txt or .lab transcript of the same
-    stem beside it; the speaker is the name of the folder holding the file."""
+    stem beside it, or else a line `STEM TEXT` in a *.trans.txt file of its folder (LibriSpeech's layout).
+    The speaker is the name of the folder holding the file; for a *.trans.txt line, the stem's part before
+    its first "-" where it has one (LibriSpeech's SPEAKER-CHAPTER-UTTERANCE).
+
+    A *.trans.txt line that is not UTF-8 or has no text rejects the one audio file it transcribes (the
+    reason naming file and line); a line whose id is unreadable or repeated is rejected by itself."""
     if not os.path.isdir(root):
         raise PrepareError(f"audio folder {root!r} does not exist")
-    audio_files = []
+    audio_files, trans_files = [], []
     for folder, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        audio_files += [os.path.join(folder, f) for f in sorted(files)
-                        if f.lower().endswith(AUDIO_EXTENSIONS) and not f.startswith(".")]
-    candidates, rejects = [], []
+        visible = [os.path.join(folder, f) for f in sorted(files) if not f.startswith(".")]
+        audio_files += [p for p in visible if p.lower().endswith(AUDIO_EXTENSIONS)]
+        trans_files += [p for p in visible if p.endswith(LIBRISPEECH_TRANSCRIPTS)]
+    rejects = []
+    trans: Dict[str, Dict[str, Tuple[str, int]]] = collections.defaultdict(dict)  # folder -> stem -> value
+    trans_names: Dict[str, List[str]] = collections.defaultdict(list)  # folder -> its *.trans.txt files
+    faults: Dict[Tuple[str, str], Tuple[int, str, str]] = {}  # (folder, stem) -> fault
+    order_base = len(audio_files)
+    for path in trans_files:
+        rel = os.path.relpath(path, root).replace(os.sep, "/")
+        table = _kaldi_table(path, rel, "transcript", True, order_base)
+        order_base = table.end
+        folder = os.path.dirname(path)
+        trans[folder].update(table.values)
+        trans_names[folder].append(rel)
+        faults.update(((folder, utt), fault) for utt, fault in table.faults.items())
+        rejects += table.rejects
+    candidates = []
     for order, path in enumerate(audio_files):
         rel = os.path.relpath(path, root).replace(os.sep, "/")
         where = {"file": rel}
         stem = os.path.splitext(path)[0]
+        folder, name = os.path.split(stem)
+        speaker = os.path.basename(os.path.dirname(os.path.abspath(path)))
         transcript = next((stem + ext for ext in TRANSCRIPT_EXTENSIONS if os.path.isfile(stem + ext)), None)
-        if transcript is None:
-            names = " or ".join(os.path.basename(stem) + ext for ext in TRANSCRIPT_EXTENSIONS)
-            rejects.append(Reject(order, where, rel, f"no transcript: expected {names} beside it",
-                                  "no transcript"))
+        if transcript is not None:
+            try:
+                text = _transcript_file(transcript)
+            except _BadLine as bad:
+                rejects.append(Reject(order, where, rel, str(bad), bad.kind))
+                continue
+        elif (folder, name) in faults:
+            rejects.append(Reject(order, where, rel, *faults.pop((folder, name))[1:]))
             continue
-        try:
-            with open(transcript, encoding="utf-8") as f:
-                text = " ".join(f.read().split())
-        except (OSError, UnicodeDecodeError) as exc:
-            rejects.append(Reject(order, where, rel, f"unreadable transcript {transcript}: {exc}",
-                                  "unreadable transcript"))
+        elif name in trans.get(folder, {}):
+            text = trans[folder][name][0]
+            speaker = name.split("-", 1)[0] if "-" in name else speaker
+        else:
+            names = " or ".join(name + ext for ext in TRANSCRIPT_EXTENSIONS)
+            listed = f", or a line '{name} ...' in {' or '.join(trans_names[folder])}" if folder in trans_names else ""
+            rejects.append(Reject(order, where, rel, f"no transcript: expected {names} beside it{listed}",
+                                  "no transcript"))
             continue
         if not text:
             rejects.append(Reject(order, where, rel, f"empty transcript {transcript}", "empty transcript"))
             continue
-        speaker = os.path.basename(os.path.dirname(os.path.abspath(path)))
         candidates.append(Candidate(order, where, sanitize_key(os.path.splitext(rel)[0]),
                                     {"text": text, "speaker": speaker}, rel, path))
+    for (folder, utt), (order, reason, kind) in faults.items():  # bad lines of ids with no audio file
+        rejects.append(Reject(order, {"utt": utt}, None, reason, kind))
+    rejects.sort(key=lambda r: r.order)
     return Corpus("folder", root, candidates, rejects, unit="audio file")
 
 
@@ -354,6 +462,22 @@ def _parquet_files(path: str, split: str) -> List[str]:
         raise PrepareError(f"no parquet file of split {split!r} under {path!r}; files: "
                            f"{[os.path.relpath(p, path) for p in files][:5]}")
     return files  # files that name no split at all are all one split
+
+
+def _cells(column) -> list:
+    """A column's cells as Python values, where a string cell that is not UTF-8 is a _BadLine naming the
+    byte: pyarrow's own to_pylist would fail the whole column for it."""
+    import pyarrow as pa
+    kind = column.type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        return column.to_pylist()
+    out = []
+    for cell in column.cast(pa.large_binary() if pa.types.is_large_string(kind) else pa.binary()).to_pylist():
+        try:
+            out.append(None if cell is None else _decode_line(cell))
+        except _BadLine as bad:
+            out.append(bad)
+    return out
 
 
 class _Table:
@@ -392,7 +516,7 @@ class _Table:
         self._blocks: Dict[str, tuple] = {}  # column -> (first row, cells) of the last block read
 
     def column(self, name: str) -> list:
-        return self._read([name]).column(0).to_pylist()
+        return _cells(self._read([name]).column(0))
 
     def paths(self, name: str) -> list:
         """The file name stored with each audio cell (None where there is none), without reading audio."""
@@ -400,15 +524,21 @@ class _Table:
         kind = self.schema.field(name).type
         if pa.types.is_struct(kind):
             has_path = any(kind.field(i).name == "path" for i in range(kind.num_fields))
-            return self._path(name).to_pylist() if has_path else [None] * self.num_rows
+            return _cells(self._path(name)) if has_path else [None] * self.num_rows
         return self.column(name) if pa.types.is_string(kind) or pa.types.is_large_string(kind) \
             else [None] * self.num_rows
 
     def cell(self, name: str, row: int) -> Any:
+        """An audio cell: the bytes of datasets' Audio struct, or the bytes or path string itself."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
         start = row - row % _ROWS_PER_READ
         if self._blocks.get(name, (None,))[0] != start:
             stop = min(start + _ROWS_PER_READ, self.num_rows)
-            self._blocks[name] = (start, self._take(name, start, stop).to_pylist())
+            block = self._take(name, start, stop)
+            if pa.types.is_struct(block.type) and block.type.get_field_index("bytes") >= 0:
+                block = pc.struct_field(block, "bytes")  # its path (maybe not UTF-8) comes from paths()
+            self._blocks[name] = (start, _cells(block))
         return self._blocks[name][1][row - start]
 
 
@@ -425,6 +555,53 @@ def _hf_audio(table: _Table, column: str, row: int, path: Optional[str]) -> tupl
     return source, Blob(f"{column}:{row}", read)
 
 
+def _hf_candidates(table: _Table, split: str, audio_column: str, target_column: Optional[str],
+                   texts: Dict[str, str], fixed: Dict[str, Any], non_empty: bool) -> tuple:
+    """(candidates, rejects) of a table's rows: `texts` maps record field -> column (each cell must be a
+    string, with `non_empty` not blank either), `fixed` adds the same fields to every record, and every
+    other scalar column is kept as metadata."""
+    meta_cols = [n for n in table.schema.names if n not in (audio_column, target_column)]
+    meta_values = {n: table.column(n) for n in meta_cols}
+    audio_paths = table.paths(audio_column)
+    target_paths = table.paths(target_column) if target_column else None
+    candidates, rejects = [], []
+    for row in range(table.num_rows):
+        where = {"row": row}
+        cells = [(n, meta_values[n][row]) for n in meta_cols] + [(audio_column, audio_paths[row])] + (
+            [(target_column, target_paths[row])] if target_column else [])
+        bad_cell = next(((n, value) for n, value in cells if isinstance(value, _BadLine)), None)
+        if bad_cell is not None:
+            name, bad = bad_cell
+            rejects.append(Reject(row, where, f"row {row}", f"column {name!r}: {bad}", bad.kind))
+            continue
+        record = {field: meta_values[column][row] for field, column in texts.items()}
+        record.update((n, meta_values[n][row]) for n in meta_cols if n not in texts.values() and
+                      isinstance(meta_values[n][row], (str, int, float, bool)))
+        record.update(fixed)
+        source, audio = _hf_audio(table, audio_column, row, audio_paths[row])
+        bad = next(((column, record[field]) for field, column in texts.items()
+                    if not isinstance(record[field], str) or (non_empty and not record[field].strip())), None)
+        if bad is not None:
+            column, value = bad
+            problem = (f"column {column!r} is {value!r}: expected non-empty text", "empty text") \
+                if isinstance(value, str) else (f"column {column!r} must be a string, got {type(value).__name__}",
+                                                "wrong type")
+            rejects.append(Reject(row, where, source, *problem))
+            continue
+        target_source, target = (_hf_audio(table, target_column, row, target_paths[row])
+                                 if target_column else (None, None))
+        candidates.append(Candidate(row, where, _file_key(record, f"{split}-{row:08d}"), record, source,
+                                    audio, target_source, target))
+    return candidates, rejects
+
+
+def _check_columns(path: str, table: _Table, roles: List[Tuple[str, Optional[str]]]) -> None:
+    names = list(table.schema.names)
+    for role, name in roles:
+        if name is not None and name not in names:
+            raise PrepareError(f"dataset {path!r} has no {role} column {name!r}; columns: {names}")
+
+
 def read_hf(path: str, audio_column: str = "audio", text_column: str = "text", split: str = "train",
             target_column: Optional[str] = None) -> Corpus:
     """A local Hugging Face dataset (save_to_disk folder, or parquet file(s) / folder / glob).
@@ -434,28 +611,36 @@ def read_hf(path: str, audio_column: str = "audio", text_column: str = "text", s
     a valid key names the sample. A relative audio path resolves against the dataset's folder.
     """
     table = _Table(path, split)
-    names = list(table.schema.names)
-    for role, name in (("audio", audio_column), ("text", text_column), ("target audio", target_column)):
-        if name is not None and name not in names:
-            raise PrepareError(f"dataset {path!r} has no {role} column {name!r}; columns: {names}")
-    meta_cols = [n for n in names if n not in (audio_column, target_column)]
-    meta_values = {n: table.column(n) for n in meta_cols}
-    audio_paths = table.paths(audio_column)
-    target_paths = table.paths(target_column) if target_column else None
-    candidates, rejects = [], []
-    for row in range(table.num_rows):
-        where = {"row": row}
-        record = {"text": meta_values[text_column][row]}
-        record.update((n, meta_values[n][row]) for n in meta_cols if n != text_column and
-                      isinstance(meta_values[n][row], (str, int, float, bool)))
-        source, audio = _hf_audio(table, audio_column, row, audio_paths[row])
-        if not isinstance(record["text"], str):
-            rejects.append(Reject(row, where, source, f"column {text_column!r} must be a string, got "
-                                  f"{type(record['text']).__name__}", "wrong type"))
-            continue
-        target_source, target = (_hf_audio(table, target_column, row, target_paths[row])
-                                 if target_column else (None, None))
-        candidates.append(Candidate(row, where, _file_key(record, f"{split}-{row:08d}"), record, source,
-                                    audio, target_source, target))
+    _check_columns(path, table, [("audio", audio_column), ("text", text_column), ("target audio", target_column)])
+    candidates, rejects = _hf_candidates(table, split, audio_column, target_column, {"text": text_column}, {},
+                                         non_empty=False)
     identity = json.dumps([_files_identity(table.files), audio_column, text_column, split, target_column])
     return Corpus("hf", path, candidates, rejects, identity=identity, unit="row")
+
+
+def read_hf_pairs(path: str, source_audio_column: str = "source_audio", target_audio_column: str = "target_audio",
+                  source_text_column: Optional[str] = None, target_text_column: Optional[str] = None,
+                  split: str = "train", source_language: Optional[str] = None,
+                  target_language: Optional[str] = None, task: str = "s2st") -> Corpus:
+    """Paired speech (speech-to-speech translation) from a local Hugging Face dataset or parquet file(s),
+    read as read_hf reads them: per row a source and a target audio (datasets' Audio, bytes or a path),
+    optional source and target texts (stored as "text" and "translation", each a non-empty string where
+    its column is named), the languages and `task` written into every record.
+
+    The source audio becomes the sample's `flac`, the target its `target.flac`; a row whose audio is
+    missing or undecodable is rejected by data.prepare when it decodes it, named by its row.
+    """
+    if task not in TASKS:
+        raise PrepareError(f"task {task!r} is not a registered task: expected one of {sorted(TASKS)}")
+    table = _Table(path, split)
+    _check_columns(path, table, [("source audio", source_audio_column), ("target audio", target_audio_column),
+                                 ("source text", source_text_column), ("target text", target_text_column)])
+    texts = {field: column for field, column in (("text", source_text_column), ("translation", target_text_column))
+             if column is not None}
+    fixed = {name: value for name, value in (("task", task), ("source_language", source_language),
+                                             ("target_language", target_language)) if value is not None}
+    candidates, rejects = _hf_candidates(table, split, source_audio_column, target_audio_column, texts, fixed,
+                                         non_empty=True)
+    identity = json.dumps([_files_identity(table.files), source_audio_column, target_audio_column, texts, fixed,
+                           split])
+    return Corpus("hf_pairs", path, candidates, rejects, identity=identity, unit="row")

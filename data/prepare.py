@@ -1,5 +1,5 @@
-"""Corpus -> WebDataset shards + index.json: `python -m data.prepare {manifest,kaldi,folder,hf,conversations,
-preferences} ... OUT_DIR`.
+"""Corpus -> WebDataset shards + index.json: `python -m data.prepare {manifest,kaldi,folder,hf,s2st,
+conversations,preferences} ... OUT_DIR`.
 
 Bad samples are rejected with a reason in index.json, never fatal; only a corpus with no usable sample
 is. Audio is decoded in a process pool but shards are written in corpus order, so output is
@@ -24,7 +24,7 @@ from data.audio import AudioError, encode_flac, read_audio, read_audio_bytes
 from data.conversations import read_conversations
 from data.features import SAMPLE_RATE
 from data.formats import (Blob, Candidate, Corpus, PrepareError, Reject, describe, read_folder, read_hf,
-                          read_kaldi, read_manifest)
+                          read_hf_pairs, read_kaldi, read_manifest)
 from data.preferences import read_preferences
 from data.shards import INDEX_FORMAT, INDEX_NAME, ShardWriter, file_sha256, write_index
 from data.stats import Counts
@@ -382,13 +382,32 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_hf.add_argument("--target-audio-column", default=None, help="second audio per row (TTS/S2ST target)")
     p_hf.add_argument("--split", default="train", help="split of a DatasetDict, or the parquet files "
                       "whose names say it")
+    p_pairs = formats.add_parser("s2st", help="paired source and target speech (speech-to-speech translation) "
+                                 "from a local Hugging Face dataset: save_to_disk folder or parquet files")
+    p_pairs.add_argument("path", help="save_to_disk folder, a parquet file, a folder of them, or a glob")
+    p_pairs.add_argument("--source-audio-column", default="source_audio", help="the speech to translate: "
+                         "datasets' Audio ({'bytes', 'path'}), bytes or a path; stored as the sample's flac")
+    p_pairs.add_argument("--target-audio-column", default="target_audio", help="its translation spoken; stored "
+                         "as target.flac")
+    p_pairs.add_argument("--source-text-column", default=None, help="optional transcript of the source, "
+                         "stored as 'text'")
+    p_pairs.add_argument("--target-text-column", default=None, help="optional transcript of the target, stored "
+                         "as 'translation' (task s2st needs it: the text side of the spoken answer)")
+    p_pairs.add_argument("--source-language", default=None, help="stored as 'source_language' in every record")
+    p_pairs.add_argument("--target-language", default=None, help="stored as 'target_language' in every record; "
+                         "the instruction names it ('Translate the speech into LANGUAGE ...'): write a name, "
+                         "e.g. English")
+    p_pairs.add_argument("--task", default="s2st", help="task written into every record (s2st; s2tt or t2st "
+                         "train the other directions from the same pairs)")
+    p_pairs.add_argument("--split", default="train", help="split of a DatasetDict, or the parquet files whose "
+                         "names say it")
     p_conv = formats.add_parser("conversations", help="JSONL lines of {'messages': [turns with text/audio "
                                 "parts], 'tools': [...]}, for SFT (task 'sft')")
     p_conv.add_argument("conversations", help="JSONL file; relative audio paths resolve against its folder")
     p_pref = formats.add_parser("preferences", help="JSONL lines of {'messages': [turns], 'chosen': {'text', "
                                 "'audio'?}, 'rejected': {...}}, for DPO and reward models (task 'preference')")
     p_pref.add_argument("preferences", help="JSONL file; relative audio paths resolve against its folder")
-    for p in (p_manifest, p_kaldi, p_folder, p_hf, p_conv, p_pref):
+    for p in (p_manifest, p_kaldi, p_folder, p_hf, p_pairs, p_conv, p_pref):
         p.add_argument("out_dir", help="folder for shard-*.tar and index.json")
         p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
         p.add_argument("--workers", type=int, default=2, help="decoding processes")
@@ -407,6 +426,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             corpus = read_conversations(args.conversations)
         elif args.format == "preferences":
             corpus = read_preferences(args.preferences)
+        elif args.format == "s2st":
+            if args.task in ("s2st", "s2tt") and args.target_text_column is None:
+                print(f"data.prepare: warning: no --target-text-column: task {args.task!r} reads the record's "
+                      f"'translation' and skips records without one", file=sys.stderr)
+            corpus = read_hf_pairs(args.path, args.source_audio_column, args.target_audio_column,
+                                   args.source_text_column, args.target_text_column, args.split,
+                                   args.source_language, args.target_language, args.task)
         else:
             corpus = read_hf(args.path, args.audio_column, args.text_column, args.split,
                              args.target_audio_column)

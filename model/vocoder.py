@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 import importlib
-from typing import Any, Callable, Optional, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Dict, Optional, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
@@ -118,16 +118,35 @@ class Token2WavVocoder:
         return wave
 
 
+def _token2wav(rest: str, prompt_wav: Optional[str]) -> Vocoder:
+    if rest.count(":") != 1 or not all(rest.split(":")):
+        raise ValueError("expected token2wav:MODULE:ATTR")
+    module_name, attr = rest.split(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"cannot load {module_name}.{attr} ({exc})") from None
+    return Token2WavVocoder(factory(), prompt_wav=prompt_wav)
+
+
+def _kmeans(rest: str, prompt_wav: Optional[str]) -> Vocoder:
+    if not rest:
+        raise ValueError("expected kmeans:FILE.pt")
+    return KMeansVocoder(rest)
+
+
+# NAME -> (the spec after "NAME:", prompt_wav) -> Vocoder. A new vocoder is a class and one entry here.
+VOCODERS: Dict[str, Callable[[str, Optional[str]], Vocoder]] = {"kmeans": _kmeans, "token2wav": _token2wav}
+
+
 def load_vocoder(spec: str, prompt_wav: Optional[str] = None) -> Vocoder:
-    """A vocoder from "kmeans:FILE.pt" or "token2wav:MODULE:ATTR" (ATTR() returns a token2wav callable)."""
-    kind, _, rest = spec.partition(":")
-    if kind == "kmeans" and rest:
-        return KMeansVocoder(rest)
-    if kind == "token2wav" and rest.count(":") == 1:
-        module_name, attr = rest.split(":")
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise ValueError(f"vocoder {spec!r}: cannot load {module_name}.{attr} ({exc})") from None
-        return Token2WavVocoder(factory(), prompt_wav=prompt_wav)
-    raise ValueError(f"vocoder spec {spec!r}: expected 'kmeans:FILE.pt' or 'token2wav:MODULE:ATTR'")
+    """A vocoder from "NAME:..." of VOCODERS: "kmeans:FILE.pt" or "token2wav:MODULE:ATTR" (ATTR() returns a
+    token2wav callable)."""
+    name, _, rest = spec.partition(":")
+    if name not in VOCODERS:
+        raise ValueError(f"vocoder spec {spec!r}: expected one of {', '.join(f'{n}:...' for n in VOCODERS)} "
+                         f"('kmeans:FILE.pt' or 'token2wav:MODULE:ATTR')")
+    try:
+        return VOCODERS[name](rest, prompt_wav)
+    except ValueError as exc:
+        raise ValueError(f"vocoder {spec!r}: {exc}") from None

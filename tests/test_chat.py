@@ -80,7 +80,8 @@ def test_kmeans_vocoder_round_trip_keeps_length_and_pitch(kmeans_file):
     with pytest.raises(ValueError, match=r"codes must be in 0\.\.7, got 0\.\.8"):
         vocoder.codes_to_wave([0, 8])
     assert isinstance(load_vocoder(f"kmeans:{kmeans_file}"), KMeansVocoder)
-    with pytest.raises(ValueError, match="expected 'kmeans:FILE.pt' or 'token2wav:MODULE:ATTR'"):
+    with pytest.raises(ValueError, match=r"expected one of kmeans:\.\.\., token2wav:\.\.\. "
+                                         r"\('kmeans:FILE.pt' or 'token2wav:MODULE:ATTR'\)"):
         load_vocoder("griffin")
 
 
@@ -171,3 +172,27 @@ def test_chat_errors_name_the_flag_or_file(ckpt, wav, tmp_path):
         f"error: --audio file not found: {tmp_path / 'missing.wav'}"
     assert error([str(ckpt), "--audio", str(wav), "--speech"]).startswith("error: --speech needs --vocoder")
     assert error([str(ckpt)]) == "error: a chat turn needs --audio or --text (both were empty)"
+
+
+def test_a_new_vocoder_is_one_entry_and_bad_specs_are_named(monkeypatch):
+    from model import vocoder as V
+
+    class Silence:
+        sample_rate = 16000
+
+        def __init__(self, ms):
+            self.ms = int(ms)
+
+        def codes_to_wave(self, codes):
+            return torch.zeros(len(codes) * self.ms * 16)
+
+    monkeypatch.setitem(V.VOCODERS, "silence", lambda rest, prompt_wav: Silence(rest))
+    assert len(load_vocoder("silence:40").codes_to_wave([1, 2])) == 2 * 40 * 16
+    with pytest.raises(ValueError, match=r"vocoder spec 'griffin': expected one of kmeans:..., token2wav:..., "
+                                         r"silence:..."):
+        load_vocoder("griffin")
+    with pytest.raises(ValueError, match=r"vocoder 'token2wav:nomodule': expected token2wav:MODULE:ATTR"):
+        load_vocoder("token2wav:nomodule")
+    with pytest.raises(ValueError, match=r"vocoder 'token2wav:no_such_module_x:make': cannot load "
+                                         r"no_such_module_x.make"):
+        load_vocoder("token2wav:no_such_module_x:make")

@@ -94,6 +94,7 @@ def test_demo_corpus_end_to_end(tmp_path, capsys):
     tasks = {task: {split: _jsonl(out / task / f"{split}.jsonl") for split in ("train", "heldout")}
              for task in ("tts", "s2tt", "dialogue")}
     assert [len(tasks[t]["train"]) for t in tasks] == [2, 2, 3]
+    assert (out / "para" / "train.jsonl").is_file() and not (out / "timbre").exists()  # timbre on request only
     held_texts = {r["text"] for r in heldout}
     assert {r["text"] for r in tasks["tts"]["heldout"]} == held_texts == {r["text"] for r in tasks["s2tt"]["heldout"]}
     assert {r["messages"][2]["text"] for r in tasks["dialogue"]["heldout"]} == held_texts
@@ -139,3 +140,52 @@ def test_demo_corpus_end_to_end(tmp_path, capsys):
                                    "codes": "turn2.codes.npy"}
     # Seven words asked for "slowly" (110 words per minute) take over 3 s.
     assert meta["style"] == "slowly" and meta["audio_members"]["turn2.flac"]["duration_s"] > 3.0
+
+
+def test_paralinguistic_and_timbre_records(tmp_path):
+    from data.demo import PARA_PITCHES, PARA_SPEEDS, VOICE_GENDERS, _wav, voice_description
+    from data.loader import render_raw
+    from data.tokenizer import build_text_tokenizer, extend_tokenizer, special_ids
+
+    out = tmp_path / "demo"
+    splits = make_demo(str(out), 8, 2, seed=1, tasks=("para", "timbre"), num_task_train={"para": 2, "timbre": 3})
+    para = splits["para"]["train"]
+    # Each clip asked about each attribute, in a record of its own; the labels are what espeak was told.
+    assert [r["id"] for r in para] == [f"para-train-{i:05d}-{a}" for i in range(2)
+                                       for a in ("gender", "speed", "pitch")]
+    assert [r["ask"] for r in para] == ["gender", "speed", "pitch"] * 2
+    for r in para:
+        assert r["task"] == "para_qa" and r["gender"] == VOICE_GENDERS[r["speaker"]]
+        spoken = _wav(r["text"], r["speaker"], PARA_SPEEDS[r["speed"]], PARA_PITCHES[r["pitch"]])
+        assert r["audio"] == "../" + spoken["path"] and (out / spoken["path"]).is_file()
+    assert [r["speaker"] for r in para[::3]] == demo.VOICES[:2]
+    assert _jsonl(out / "para" / "heldout.jsonl") == splits["para"]["heldout"] and len(splits["para"]["heldout"]) == 6
+
+    # Timbre: the clip the search finds and the answer are one voice; the clip says the split's next sentence.
+    timbre = splits["timbre"]["train"]
+    assert [r["speaker"] for r in timbre] == demo.VOICES[:3]
+    for i, r in enumerate(timbre):
+        assert r["task"] == "timbre_search" and r["query"] == voice_description(r["speaker"])
+        assert r["target_audio"] == "../" + _wav(r["text"], r["speaker"], 175)["path"]
+        assert r["audio"] == "../" + _wav(timbre[(i + 1) % 3]["text"], r["speaker"], 175)["path"]
+    assert voice_description("en-us+m3") == "the American male voice m3"
+    assert voice_description("en+f2") == "the British female voice f2"
+    texts = {r["text"] for r in _jsonl(out / "texts.jsonl")}
+    assert {"How fast does the speaker talk?", "female", "slow", "high"} <= texts
+    assert f"In the voice of {timbre[0]['query']}, say: {timbre[0]['text']}" in texts
+
+    # Through data.prepare and the para_qa template: each record answers its own question with its label.
+    prepare_manifest(str(out / "para" / "train.jsonl"), str(tmp_path / "para"), workers=1, progress=False)
+    tok = extend_tokenizer(build_text_tokenizer(sorted(texts) * 2, vocab_size=300), 8)
+    ids = special_ids(tok)
+    for raw in wds.WebDataset(shard_paths(str(tmp_path / "para")), shardshuffle=False):
+        meta = json.loads(raw["json"])
+        rendered = render_raw(raw, tok, ids)
+        answer = tok.decode([t for t in rendered["labels"] if t != -100])
+        assert answer == f"{meta[meta['ask']]}<|EOT|>", raw["__key__"]
+    # Timbre manifests prepare with the answer as the target audio.
+    index = prepare_manifest(str(out / "timbre" / "train.jsonl"), str(tmp_path / "timbre"), workers=1,
+                             progress=False)
+    assert index["num_samples"] == 3 and index["rejects"] == []
+    sample = next(iter(wds.WebDataset(shard_paths(str(tmp_path / "timbre")), shardshuffle=False)))
+    assert "flac" in sample and "target.flac" in sample

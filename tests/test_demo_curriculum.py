@@ -1,4 +1,4 @@
-"""recipes/demo/curriculum.yaml itself, shortened: four stages on a small espeak corpus of every task,
+"""recipes/demo/curriculum.yaml itself, shortened: five stages on a small espeak corpus of every task,
 killed inside the third stage and resumed; it ends where an uninterrupted run ends, bit for bit."""
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ RECIPE = REPO / "recipes" / "demo" / "curriculum.yaml"
 # Steps per stage; the kill lands in stage 2 ("mix") after its step 3, past its checkpoint at step 2.
 SHORT = ["model.preset=tiny", "data.num_workers=0", "data.batch_size=4", "checkpoint.every_steps=2",
          "eval.max_samples=2", "eval.max_new_tokens=4", "metrics.log_every=1",
-         "stages[0].max_steps=2", "stages[1].max_steps=2", "stages[2].max_steps=4", "stages[3].max_steps=2"]
+         "stages[0].max_steps=2", "stages[1].max_steps=2", "stages[2].max_steps=4", "stages[3].max_steps=2",
+         "stages[4].max_steps=2"]
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +28,10 @@ def demo_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("demo_curriculum")
     demo, py = root / "runs" / "demo", sys.executable
     run_cli(py, "-m", "data.demo", str(demo / "corpus"), "--num-train", "12", "--num-heldout", "3",
-            "--num-tts", "12", "--num-s2tt", "12", "--num-dialogue", "8")
+            "--num-tts", "12", "--num-s2tt", "12", "--num-dialogue", "8", "--num-para", "4")
     run_cli(py, "-m", "data.tokenizer", "build", "--manifest", str(demo / "corpus" / "texts.jsonl"),
             "--out", str(demo / "tokenizer"), "--vocab-size", "400", "--num-audio-codes", "16")
-    for task in ("asr", "tts", "s2tt", "dialogue"):
+    for task in ("asr", "tts", "s2tt", "dialogue", "para"):
         fmt = "conversations" if task == "dialogue" else "manifest"
         for split in ("train", "heldout"):
             run_cli(py, "-m", "data.prepare", fmt, str(demo / "corpus" / task / f"{split}.jsonl"),
@@ -73,7 +74,7 @@ def test_demo_curriculum_survives_a_kill_in_its_third_stage(demo_root):
     log = resumed.stdout + resumed.stderr
     assert "resumed from" in log and "step 2" in log
 
-    for stage in ("0-asr", "1-tts", "2-mix", "3-dialogue"):
+    for stage in ("0-asr", "1-tts", "2-mix", "3-dialogue", "4-para"):
         expected, got = export(demo_root, "whole", stage), export(demo_root, "split", stage)
         assert expected.keys() == got.keys()
         assert all(torch.equal(expected[k], got[k]) for k in expected), stage
@@ -84,6 +85,7 @@ def test_demo_curriculum_survives_a_kill_in_its_third_stage(demo_root):
 
     summary = json.loads((demo_root / "split" / "curriculum.json").read_text())
     stages_run = summary["stages"] if isinstance(summary, dict) else summary
-    assert [s["name"] for s in stages_run] == ["asr", "tts", "mix", "dialogue"]
-    assert [s["steps"] for s in stages_run] == [2, 2, 4, 2]
-    assert [s["metric"] for s in stages_run] == ["wer", "code_accuracy", "bleu", "code_accuracy"]
+    assert [s["name"] for s in stages_run] == ["asr", "tts", "mix", "dialogue", "para"]
+    assert [s["steps"] for s in stages_run] == [2, 2, 4, 2, 2]
+    assert [s["metric"] for s in stages_run] == ["wer", "code_accuracy", "bleu", "code_accuracy", "paralinguistic"]
+    assert all(0.0 <= s[f"eval_{tag}"] <= 1.0 for s in stages_run[4:] for tag in ("start", "end"))

@@ -184,7 +184,7 @@ def test_wer_and_unknown_metric(shards, tok_ids):
     result = run_eval("wer", Replay(len(tok), wrong), tok, ids, folder, "", max_samples=3, max_new_tokens=20)
     assert result["value"] == pytest.approx((1 + 3 + 3) / 10)  # cats->dogs; three, blue->two, red, -sing; all 3
     with pytest.raises(ValueError, match=r"^unknown eval metric 'mos': expected one of \['wer', 'code_accuracy', "
-                                         r"'bleu'\]$"):
+                                         r"'bleu', 'paralinguistic', 'speaker_similarity'\]$"):
         run_eval("mos", Replay(len(tok), []), tok, ids, folder, "", 1, 1)
     with pytest.raises(ValueError, match="hold no sample with audio codes"):
         run_eval("code_accuracy", TeacherForced(len(tok)), tok, ids, folder, "", 3, 1)

@@ -15,7 +15,7 @@ import webdataset as wds
 import data.prepare as prepare_module
 from data.audio import decode_audio
 from data.conversations import read_conversations
-from data.formats import read_folder, read_hf, read_kaldi, read_manifest
+from data.formats import read_folder, read_hf, read_hf_pairs, read_kaldi, read_manifest
 from data.preferences import read_preferences
 from data.prepare import PrepareError, prepare, prepare_manifest
 from data.shards import read_index, shard_paths
@@ -353,3 +353,273 @@ def test_every_bad_jsonl_line_is_rejected_alone(tmp_path, read, good_line):
     assert corpus.candidates[0].record["note"] == "a\u2028b"
     assert [(r.where, r.reason) for r in corpus.rejects] == [
         ({"line": line_no}, reason) for line_no, (_, reason) in enumerate(BAD_LINES, start=2)]
+
+
+def _pairs_parquet(tmp_path):
+    """Paired speech as a community S2ST dataset holds it: source audio as bytes, target audio as file paths
+    (relative to the parquet file), both texts; rows 1-3 are bad one way each."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    src = [_pcm(10 + i, 1600 + 800 * i) for i in range(5)]
+    tgt = [_pcm(20 + i, 2400 + 400 * i) for i in range(5)]
+    (tmp_path / "audio").mkdir()
+    for i, samples in enumerate(tgt):
+        sf.write(tmp_path / "audio" / f"t{i}.wav", samples, 16000, subtype="PCM_16")
+    (tmp_path / "audio" / "t2.wav").write_bytes(b"RIFF but not audio")   # undecodable target
+    table = pa.table({
+        "id": ["p0", "p1", "p2", "p3", "p4"],
+        "src": [_wav_bytes(src[0]), None, _wav_bytes(src[2]), _wav_bytes(src[3]), _wav_bytes(src[4])],
+        "tgt": [f"audio/t{i}.wav" for i in range(5)],
+        "src_text": ["bonjour", "salut", "merci", "oui", "au revoir"],
+        "tgt_text": ["hello", "hi", "thanks", None, "goodbye"],
+        "speaker": ["a", "b", "a", "b", "a"],
+    })
+    pq.write_table(table, str(tmp_path / "pairs.parquet"), row_group_size=2)
+    return src, tgt
+
+
+def test_s2st_pairs_from_parquet_keep_good_rows_and_reject_bad_ones_by_row(tmp_path):
+    src, tgt = _pairs_parquet(tmp_path)
+    proc = _cli("s2st", str(tmp_path / "pairs.parquet"), str(tmp_path / "out"), "--source-audio-column", "src",
+                "--target-audio-column", "tgt", "--source-text-column", "src_text", "--target-text-column",
+                "tgt_text", "--source-language", "French", "--target-language", "English")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith("2 samples, 0.4 s (0.00 h) in 1 shards -> "
+                                                          f"{tmp_path / 'out'}; 3 rejected (1 no audio, "
+                                                          "1 target unreadable audio, 1 wrong type)")
+    index = read_index(str(tmp_path / "out"))
+    assert index["input_format"] == "hf_pairs" and index["num_samples"] == 2
+    assert index["rejects"][0] == {"row": 1, "audio": "row 1", "reason": "no audio (neither bytes nor a path): row 1"}
+    assert index["rejects"][1]["row"] == 2 and index["rejects"][1]["audio"] == "row 2"
+    assert index["rejects"][1]["reason"].startswith("target audio: unreadable audio (")
+    assert index["rejects"][1]["reason"].endswith(f": {tmp_path / 'audio' / 't2.wav'}")
+    assert index["rejects"][2] == {"row": 3, "audio": "row 3",
+                                   "reason": "column 'tgt_text' must be a string, got NoneType"}
+    assert index["counts"]["task"] == {"s2st": {"samples": 2, "hours": round(0.4 / 3600, 6)}}
+
+    samples = _samples(tmp_path / "out")
+    assert list(samples) == ["p0", "p4"]
+    for key, i in (("p0", 0), ("p4", 4)):
+        assert sorted(samples[key]) == ["flac", "json", "target.flac"]
+        np.testing.assert_array_equal(_pcm_of(samples[key]["flac"]), src[i])
+        np.testing.assert_array_equal(_pcm_of(samples[key]["target.flac"]), tgt[i])
+    assert json.loads(samples["p4"]["json"]) == {
+        "text": "au revoir", "translation": "goodbye", "id": "p4", "speaker": "a", "task": "s2st",
+        "source_language": "French", "target_language": "English", "duration_s": 0.3, "num_samples": 4800,
+        "sample_rate": 16000, "source": "row 4", "target_duration_s": 0.25, "target_num_samples": 4000,
+        "target_source": "audio/t4.wav"}
+
+
+def test_s2st_pairs_texts_are_optional_and_columns_are_checked(tmp_path, capsys):
+    _pairs_parquet(tmp_path)
+    assert prepare_module.main(["s2st", str(tmp_path / "pairs.parquet"), str(tmp_path / "out"), "--source-audio-column",
+                                "src", "--target-audio-column", "tgt", "--workers", "1", "--no-progress"]) == 0
+    assert ("warning: no --target-text-column: task 's2st' reads the record's 'translation' and skips records "
+            "without one") in capsys.readouterr().err
+    corpus = read_hf_pairs(str(tmp_path / "pairs.parquet"), "src", "tgt", task="t2st")
+    # Without text columns no row is refused before decoding; the languages are left out when not given.
+    assert [c.key for c in corpus.candidates] == ["p0", "p1", "p2", "p3", "p4"] and corpus.rejects == []
+    assert corpus.candidates[3].record == {"id": "p3", "src_text": "oui", "speaker": "b", "task": "t2st"}
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"src": [b"x", b"y"], "tgt": [b"x", b"y"], "to": [" ", "fine"]}),
+                   str(tmp_path / "b.parquet"))
+    blank = read_hf_pairs(str(tmp_path / "b.parquet"), "src", "tgt", target_text_column="to")
+    assert [c.key for c in blank.candidates] == ["train-00000001"]
+    assert [(r.where, r.reason) for r in blank.rejects] == [({"row": 0}, "column 'to' is ' ': expected non-empty text")]
+    with pytest.raises(PrepareError, match=r"has no target audio column 'target_audio'; columns: \['id', 'src'"):
+        read_hf_pairs(str(tmp_path / "pairs.parquet"), "src")
+    with pytest.raises(PrepareError, match="task 'speech' is not a registered task"):
+        read_hf_pairs(str(tmp_path / "pairs.parquet"), "src", "tgt", task="speech")
+
+
+def test_the_lora_s2st_recipes_data_command_runs_as_written(tmp_path):
+    # The command in recipes/lora/s2st.yaml's comments, on a parquet file with the columns it names.
+    import shlex
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    text = open(os.path.join(REPO, "recipes", "lora", "s2st.yaml"), encoding="utf-8").read()
+    lines = [line.lstrip("# ").rstrip() for line in text.splitlines()]
+    start = next(i for i, line in enumerate(lines) if line.startswith("python -m data.prepare s2st"))
+    command = ""
+    for line in lines[start:]:
+        command += " " + line.rstrip("\\")
+        if not line.endswith("\\"):
+            break
+    argv = shlex.split(command)[3:]
+    assert argv[:3] == ["s2st", "/data/pairs/train.parquet", "runs/s2st/shards/train"]
+    pq.write_table(pa.table({"source_audio": [_wav_bytes(_pcm(1, 1600))], "target_audio": [_wav_bytes(_pcm(2, 800))],
+                             "source_text": ["bonjour"], "target_text": ["hello"]}), str(tmp_path / "t.parquet"))
+    argv[1:3] = [str(tmp_path / "t.parquet"), str(tmp_path / "out")]
+    assert prepare_module.main(argv + ["--workers", "1", "--no-progress"]) == 0
+    meta = json.loads(_samples(tmp_path / "out")["train-00000000"]["json"])
+    assert {k: meta[k] for k in ("text", "translation", "task", "source_language", "target_language")} == {
+        "text": "bonjour", "translation": "hello", "task": "s2st", "source_language": "French",
+        "target_language": "English"}
+
+
+def _kaldi_dir(tmp_path, num_utts):
+    """A Kaldi folder of `num_utts` utterances u0.. with wav.scp, text, utt2spk and utt2lang lines, as bytes."""
+    (tmp_path / "wavs").mkdir()
+    for i in range(num_utts):
+        sf.write(tmp_path / "wavs" / f"u{i}.wav", _pcm(i, 800 + 160 * i), 16000, subtype="PCM_16")
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    return data_dir, {
+        "wav.scp": [f"u{i} {tmp_path / 'wavs' / f'u{i}.wav'}".encode() for i in range(num_utts)],
+        "text": [f"u{i} words of {i}".encode() for i in range(num_utts)],
+        "utt2spk": [f"u{i} spk{i % 2}".encode() for i in range(num_utts)],
+        "utt2lang": [f"u{i} en".encode() for i in range(num_utts)]}
+
+
+def _write_kaldi(data_dir, files):
+    for name, lines in files.items():
+        (data_dir / name).write_bytes(b"\n".join(lines) + b"\n")
+
+
+# A line of each Kaldi file that is not UTF-8 (b"\xff\xfe" in the middle of the file): it rejects the one
+# utterance it is about, the reason naming file and line, or, where its id itself is unreadable, the line alone.
+@pytest.mark.parametrize("name, line, where, reason", [
+    ("wav.scp", b"u2 /wavs/\xff\xfe.wav", {"utt": "u2"}, "wav.scp line 3: not valid UTF-8 at byte 9"),
+    ("text", b"u2 caf\xff\xfe au lait", {"utt": "u2"}, "text line 3: not valid UTF-8 at byte 6"),
+    ("utt2spk", b"u2 \xff\xfe", {"utt": "u2"}, "utt2spk line 3: not valid UTF-8 at byte 3"),
+    ("utt2lang", b"u2 d\xff\xfe", {"utt": "u2"}, "utt2lang line 3: not valid UTF-8 at byte 4"),
+    ("text", b"\xff\xfe2 lost", {"file": "text", "line": 3}, "not valid UTF-8 at byte 0"),
+], ids=["wav.scp", "text", "utt2spk", "utt2lang", "text-id"])
+def test_kaldi_line_of_invalid_utf8_is_rejected_alone(tmp_path, name, line, where, reason):
+    data_dir, files = _kaldi_dir(tmp_path, 5)
+    files[name][2] = line
+    _write_kaldi(data_dir, files)
+    index = prepare(read_kaldi(str(data_dir)), str(tmp_path / "out"), workers=1, progress=False)
+    kept = ["u0", "u1", "u3", "u4"]
+    audio = None if name == "wav.scp" or "file" in where else str(tmp_path / "wavs" / "u2.wav")
+    expected = [{**where, "audio": audio, "reason": reason}]
+    if "file" in where:  # nothing says the line was u2's: u2 then has no transcript (wav.scp's order first)
+        expected.insert(0, {"utt": "u2", "audio": str(tmp_path / "wavs" / "u2.wav"), "reason": "no transcript in text"})
+    assert index["rejects"] == expected
+    samples = _samples(tmp_path / "out")
+    assert list(samples) == kept
+    for utt in kept:
+        i = int(utt[1:])
+        meta = json.loads(samples[utt]["json"])
+        assert (meta["text"], meta["speaker"], meta["language"], meta["num_samples"]) == (
+            f"words of {i}", f"spk{i % 2}", "en", 800 + 160 * i)
+        np.testing.assert_array_equal(_pcm_of(samples[utt]["flac"]), _pcm(i, 800 + 160 * i))
+
+
+def test_kaldi_every_other_bad_line_is_rejected_alone_and_named(tmp_path):
+    data_dir, files = _kaldi_dir(tmp_path, 8)
+    files["wav.scp"][3] = b"\xff\xfe " + files["wav.scp"][3].split(b" ", 1)[1]   # u3's line, id unreadable
+    files["text"][1] = b"u1"                                                      # no transcript
+    files["text"].insert(5, b"u0 said twice")                                     # repeats line 1
+    files["utt2spk"][4] = b"u4  "                                                 # no speaker
+    files["utt2spk"].append(b"u9 \xff")                                           # not UTF-8, no such utterance
+    files["utt2lang"][5] = b"u5"                                                  # no language
+    files["text"].append(b"u8 no audio for me")
+    _write_kaldi(data_dir, files)
+    corpus = read_kaldi(str(data_dir))
+    wav = str(tmp_path / "wavs")
+    assert [(r.where, r.audio, r.reason) for r in corpus.rejects] == [
+        ({"utt": "u1"}, f"{wav}/u1.wav", "text line 2: no transcript after the utterance id"),
+        ({"file": "wav.scp", "line": 4}, None, "not valid UTF-8 at byte 0"),
+        ({"utt": "u4"}, f"{wav}/u4.wav", "utt2spk line 5: no speaker after the utterance id"),
+        ({"utt": "u5"}, f"{wav}/u5.wav", "utt2lang line 6: no language after the utterance id"),
+        ({"utt": "u3"}, None, "no audio in wav.scp"),                # its wav.scp line was unreadable
+        ({"file": "text", "line": 6}, None, "utterance 'u0' repeated (first on line 1)"),
+        ({"utt": "u8"}, None, "no audio in wav.scp"),
+        ({"utt": "u9"}, None, "utt2spk line 9: not valid UTF-8 at byte 3"),
+    ]
+    assert [c.key for c in corpus.candidates] == ["u0", "u2", "u6", "u7"]
+    assert corpus.candidates[0].record == {"id": "u0", "text": "words of 0", "speaker": "spk0", "language": "en"}
+    proc = _cli("kaldi", str(data_dir), str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        "8 rejected (2 invalid UTF-8, 2 no audio, 1 no language, 1 no speaker, 1 no transcript, "
+        "1 repeated utterance)")
+    assert list(_samples(tmp_path / "out")) == ["u0", "u2", "u6", "u7"]
+
+
+def test_folder_transcript_of_invalid_utf8_rejects_its_file_alone(tmp_path):
+    root = tmp_path / "voice"
+    root.mkdir()
+    for i in range(3):
+        sf.write(root / f"a{i}.wav", _pcm(i, 800), 16000, subtype="PCM_16")
+        (root / f"a{i}.txt").write_bytes(b"\xef\xbb\xbfline one\r\nline " + str(i).encode() + b"\r\n")  # BOM, CRLF
+    (root / "a1.txt").write_bytes(b"first line\nsecond \xff\xfe line\n")
+    index = prepare(read_folder(str(root)), str(tmp_path / "out"), workers=1, progress=False)
+    assert index["rejects"] == [{"file": "a1.wav", "audio": "a1.wav",
+                                 "reason": f"transcript {root / 'a1.txt'} line 2: not valid UTF-8 at byte 7"}]
+    samples = _samples(tmp_path / "out")
+    assert {k: json.loads(v["json"])["text"] for k, v in samples.items()} == {"a0": "line one line 0",
+                                                                           "a2": "line one line 2"}
+
+
+def test_librispeech_folder_reads_trans_txt_lines_and_rejects_bad_ones_alone(tmp_path):
+    # root/SPEAKER/CHAPTER/SPEAKER-CHAPTER-NNNN.flac with one SPEAKER-CHAPTER.trans.txt per chapter folder.
+    root = tmp_path / "LibriSpeech" / "test-clean"
+    chapter = root / "1272" / "128104"
+    chapter.mkdir(parents=True)
+    utts = [f"1272-128104-000{i}" for i in range(6)]
+    for i, utt in enumerate(utts):
+        sf.write(chapter / f"{utt}.flac", _pcm(i, 800 + 80 * i), 16000, subtype="PCM_16")
+    (chapter / "1272-128104.trans.txt").write_bytes(b"\n".join([
+        b"1272-128104-0000 MISTER QUILTER IS THE APOSTLE",
+        b"1272-128104-0001 NOR IS MISTER QUILTER'S MANNER",
+        b"1272-128104-0002 HE HAS GRAVE \xff\xfe DOUBTS",                    # not UTF-8: rejects 0002 alone
+        b"\xff\xfe-128104-0003 LOST",                                         # unreadable id: the line alone
+        b"1272-128104-0004",                                                  # no text
+        b"1272-128104-0001 SAID TWICE",                                       # repeated id
+        b"1272-128104-0005 LINNELL'S PICTURES",
+        b"1272-128104-0009 A LINE WITHOUT AUDIO IS IGNORED"]) + b"\n")
+    proc = _cli("folder", str(root), str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    index = read_index(str(tmp_path / "out"))
+    chapter_rel = "1272/128104"
+    trans = f"{chapter_rel}/1272-128104.trans.txt"
+    assert index["rejects"] == [
+        {"file": f"{chapter_rel}/{utts[2]}.flac", "audio": f"{chapter_rel}/{utts[2]}.flac",
+         "reason": f"{trans} line 3: not valid UTF-8 at byte 30"},
+        {"file": f"{chapter_rel}/{utts[3]}.flac", "audio": f"{chapter_rel}/{utts[3]}.flac",
+         "reason": f"no transcript: expected {utts[3]}.txt or {utts[3]}.lab beside it, or a line "
+                   f"'{utts[3]} ...' in {trans}"},
+        {"file": f"{chapter_rel}/{utts[4]}.flac", "audio": f"{chapter_rel}/{utts[4]}.flac",
+         "reason": f"{trans} line 5: no transcript after the utterance id"},
+        {"file": trans, "line": 4, "audio": None, "reason": "not valid UTF-8 at byte 0"},
+        {"file": trans, "line": 6, "audio": None, "reason": f"utterance '{utts[1]}' repeated (first on line 2)"}]
+    samples = _samples(tmp_path / "out")
+    assert list(samples) == [f"1272_128104_{u}" for u in (utts[0], utts[1], utts[5])]
+    metas = [json.loads(v["json"]) for v in samples.values()]
+    assert [(m["text"], m["speaker"], m["num_samples"]) for m in metas] == [
+        ("MISTER QUILTER IS THE APOSTLE", "1272", 800), ("NOR IS MISTER QUILTER'S MANNER", "1272", 880),
+        ("LINNELL'S PICTURES", "1272", 1200)]
+
+
+def test_parquet_string_cell_of_invalid_utf8_rejects_its_row_alone(tmp_path):
+    # Arrow strings must be UTF-8, but a parquet file written by another tool may hold one that is not;
+    # reading the column whole would fail the corpus.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def strings(values):
+        return pa.array(values, type=pa.binary()).view(pa.string())
+    sf.write(tmp_path / "a.wav", _pcm(1, 800), 16000, subtype="PCM_16")
+    pq.write_table(pa.table({
+        "audio": strings([b"a.wav", b"a.wav", b"a.wav", b"a\xff\xfe.wav", b"a.wav"]),
+        "text": strings([b"zero", b"one", b"t\xff\xfeo", b"three", b"four"]),
+        "speaker": strings([b"s", b"\xff\xfe", b"s", b"s", b"s"])}), str(tmp_path / "t.parquet"))
+    index = prepare(read_hf(str(tmp_path / "t.parquet")), str(tmp_path / "out"), workers=1, progress=False)
+    assert index["rejects"] == [
+        {"row": 1, "audio": "row 1", "reason": "column 'speaker': not valid UTF-8 at byte 0"},
+        {"row": 2, "audio": "row 2", "reason": "column 'text': not valid UTF-8 at byte 1"},
+        {"row": 3, "audio": "row 3", "reason": "column 'audio': not valid UTF-8 at byte 1"}]
+    samples = _samples(tmp_path / "out")
+    assert {k: json.loads(v["json"])["text"] for k, v in samples.items()} == {"train-00000000": "zero",
+                                                                           "train-00000004": "four"}
+    # The same in the path of datasets' Audio struct {"bytes", "path"}: that row alone goes.
+    audio = pa.StructArray.from_arrays([pa.array([_wav_bytes(_pcm(i, 800)) for i in range(3)]),
+                                        strings([b"a.wav", b"\xff\xfe.wav", b"c.wav"])], names=["bytes", "path"])
+    pq.write_table(pa.table({"audio": audio, "text": ["zero", "one", "two"]}), str(tmp_path / "s.parquet"))
+    index = prepare(read_hf(str(tmp_path / "s.parquet")), str(tmp_path / "out_s"), workers=1, progress=False)
+    assert index["rejects"] == [{"row": 1, "audio": "row 1", "reason": "column 'audio': not valid UTF-8 at byte 0"}]
+    assert [json.loads(v["json"])["source"] for v in _samples(tmp_path / "out_s").values()] == ["a.wav", "c.wav"]

@@ -14,7 +14,7 @@ RECIPES = sorted(str(p.relative_to(REPO)) for p in (REPO / "recipes").rglob("*.y
 
 def test_the_expected_recipes_exist():
     for name in ("recipes/demo/asr.yaml", "recipes/demo/curriculum.yaml", "recipes/lora/custom_voice.yaml",
-                 "recipes/step_audio2/curriculum.yaml", "recipes/step_audio2/sft.yaml"):
+                 "recipes/lora/s2st.yaml", "recipes/step_audio2/curriculum.yaml", "recipes/step_audio2/sft.yaml"):
         assert name in RECIPES
 
 
@@ -68,22 +68,58 @@ def test_paper_curriculum_budgets_rates_and_sequence_lengths():
     align = st["align"]
     tokens_per_step = 8 * 8 * align.engine.grad_accum_steps * align.data.max_tokens
     assert align.max_tokens / tokens_per_step == pytest.approx(12_000, rel=0.01)
-    stage2_weights = {d.task: d.weight for d in ext.data.datasets}
-    assert stage2_weights == {"tts": 80.0, "dialogue": 32.0, "interleaved_continuation": 16.0}
+
+
+def test_paper_curriculum_holds_the_reports_whole_mixture():
+    # The report's token shares in billions, per stage: every data type, text included, and their sums are
+    # the stage budgets (stage 2: 128B text + 128B audio; stage 3: 800B; stage 4: 200B).
+    _, st = paper_stages()
+    mixture = {n: sorted((d.name, d.task, d.weight) for d in st[n].data.datasets)
+               for n in ("align", "extend", "main", "cooldown")}
+    assert mixture == {
+        "align": [("asr", "asr", 1.0)],
+        "extend": sorted([("text", "text", 128.0), ("tts", "tts", 80.0), ("conversation", "dialogue", 32.0),
+                          ("interleaved", "interleaved_continuation", 16.0)]),
+        "main": sorted([("text", "text", 400.0), ("asr", "asr", 42.0), ("tts", "tts", 120.0),
+                        ("s2tt", "s2tt", 8.0), ("t2st", "t2st", 30.0),
+                        ("speech_to_text_continuation", "speech_to_text_continuation", 5.0),
+                        ("interleaved", "interleaved_continuation", 45.0),
+                        ("conversation", "dialogue", 150.0)]),
+        "cooldown": sorted([("asr", "asr", 24.6), ("tts", "tts", 12.4), ("paralinguistic", "para_caption", 2.4),
+                            ("s2tt", "s2tt", 3.6), ("s2st", "s2st", 6.0),
+                            ("interleaved_conversation", "dialogue", 15.0), ("conversation", "dialogue", 36.0),
+                            ("text", "text", 100.0)]),
+    }
+    for name in ("extend", "main", "cooldown"):
+        assert sum(w for _, _, w in mixture[name]) * 1e9 == pytest.approx(st[name].max_tokens)
 
 
 def test_demo_curriculum_stages_data_and_metrics():
     cfg = load_config(str(REPO / "recipes/demo/curriculum.yaml"))
     st = [stage_config(cfg, i) for i in range(len(cfg.stages))]
-    assert [s.name for s in cfg.stages] == ["asr", "tts", "mix", "dialogue"]
-    assert [one.eval.metric for one in st] == ["wer", "code_accuracy", "bleu", "code_accuracy"]
+    assert [s.name for s in cfg.stages] == ["asr", "tts", "mix", "dialogue", "para"]
+    assert [one.eval.metric for one in st] == ["wer", "code_accuracy", "bleu", "code_accuracy", "paralinguistic"]
     assert [one.eval.shards for one in st] == [[f"runs/demo/shards/{t}/heldout"] for t in ("asr", "tts", "s2tt",
-                                                                                        "dialogue")]
+                                                                                        "dialogue", "para")]
     assert st[0].data.shards == ["runs/demo/shards/asr/train"] and st[3].data.task == "dialogue"
     assert {d.name: d.shards for d in st[2].data.datasets} == {
-        t: [f"runs/demo/shards/{t}/train"] for t in ("asr", "tts", "s2tt")}
+        t: [f"runs/demo/shards/{t}/train"] for t in ("asr", "tts", "s2tt", "para")}
+    assert (st[2].data.datasets[3].task, st[4].data.task, st[4].eval.max_samples) == ("para_qa", "para_qa", 24)
     assert [one.run_dir for one in st] == [f"runs/demo/curriculum/stages/{i}-{n}"
-                                           for i, n in enumerate(["asr", "tts", "mix", "dialogue"])]
+                                           for i, n in enumerate(["asr", "tts", "mix", "dialogue", "para"])]
     # The CPU budget: ~1.3 steps/s at batch 16 -> at most ~12 minutes of steps for the whole curriculum.
     assert sum(one.max_steps * one.data.batch_size for one in st) / 16 / 1.3 <= 12 * 60
     assert all(one.model.preset == "demo" and one.data.audio_tokenizer == "kmeans:runs/demo/kmeans.pt" for one in st)
+
+
+def test_lora_s2st_recipe_trains_speech_translation_from_the_release():
+    cfg = load_config(str(REPO / "recipes/lora/s2st.yaml"))
+    assert cfg.lora.enabled and cfg.lora.init_from and cfg.model.init_from is None
+    assert cfg.lora.train_audio_rows and cfg.lora.adapter  # it hears a new language and speaks another
+    assert (cfg.data.task, cfg.data.shards, cfg.data.tokenizer) == ("s2st", ["runs/s2st/shards/train"],
+                                                                    cfg.lora.init_from)
+    assert (cfg.eval.metric, cfg.eval.shards) == ("code_accuracy", ["runs/s2st/shards/heldout"])
+    assert cfg.engine.zero_stage == 2 and cfg.checkpoint.export
+    # The data command its comments give is the one data.prepare has.
+    text = (REPO / "recipes/lora/s2st.yaml").read_text()
+    assert "python -m data.prepare s2st /data/pairs/train.parquet runs/s2st/shards/train" in text

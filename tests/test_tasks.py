@@ -35,8 +35,8 @@ def _render(tok_ids, task, meta, mel_frames, codes, **options):
 
 def test_registry_names():
     assert list(TASKS) == ["asr", "asr_chat", "tts", "s2tt", "s2st", "para_caption", "para_qa", "dialogue",
-                           "tool_call", "sft", "audio_continuation", "interleaved_continuation", "preference",
-                           "text"]
+                           "tool_call", "sft", "audio_continuation", "interleaved_continuation",
+                           "speech_to_text_continuation", "preference", "text", "t2st", "timbre_search"]
 
 
 def test_asr(tok_ids):

@@ -272,3 +272,19 @@ def test_loader_refuses_codes_of_another_tokenizer(dataset, kmeans_file, tmp_pat
     assert str(err.value) == expected
     with pytest.raises(ValueError, match="expected a tokenizer hash"):
         check_audio_tokenizer(shards, "no-such-file.pt")
+
+
+def test_a_new_audio_tokenizer_kind_is_one_register_call(kmeans_file, tmp_path, monkeypatch):
+    from data import audio_tokenizers as A
+
+    monkeypatch.setattr(A, "AUDIO_TOKENIZERS", dict(A.AUDIO_TOKENIZERS))
+    A.register_audio_tokenizer("mine", A.TokenizerKind(KMeansTokenizer.load, lambda path: "ab" * 32, suffix=".mine"))
+    mine = tmp_path / "t.mine"
+    mine.write_bytes(open(kmeans_file, "rb").read())
+    assert isinstance(load_audio_tokenizer(f"mine:{mine}"), KMeansTokenizer)
+    assert audio_tokenizer_hash(str(mine)) == "ab" * 32  # a bare path: its suffix picks the kind
+    assert audio_tokenizer_hash(kmeans_file) == KMeansTokenizer.load(kmeans_file).hash()  # no suffix: k-means
+    with pytest.raises(ValueError, match=r"no file 'nope.pt' \(expected one of kmeans:FILE, s3:FILE, mine:FILE\)"):
+        load_audio_tokenizer("kmeans:nope.pt")
+    with pytest.raises(ValueError, match=r"audio tokenizer name 'My-Tok'"):
+        A.register_audio_tokenizer("My-Tok", A.TokenizerKind(KMeansTokenizer.load, str))

@@ -1,5 +1,7 @@
 """Held-out metrics of a curriculum stage: ASR word error rate, teacher-forced audio-code accuracy of
-speech answers (TTS, spoken dialogue), and BLEU of text answers (speech translation).
+speech answers (TTS, spoken dialogue), BLEU of text answers (speech translation), and the voice metrics of
+train.eval_voice: paralinguistic accuracy per attribute, and speaker similarity of spoken answers to the clip
+their prompt carries (timbre from retrieved audio).
 
 The usable samples are split across ranks (rank r takes the r-th, (r + W)-th, ... of them), run in
 batches on the model's device, and every rank's per-sample results are gathered before the metric is
@@ -26,11 +28,12 @@ from data.loader import iter_eval_samples, iter_rendered
 from data.templates import IGNORE_INDEX
 from data.tokenizer import SpecialIds
 from model.generate import generate
+from train import eval_voice
 from train.engine import to_device
 
 logger = logging.getLogger(__name__)
 
-METRICS = ("wer", "code_accuracy", "bleu")
+METRICS = ("wer", "code_accuracy", "bleu", "paralinguistic", "speaker_similarity")
 _NUM_EXAMPLES = 3
 _EXAMPLE_CODES = 16  # codes shown per code_accuracy example
 
@@ -93,7 +96,8 @@ def _bleu_samples(shards, tok, ids: SpecialIds, instruction: str, max_samples: i
                "ref": tok.decode(s["labels"][start:end], skip_special_tokens=True).strip()}
 
 
-_SAMPLES = {"wer": _asr_samples, "code_accuracy": _code_samples, "bleu": _bleu_samples}
+_SAMPLES = {"wer": _asr_samples, "code_accuracy": _code_samples, "bleu": _bleu_samples,
+            "paralinguistic": eval_voice.paralinguistic_samples, "speaker_similarity": eval_voice.speaker_samples}
 
 
 # ------------------------------------------------------------------------------------------ batches
@@ -114,11 +118,16 @@ def _inputs(batch: List[Dict[str, Any]], pad_id: int, left: bool, device: torch.
     return to_device(ids_BT, device), to_device(mask_BT, device), mels, (None if mels is None else mel_lengths)
 
 
-def _generated(model, batch, tok, ids: SpecialIds, max_new_tokens: int, device, dtype) -> List[str]:
-    """Greedy answers of a batch of prompts (left-padded, generated together), decoded."""
+def _generated_ids(model, batch, ids: SpecialIds, max_new_tokens: int, device, dtype,
+                   stops: Tuple[int, ...]) -> List[List[int]]:
+    """Greedy new ids of a batch of prompts (left-padded, generated together), each up to its first stop."""
     ids_BT, mask_BT, mels, mel_lengths = _inputs(batch, ids.end_of_text, True, device, dtype)
-    new_ids = generate(model, ids_BT, mask_BT, mels, mel_lengths, max_new_tokens=max_new_tokens,
-                       stop_token_ids=(ids.end_of_text, ids.eot))
+    return generate(model, ids_BT, mask_BT, mels, mel_lengths, max_new_tokens=max_new_tokens, stop_token_ids=stops)
+
+
+def _generated(model, batch, tok, ids: SpecialIds, max_new_tokens: int, device, dtype) -> List[str]:
+    """Greedy text answers of a batch of prompts, decoded."""
+    new_ids = _generated_ids(model, batch, ids, max_new_tokens, device, dtype, (ids.end_of_text, ids.eot))
     return [tok.decode(row, skip_special_tokens=True) for row in new_ids]
 
 
@@ -174,6 +183,10 @@ def _model_device_dtype(model: torch.nn.Module) -> Tuple[torch.device, torch.dty
 # ------------------------------------------------------------------------------------------ metrics
 
 def _summary(metric: str, records: List[Dict[str, Any]], shards: List[str]) -> Dict[str, Any]:
+    if metric == "paralinguistic":
+        return eval_voice.paralinguistic_summary(records, shards)
+    if metric == "speaker_similarity":
+        return eval_voice.speaker_summary(records, shards)
     examples = [{"key": r["key"], "ref": r["ref"], "hyp": r["hyp"]} for r in records[:_NUM_EXAMPLES]]
     if metric == "code_accuracy":
         total = sum(r["total"] for r in records)
@@ -196,11 +209,17 @@ def _summary(metric: str, records: List[Dict[str, Any]], shards: List[str]) -> D
 def run_eval(metric: str, model: torch.nn.Module, tok, ids: SpecialIds, shards: List[str], instruction: str,
              max_samples: int, max_new_tokens: int, dtype: Optional[torch.dtype] = None, *,
              device: Optional[torch.device] = None, rank: int = 0, world_size: int = 1, batch_size: int = 8,
-             beat: Optional[Callable[[], None]] = None) -> Dict[str, Any]:
+             beat: Optional[Callable[[], None]] = None, speaker_model: Optional[str] = None,
+             vocoder: Optional[str] = None) -> Dict[str, Any]:
     """{"metric", "value", "num_samples", "examples": [{"key", "ref", "hyp"}]} of `metric` on the first
     `max_samples` usable held-out samples of `shards`: "wer" (ASR, greedy, 0-1), "code_accuracy"
     (speech answers, teacher-forced, 0-1; also "nll", the codes' mean negative log-likelihood, and
-    "num_codes") or "bleu" (text answers, greedy, 0-100).
+    "num_codes"), "bleu" (text answers, greedy, 0-100), "paralinguistic" (answers about the voice, greedy,
+    matched to each attribute's labels: the mean of the per-attribute accuracies, 0-1; also "attributes",
+    see train.eval_voice.paralinguistic_summary) or "speaker_similarity" (spoken answers, greedy, decoded by
+    `vocoder` (default: the codec named in the shards' tokenizer.json) and compared by the `speaker_model`
+    encoder (default train.eval_voice.DEFAULT_SPEAKER_MODEL) with the clip in the prompt: mean cosine, see
+    train.eval_voice.speaker_summary).
 
     Every one of `world_size` ranks calls it (a collective when world_size > 1: the results are gathered
     with torch.distributed) and gets the same result; this rank (`rank`) runs samples rank, rank +
@@ -219,6 +238,7 @@ def run_eval(metric: str, model: torch.nn.Module, tok, ids: SpecialIds, shards: 
     model_device, model_dtype = _model_device_dtype(model)
     device = model_device if device is None else torch.device(device)
     dtype = model_dtype if dtype is None else dtype
+    scorer = eval_voice.SpeakerScorer(shards, speaker_model, vocoder) if metric == "speaker_similarity" else None
     samples = ({**s, "index": i} for i, s in enumerate(_SAMPLES[metric](shards, tok, ids, instruction, max_samples)))
     records: List[Dict[str, Any]] = []
     was_training = model.training
@@ -227,9 +247,13 @@ def run_eval(metric: str, model: torch.nn.Module, tok, ids: SpecialIds, shards: 
         for batch in _batches(islice(samples, rank, None, world_size), batch_size):
             if metric == "code_accuracy":
                 results = _teacher_forced(model, batch, ids, device, dtype)
+            elif scorer is not None:
+                stops = (ids.end_of_text, ids.eot, ids.tts_end)
+                results = scorer.score(batch, _generated_ids(model, batch, ids, max_new_tokens, device, dtype, stops),
+                                       ids, tok)
             else:
                 clean = normalize_text if metric == "wer" else str.strip
-                results = [{"ref": s["ref"], "hyp": clean(hyp)}
+                results = [{"ref": s["ref"], "hyp": clean(hyp), **{k: s[k] for k in ("refs", "task") if k in s}}
                            for s, hyp in zip(batch, _generated(model, batch, tok, ids, max_new_tokens, device, dtype))]
             records += [{"index": s["index"], "key": s["key"], **r} for s, r in zip(batch, results)]
             if beat is not None:

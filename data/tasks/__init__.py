@@ -12,9 +12,11 @@ from data.tasks.dialogue import DIALOGUE_TASKS
 from data.tasks.preference import PREFERENCE_TASKS
 from data.tasks.speech import SPEECH_TASKS
 from data.tasks.text import TEXT_TASKS
+from data.tasks.timbre import TIMBRE_TASKS
+from data.tasks.translation import TRANSLATION_TASKS
 
 TASKS: Dict[str, Task] = {t.name: t for t in SPEECH_TASKS + DIALOGUE_TASKS + CONTINUATION_TASKS + PREFERENCE_TASKS
-                          + TEXT_TASKS}
+                          + TEXT_TASKS + TRANSLATION_TASKS + TIMBRE_TASKS}
 DEFAULT_TASK = "asr"
 
 __all__ = ["ANSWERS", "AUDIO", "CODES", "DEFAULT_TASK", "TARGET_AUDIO", "TARGET_CODES", "TASKS", "RenderOptions",

@@ -1,9 +1,10 @@
-"""Base-format continuation (no role tags): speech continued as TA4 speech, and text continued as
-interleaved text and speech. Loss falls on everything after `<tts_start>`, ending at `<|endoftext|>`."""
+"""Base-format continuation (no role tags): speech continued as TA4 speech, speech continued as text, and
+text continued as interleaved text and speech. Loss falls on the continuation (everything after the heard
+audio, or after `<tts_start>`), ending at `<|endoftext|>`."""
 from __future__ import annotations
 
 from data.tasks.base import AUDIO, CODES, TARGET_CODES, RenderOptions, Sample, Task, text_field
-from data.templates import Builder, Rendered, audio_spans, speech_answer, text_ids
+from data.templates import Builder, Rendered, TemplateError, audio_spans, speech_answer, text_ids
 
 
 def _audio_continuation(s: Sample, tok, ids, opt: RenderOptions) -> Rendered:
@@ -15,6 +16,21 @@ def _audio_continuation(s: Sample, tok, ids, opt: RenderOptions) -> Rendered:
     if opt.with_answer:
         text = text_ids(text_field(s.meta, "continuation", ""), tok, ids)
         out.add(speech_answer(text, s.codes[TARGET_CODES], ids) + [ids.end_of_text], labelled=True)
+    return out.done()
+
+
+def _speech_to_text_continuation(s: Sample, tok, ids, opt: RenderOptions) -> Rendered:
+    """The recording's audio heard, then the text that continues it ("continuation", e.g. the transcript
+    of what follows the cut) as plain text."""
+    out = Builder()
+    out.add(audio_spans(s.mel_frames[AUDIO], ids))
+    out.audio.append(AUDIO)
+    if opt.with_answer:
+        text = text_field(s.meta, "continuation")
+        if not text.strip():
+            raise TemplateError("missing_text", f"record field 'continuation' is {text!r}: expected non-empty "
+                                                f"text")
+        out.add(text_ids(text, tok, ids) + [ids.end_of_text], labelled=True)
     return out.done()
 
 
@@ -33,4 +49,6 @@ CONTINUATION_TASKS = [
          doc="base: audio span, then <tts_start> TA4 of \"continuation\" + target.codes.npy"),
     Task("interleaved_continuation", _interleaved_continuation, codes=lambda meta: [CODES],
          doc="base: \"prompt\" text, then <tts_start> TA4 of \"text\" + codes.npy"),
+    Task("speech_to_text_continuation", _speech_to_text_continuation, lambda meta: [AUDIO],
+         doc="base: audio span, then \"continuation\" as text + <|endoftext|>"),
 ]
