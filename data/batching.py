@@ -298,15 +298,21 @@ def _metas(samples: List[Dict[str, Any]]) -> Optional[List[Any]]:
     return [s["meta"] for s in samples] if have else None
 
 
-def _batch(rows: List[List[Dict[str, Any]]], pad_id: int, length: int, packed: bool) -> Dict[str, Any]:
+def _batch(rows: List[List[Dict[str, Any]]], pad_id: int, length: int, packed: bool,
+           pairs: bool = False) -> Dict[str, Any]:
     """The batch dict: input_ids, labels, attention_mask, position_ids (and segment_ids if packed) [R, L];
-    mels [N, 128, Fmax] or None and mel_lengths [N] of every chunk in row-major sample order; keys, uids,
-    num_samples, num_tokens (real), num_loss_tokens (labelled targets, labels[:, 1:] != -100), num_audio_s;
-    "meta" per sample where the samples carry it; packed: cu_seq_lens and max_length for flash-attention's
-    varlen kernel. Counts are host-side ints built here so that no GPU step syncs with the host to learn them."""
-    ids, labels, mask, positions, segments = [], [], [], [], []
+    sample_index [R, L]: the sample each position belongs to, as an index into keys (and the loader's
+    "datasets", for per-dataset losses), -1 on padding; mels [N, 128, Fmax] or None and mel_lengths [N] of
+    every chunk in row-major sample order; keys, uids, num_samples, num_tokens (real), num_loss_tokens
+    (labelled targets, labels[:, 1:] != -100), num_audio_s; "meta" per sample where the samples carry it;
+    packed: cu_seq_lens and max_length for flash-attention's varlen kernel. Counts are host-side ints built
+    here so that no GPU step syncs with the host to learn them."""
+    ids, labels, mask, positions, segments, owners = [], [], [], [], [], []
+    # A pair's two rows (collate_pairs: the chosen rows, then the rejected ones) are both its sample.
+    num_samples = len(rows) // 2 if pairs else sum(len(row) for row in rows)
+    index = 0
     for row in rows:
-        r_ids, r_labels, r_pos, r_seg = [], [], [], []
+        r_ids, r_labels, r_pos, r_seg, r_own = [], [], [], [], []
         for segment, s in enumerate(row, 1):
             n = len(s["input_ids"])
             if len(s["labels"]) != n:
@@ -316,6 +322,8 @@ def _batch(rows: List[List[Dict[str, Any]]], pad_id: int, length: int, packed: b
             r_labels += ([IGNORE_INDEX] + list(s["labels"][1:])) if packed and n else s["labels"]
             r_pos += range(n)
             r_seg += [segment] * n
+            r_own += [index % num_samples] * n
+            index += 1
         pad = length - len(r_ids)
         assert pad >= 0, (length, len(r_ids))
         ids.append(r_ids + [pad_id] * pad)
@@ -323,6 +331,7 @@ def _batch(rows: List[List[Dict[str, Any]]], pad_id: int, length: int, packed: b
         mask.append([1] * len(r_ids) + [0] * pad)
         positions.append(r_pos + [0] * pad)
         segments.append(r_seg + [0] * pad)
+        owners.append(r_own + [-1] * pad)
     samples = [s for row in rows for s in row]
     mels, mel_lengths = pad_mels([m for s in samples for m in s["mels"]])
     labels_RL = torch.tensor(labels, dtype=torch.long)
@@ -330,6 +339,7 @@ def _batch(rows: List[List[Dict[str, Any]]], pad_id: int, length: int, packed: b
              "attention_mask": torch.tensor(mask, dtype=torch.long),
              "labels": labels_RL,
              "position_ids": torch.tensor(positions, dtype=torch.long),
+             "sample_index": torch.tensor(owners, dtype=torch.long),
              "mels": mels, "mel_lengths": mel_lengths, "keys": [s["key"] for s in samples],
              "uids": [s.get("uid") for s in samples], "num_samples": len(samples),
              "num_tokens": sum(len(s["input_ids"]) for s in samples),
@@ -380,7 +390,7 @@ def collate_pairs(pairs: List[Dict[str, Any]], pad_id: int) -> Dict[str, Any]:
     if bad:
         raise ValueError(f"sample {bad[0]!r} is not a pair: expected \"pair\": [chosen, rejected] in every sample")
     rows = [[p["pair"][0]] for p in pairs] + [[p["pair"][1]] for p in pairs]
-    batch = _batch(rows, pad_id, max(len(row[0]["input_ids"]) for row in rows), packed=False)
+    batch = _batch(rows, pad_id, max(len(row[0]["input_ids"]) for row in rows), packed=False, pairs=True)
     batch.update(keys=[p["key"] for p in pairs], uids=[p.get("uid") for p in pairs], num_samples=len(pairs),
                  num_pairs=len(pairs))
     metas = _metas(pairs)

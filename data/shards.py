@@ -2,7 +2,8 @@
 
 A dataset folder holds shard-000000.tar, ... and index.json (counts, durations, checksums, rejects);
 see `ShardWriter`, `read_index` and `shard_paths`. Writers write local folders; readers also take the
-folder or its shards as URLs or pipe: commands (data.remote).
+folder or its shards as URLs or pipe: commands (data.remote), except the commands that open shards as
+files, which take `local_shard_paths`.
 """
 from __future__ import annotations
 
@@ -199,6 +200,20 @@ def shard_paths(spec: Union[str, Sequence[str]]) -> list[str]:
             raise ValueError(f"shard spec {spec!r}: nothing matches {pattern!r}")
         paths.extend(matches)
     return paths
+
+
+def local_shard_paths(spec: Union[str, Sequence[str]], command: str,
+                      why: str = "reads its shards as local files") -> list[str]:
+    """shard_paths for a command that needs its shards on this machine (it writes beside them, or opens them
+    as files): a URL or pipe: spec is refused before any work, naming it, rather than failing later on a
+    path that does not exist. `command` and `why` start the message ("data.tokenize writes next to its
+    shards")."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    for item in specs:
+        if remote.is_remote(item):
+            raise ValueError(f"{command} {why}: {item} is not a local folder or file; copy the shards to a local "
+                             "folder first (training and evaluation read shards at URLs through the loader)")
+    return shard_paths(specs)
 
 
 def _remote_shard_paths(spec: str) -> list[str]:

@@ -16,7 +16,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import soundfile as sf
 
-from data.shards import shard_paths
+from data.shards import local_shard_paths
 
 DIMENSIONS = ("task", "language", "speaker", "style")
 DEFAULT_TASK = "asr"
@@ -157,7 +157,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     args = parser.parse_args(argv)
     try:
-        paths = shard_paths(args.shards)
+        paths = local_shard_paths(args.shards, "data.stats")
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

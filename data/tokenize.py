@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from data.audio import AudioError, read_audio_bytes
 from data.audio_tokenizers import AudioTokenizer, KMeansTokenizer, fit_kmeans, load_audio_tokenizer, pooled_mel_NM
-from data.shards import INDEX_FORMAT, INDEX_NAME, file_sha256, read_index, shard_paths, write_index
+from data.shards import INDEX_FORMAT, INDEX_NAME, file_sha256, local_shard_paths, read_index, write_index
 from data.stats import categories
 
 STATE_NAME = "tokenize_state.json"
@@ -263,10 +263,11 @@ def tokenize_shards(specs: List[str], tokenizer: str, out_dir: Optional[str] = N
     all shards must come from one folder). `audio_tokenizer` injects an already built tokenizer (it
     then runs in this process only). Returns one summary per folder.
     """
+    paths = local_shard_paths(list(specs), "data.tokenize", "writes next to its shards")
     tok = audio_tokenizer or load_audio_tokenizer(tokenizer)  # fail here, not in a worker
     spec = tokenizer if audio_tokenizer is None else audio_tokenizer
     folders: Dict[str, List[str]] = {}
-    for path in shard_paths(list(specs)):
+    for path in paths:
         folders.setdefault(os.path.dirname(os.path.abspath(path)), []).append(os.path.basename(path))
     if out_dir is not None and len(folders) > 1:
         raise ValueError(f"--out {out_dir!r} takes the shards of one dataset folder; the shards named come from "
@@ -286,7 +287,7 @@ def fit_tokenizer(specs: List[str], num_codes: int, out: str, seed: int = 0, ite
     Every member counts because the codes must cover all the speech they will encode: a codec fitted on one
     voice at its default pitch maps a high-pitched answer onto low-pitched codes (the pitch is lost)."""
     feats, total, bad = [], 0, 0
-    paths = shard_paths(list(specs))
+    paths = local_shard_paths(list(specs), "data.tokenize fit")
     with tqdm(total=max_frames, desc="read frames", unit="frame", file=sys.stderr, disable=not progress) as bar:
         for path in paths:
             for key, members in _read_samples(path):

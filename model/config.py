@@ -212,6 +212,14 @@ _PRESETS = {
 }
 
 
+def padded_vocab_size(num_tokens: int, multiple: int = 64) -> int:
+    """The embedding rows for a tokenizer of `num_tokens`: rounded up to a multiple (matmul-friendly shapes;
+    the rows past the tokenizer are never produced by it). Built from Qwen parts the multiple is 512."""
+    if num_tokens < 1 or multiple < 1:
+        raise ValueError(f"padded_vocab_size({num_tokens}, {multiple}): expected positive numbers")
+    return -(-num_tokens // multiple) * multiple
+
+
 def preset_config(name: str, vocab_size: Optional[int] = None, audio_patch_token_id: Optional[int] = None,
                   eos_token_ids: Optional[List[int]] = None) -> StepAudio2Config:
     """A named model size: "tiny" (tests), "demo" (CPU ASR in minutes) or "mini" (the release's shape).

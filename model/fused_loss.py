@@ -45,17 +45,21 @@ def _block_rows(vocab: int, device: torch.device) -> int:
 
 
 def linear_cross_entropy(lm_head: nn.Module, hidden_MH: torch.Tensor, rows_N: torch.Tensor, targets_N: torch.Tensor,
-                         scale: float = 1.0, max_chunk_rows: int = 1024) -> torch.Tensor:
+                         scale: float = 1.0, max_chunk_rows: int = 1024, row_losses: bool = False):
     """scale * sum over i of cross_entropy(lm_head(hidden_MH[rows_N[i]]), targets_N[i]): an fp32 scalar,
     logits in fp32. Only the rows_N rows are computed, and only they get a gradient (the others' is 0).
 
-    With no rows it is 0, still connected to hidden_MH and the weight (their gradients are zeros)."""
+    With no rows it is 0, still connected to hidden_MH and the weight (their gradients are zeros).
+    row_losses=True returns (that scalar, each row's cross-entropy [N]): fp32, detached, unscaled, the very
+    values the scalar sums (per-task losses of a mixture are sums of them); [N] floats more, no logits more."""
     grad_on = torch.is_grad_enabled()
 
-    def fused(input_MH: torch.Tensor, weight_VH: torch.Tensor) -> torch.Tensor:
+    def fused(input_MH: torch.Tensor, weight_VH: torch.Tensor):
         rows = chunk_rows(weight_VH.shape[0], input_MH.device, max_chunk_rows)
-        return _LinearCrossEntropy.apply(input_MH, weight_VH, rows_N, targets_N, float(scale), rows,
-                                         grad_on and input_MH.requires_grad, grad_on and weight_VH.requires_grad)
+        loss, losses_N = _LinearCrossEntropy.apply(input_MH, weight_VH, rows_N, targets_N, float(scale), rows,
+                                                   grad_on and input_MH.requires_grad,
+                                                   grad_on and weight_VH.requires_grad, row_losses)
+        return (loss, losses_N) if row_losses else loss
 
     return call_with_linear(lm_head, hidden_MH, fused)
 
@@ -142,16 +146,21 @@ def _write_back(logits_CV: torch.Tensor, rows: slice, z: torch.Tensor, workspace
         logits_CV[rows].copy_(z)
 
 
-def _cross_entropy_chunk_(logits_CV, targets_C, grad_scale: Optional[float], workspace) -> torch.Tensor:
-    """Sum of the rows' cross-entropies (fp32); with grad_scale, overwrites logits_CV with
-    grad_scale * (softmax - onehot(target)), the gradient of grad_scale * that sum."""
+def _cross_entropy_chunk_(logits_CV, targets_C, grad_scale: Optional[float], workspace,
+                          losses_C: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Sum of the rows' cross-entropies (fp32), each row's also written to losses_C when given; with
+    grad_scale, overwrites logits_CV with grad_scale * (softmax - onehot(target)), the gradient of
+    grad_scale * that sum."""
     total = torch.zeros((), dtype=torch.float32, device=logits_CV.device)
     for rows, z in _fp32_blocks(logits_CV, workspace):
         t = targets_C[rows, None]
         z_target = z.gather(1, t)
         peak = z.amax(1, keepdim=True)
         sums = z.sub_(peak).exp_().sum(1, keepdim=True)  # z now holds exp(z - max)
-        total += (peak + sums.log() - z_target).sum()
+        losses_R1 = peak + sums.log() - z_target
+        total += losses_R1.sum()
+        if losses_C is not None:
+            losses_C[rows] = losses_R1.squeeze(1)
         if grad_scale is not None:
             z.mul_(grad_scale / sums).scatter_add_(1, t, z.new_full(t.shape, -grad_scale))
             _write_back(logits_CV, rows, z, workspace)
@@ -204,13 +213,15 @@ def _scatter_rows(dh_NH: torch.Tensor, rows_N: torch.Tensor, num_rows: int) -> t
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """scale * sum of cross-entropies; forward also computes the gradients (times scale), backward scales them."""
+    """(scale * sum of cross-entropies, each row's cross-entropy [N] or [0] without row_losses); forward also
+    computes the gradients (times scale), backward scales them."""
 
     @staticmethod
-    def forward(ctx, hidden_MH, weight_VH, rows_N, targets_N, scale, rows, grad_hidden, grad_weight):
+    def forward(ctx, hidden_MH, weight_VH, rows_N, targets_N, scale, rows, grad_hidden, grad_weight, row_losses):
         total = torch.zeros((), dtype=torch.float32, device=hidden_MH.device)
         want_grads = grad_hidden or grad_weight
         N = rows_N.shape[0]
+        losses_N = torch.empty(N if row_losses else 0, dtype=torch.float32, device=hidden_MH.device)
         dh_NH = hidden_MH.new_empty(N, hidden_MH.shape[1]) if grad_hidden else None
         dW_VH = None
         workspace = _workspace(weight_VH, rows)
@@ -218,7 +229,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             at = slice(start, start + rows)
             hidden_CH = hidden_MH.index_select(0, rows_N[at])
             logits_CV = torch.mm(hidden_CH, weight_VH.t())
-            total += _cross_entropy_chunk_(logits_CV, targets_N[at], scale if want_grads else None, workspace)
+            total += _cross_entropy_chunk_(logits_CV, targets_N[at], scale if want_grads else None, workspace,
+                                           losses_N[at] if row_losses else None)
             if want_grads:
                 dW_VH = _accumulate(logits_CV, hidden_CH, weight_VH, None if dh_NH is None else dh_NH[at], dW_VH,
                                     grad_weight)
@@ -228,10 +240,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx.grads = (dh_NH, dW_VH)
         ctx.save_for_backward(rows_N)
         ctx.num_rows = hidden_MH.shape[0]
-        return total * scale
+        ctx.mark_non_differentiable(losses_N)
+        return total * scale, losses_N
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, _grad_losses):
         if ctx.grads is None:
             raise RuntimeError("backward ran twice through the fused loss (its gradients are handed out once)")
         dh_NH, dW_VH = ctx.grads
@@ -242,7 +255,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             dh_MH = _scatter_rows(dh_NH.mul_(grad_loss), rows_N, ctx.num_rows)
         if dW_VH is not None:
             dW_VH = dW_VH.mul_(grad_loss)
-        return dh_MH, dW_VH, None, None, None, None, None, None
+        return dh_MH, dW_VH, None, None, None, None, None, None, None
 
 
 class _LinearTokenLogprobs(torch.autograd.Function):

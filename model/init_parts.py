@@ -14,7 +14,7 @@ import safetensors
 import torch
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 
-from model.config import ADAPTER_HIDDEN, AudioEncoderConfig, StepAudio2Config, preset_config
+from model.config import ADAPTER_HIDDEN, AudioEncoderConfig, StepAudio2Config, padded_vocab_size, preset_config
 from model.encoder import Adaptor
 from model.lalm import StepAudio2ForCausalLM
 
@@ -136,7 +136,7 @@ def init_from_parts(qwen_dir: Union[str, Path], audio_dir: Union[str, Path], tok
 
     qwen_dir, audio_dir = Path(qwen_dir), Path(audio_dir)
     patch_id = special_ids(tokenizer).audio_patch
-    vocab_size = -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    vocab_size = padded_vocab_size(len(tokenizer), VOCAB_MULTIPLE)
     derived = parts_config(qwen_dir, audio_dir, vocab_size, patch_id)
     if config is None:
         config = derived

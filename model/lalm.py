@@ -56,6 +56,9 @@ class StepAudio2Output(ModelOutput):
     """[B, T] fp32 from a score model (StepAudio2ForScore): the scalar head on every position (the reward
     model reads it at the last token, the critic uses it as the value of each). (Not "values": the output
     is a dict, whose values() DeepSpeed calls.)"""
+    token_losses: Optional[torch.Tensor] = None
+    """[B, T] fp32, detached, with token_losses=True: at t, the cross-entropy of labels[t] (the values the loss
+    averages); 0 where labels[t] is -100 and at t = 0. Aligned with labels, like token_logprobs."""
 
 
 def _labelled_rows(labels_BT: torch.Tensor, num_loss_tokens: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor, int]:
@@ -293,7 +296,7 @@ class StepAudio2ForCausalLM(nn.Module):
                 segment_ids: Optional[torch.Tensor] = None, num_loss_tokens: Optional[int] = None,
                 num_loss_chunks: int = 0, cu_seq_lens: Optional[torch.Tensor] = None,
                 max_length: Optional[int] = None, token_logprobs: bool = False,
-                temperature: float = 1.0) -> StepAudio2Output:
+                temperature: float = 1.0, token_losses: bool = False) -> StepAudio2Output:
         """Decoder pass over input_ids [B, T] with the audio chunks written into the audio patch rows.
 
         labels [B, T] use -100 for ignored positions; position t predicts labels[t + 1].
@@ -305,12 +308,16 @@ class StepAudio2ForCausalLM(nn.Module):
         forward needs no host-device sync to learn them. num_loss_chunks: see chunked_loss (ZeRO-3).
         token_logprobs=True (with labels; RL): instead of the loss, the log-probability and entropy of every
         labelled token at `temperature`, computed in the same chunks as the loss (see token_logprobs).
+        token_losses=True (with labels): the output also holds each labelled token's cross-entropy, detached
+        (per-task losses of a mixture; see StepAudio2Output.token_losses).
         """
         hidden_BTH, cache = self.decode(input_ids, attention_mask, mels, mel_lengths, position_ids,
                                         past_key_values, use_cache, segment_ids, cu_seq_lens, max_length)
         if labels is None:
             if token_logprobs:
                 raise ValueError("token_logprobs=True needs labels (the tokens whose log-probabilities to compute)")
+            if token_losses:
+                raise ValueError("token_losses=True needs labels (the tokens whose cross-entropies to compute)")
             return StepAudio2Output(logits=self.lm_head(hidden_BTH), past_key_values=cache)
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape "
@@ -320,14 +327,17 @@ class StepAudio2ForCausalLM(nn.Module):
                                                                  num_loss_chunks)
             return StepAudio2Output(token_logprobs=logprobs_BT, entropy=entropy_BT, past_key_values=cache,
                                     num_label_tokens=count)
-        loss, count = self.chunked_loss(hidden_BTH, labels, num_loss_tokens, num_loss_chunks)
-        return StepAudio2Output(loss=loss, past_key_values=cache, num_label_tokens=count)
+        loss, count, *losses = self.chunked_loss(hidden_BTH, labels, num_loss_tokens, num_loss_chunks, token_losses)
+        return StepAudio2Output(loss=loss, past_key_values=cache, num_label_tokens=count,
+                                token_losses=losses[0] if losses else None)
 
     def chunked_loss(self, hidden_BTH: torch.Tensor, labels_BT: torch.Tensor, num_loss_tokens: Optional[int] = None,
-                     num_loss_chunks: int = 0) -> Tuple[torch.Tensor, int]:
+                     num_loss_chunks: int = 0, token_losses: bool = False):
         """(mean next-token cross-entropy over labelled positions, their count), by model.fused_loss: lm_head
         is called once, and the fusion computes the labelled rows only, their loss and its gradients in the
         forward pass, at most LOSS_CHUNK_ROWS rows at a time (fewer for a large vocabulary: chunk_rows).
+        token_losses=True adds a third value: each labelled token's cross-entropy [B, T], aligned with labels
+        (0 elsewhere), fp32 and detached, from the same pass.
 
         num_loss_tokens: the count of labelled targets (labels[:, 1:] != -100) when the caller knows it;
         otherwise it is counted here, one host-device sync. num_loss_chunks is accepted and unused: under
@@ -335,8 +345,14 @@ class StepAudio2ForCausalLM(nn.Module):
         forward whatever its labels (with none the loss is a 0 that still reaches every parameter)."""
         rows_N, targets_N, count = _labelled_rows(labels_BT, num_loss_tokens)
         hidden_MH = hidden_BTH.reshape(-1, hidden_BTH.shape[-1])
-        loss = linear_cross_entropy(self.lm_head, hidden_MH, rows_N, targets_N, 1.0 / max(count, 1), LOSS_CHUNK_ROWS)
-        return loss, count
+        out = linear_cross_entropy(self.lm_head, hidden_MH, rows_N, targets_N, 1.0 / max(count, 1), LOSS_CHUNK_ROWS,
+                                   row_losses=token_losses)
+        if not token_losses:
+            return out, count
+        loss, losses_N = out
+        # Row r predicts the label at r + 1: put each value there, aligned with labels.
+        losses_BT = losses_N.new_zeros(labels_BT.numel()).index_copy_(0, rows_N + 1, losses_N).view_as(labels_BT)
+        return loss, count, losses_BT
 
     def token_logprobs(self, hidden_BTH: torch.Tensor, labels_BT: torch.Tensor, temperature: float = 1.0,
                        num_loss_tokens: Optional[int] = None,

@@ -15,7 +15,7 @@ from data.audio_tokenizers import KMeansTokenizer, fit_kmeans, pooled_mel_NM
 from data.features import SAMPLE_RATE, log_mel, num_audio_tokens
 from data.tokenizer import build_text_tokenizer, extend_tokenizer, special_ids
 from model.checkpoint import save_stepfun
-from model.config import preset_config
+from model.config import padded_vocab_size, preset_config
 from model.generate import generate, split_ta4
 from model.lalm import StepAudio2ForCausalLM
 from model.vocoder import KMEANS_SAMPLES_PER_CODE, KMeansVocoder, Token2WavVocoder, Vocoder, load_vocoder
@@ -49,7 +49,7 @@ def ckpt(tmp_path_factory) -> Path:
     tok = extend_tokenizer(build_text_tokenizer(["hello there", "how are you today", "fine thanks"], 300), NUM_CODES)
     ids = special_ids(tok)
     torch.manual_seed(3)
-    config = preset_config("tiny", vocab_size=-(-len(tok) // 64) * 64, audio_patch_token_id=ids.audio_patch)
+    config = preset_config("tiny", vocab_size=padded_vocab_size(len(tok)), audio_patch_token_id=ids.audio_patch)
     model = StepAudio2ForCausalLM(config)
     return save_stepfun(model.state_dict(), config, tmp_path_factory.mktemp("ckpt") / "tiny", tokenizer=tok)
 

@@ -187,3 +187,15 @@ def test_speaker_similarity_on_the_real_model_and_its_errors(timbre, tmp_path):
     assert named == result
     with pytest.raises(ValueError, match="hold no sample with a spoken final answer"):
         run_eval("speaker_similarity", model, tok, ids, timbre["shards"], "", 0, 4, speaker_model=timbre["speaker"])
+
+
+def test_the_loop_logs_each_attribute_and_the_metrics_extras():
+    from train.loop import eval_details
+
+    result = {"value": 0.7, "num_samples": 9, "micro_accuracy": 0.667, "unmatched": 0.111, "examples": [],
+              "attributes": {"gender": {"accuracy": 1.0, "num_answers": 3}, "pitch": {"accuracy": 0.5,
+                                                                                      "num_answers": 2}}}
+    assert eval_details(result) == {"micro_accuracy": 0.667, "unmatched": 0.111, "gender_accuracy": 1.0,
+                                    "pitch_accuracy": 0.5}
+    assert eval_details({"value": 0.4, "num_samples": 3, "nll": 2.5, "num_codes": 120, "examples": []}) == \
+        {"nll": 2.5, "num_codes": 120.0}

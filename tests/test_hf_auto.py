@@ -14,7 +14,7 @@ import torch
 
 from data.tokenizer import build_text_tokenizer, extend_tokenizer, load_tokenizer, special_ids, stop_token_ids
 from model.checkpoint import load_stepfun, read_layout, save_stepfun, stepfun_param_names
-from model.config import STEPFUN_TEXT_KEYS, StepAudio2Config, preset_config
+from model.config import STEPFUN_TEXT_KEYS, StepAudio2Config, padded_vocab_size, preset_config
 from model.convert import convert
 from model.hf import AUTO_MAP, CONFIGURATION_FILE, GENERATION_CONFIG_NAME, MODELING_FILE, ship_remote_code
 from model.lalm import StepAudio2ForCausalLM
@@ -80,7 +80,7 @@ def tok():
 def export(preset: str, tok, folder: Path, seed: int = 0) -> Path:
     ids = special_ids(tok)
     torch.manual_seed(seed)
-    config = preset_config(preset, vocab_size=-(-len(tok) // 64) * 64, audio_patch_token_id=ids.audio_patch)
+    config = preset_config(preset, vocab_size=padded_vocab_size(len(tok)), audio_patch_token_id=ids.audio_patch)
     model = StepAudio2ForCausalLM(config)
     with torch.no_grad():  # fresh encoder weights are tiny next to the positions: make the audio matter
         for p in model.adapter.parameters():

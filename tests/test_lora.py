@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from data.tokenizer import load_tokenizer, special_ids
 from model.checkpoint import load_stepfun, save_stepfun, stepfun_param_names
-from model.config import preset_config
+from model.config import padded_vocab_size, preset_config
 from model.lalm import StepAudio2ForCausalLM
 from tests.conftest import data_overrides, run_cli
 from train.config import ConfigError, LoraConfig, load_config
@@ -25,7 +25,7 @@ def base_dir(espeak_data, tmp_path_factory) -> Path:
     tok = load_tokenizer(str(espeak_data["tokenizer"]))
     ids = special_ids(tok)
     torch.manual_seed(1)
-    config = preset_config("tiny", vocab_size=-(-len(tok) // 64) * 64, audio_patch_token_id=ids.audio_patch)
+    config = preset_config("tiny", vocab_size=padded_vocab_size(len(tok)), audio_patch_token_id=ids.audio_patch)
     model = StepAudio2ForCausalLM(config)
     return save_stepfun(model.state_dict(), config, tmp_path_factory.mktemp("base") / "base", tokenizer=tok)
 

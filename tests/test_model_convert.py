@@ -1,5 +1,5 @@
-"""StepFun folders in and out file by file, bf16 loads without a second model, and `python -m model.convert`
-from a StepFun folder and from real DeepSpeed training checkpoints (ZeRO 0 and 3)."""
+"""StepFun folders in and out file by file, bf16 loads without a second model, `python -m model.convert`
+from a StepFun folder and `python -m train.export` from real DeepSpeed training checkpoints (ZeRO 0 and 3)."""
 from __future__ import annotations
 
 import filecmp
@@ -21,6 +21,8 @@ from model.checkpoint import load_stepfun, read_layout, save_stepfun, stepfun_pa
 from model.config import StepAudio2Config, preset_config
 from model.convert import convert, main
 from model.lalm import StepAudio2ForCausalLM
+from train.export import export
+from train.export import main as export_main
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -177,7 +179,7 @@ def test_convert_a_deepspeed_training_checkpoint(stage, tmp_path):
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     expected = safetensors.torch.load_file(str(tmp_path / f"expected{stage}.safetensors"))
-    out = convert(tmp_path / f"run{stage}", tmp_path / "export")  # RUN_DIR: the step `latest` names
+    out = export(tmp_path / f"run{stage}", tmp_path / "export")  # RUN_DIR: the step `latest` names
     model = load_stepfun(out)
     assert model.state_dict().keys() == expected.keys()
     assert all(torch.equal(model.state_dict()[k], expected[k]) for k in expected)
@@ -185,3 +187,36 @@ def test_convert_a_deepspeed_training_checkpoint(stage, tmp_path):
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
     assert json.loads((out / "added_tokens.json").read_text())["<audio_16>"] == len(tok) - 1
     assert filecmp.cmp(tmp_path / "tok" / "tokenizer.json", out / "tokenizer.json", shallow=False)
+    # The command, from RUN_DIR/checkpoints, cast to bf16: the same weights rounded, and config.json says so.
+    export_main([str(tmp_path / f"run{stage}" / "checkpoints"), str(tmp_path / "bf16"), "--dtype", "bf16"])
+    cast = load_stepfun(tmp_path / "bf16")
+    assert all(torch.equal(cast.state_dict()[k], expected[k].bfloat16()) for k in expected)
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_each_command_names_the_other_for_the_other_kind_of_folder(stepfun_dir, tmp_path):
+    step_dir = tmp_path / "run" / "checkpoints" / "step_00000002"
+    step_dir.mkdir(parents=True)
+    (step_dir / "train_state.json").write_text(json.dumps({"step": 2, "world_size": 1}))
+    with pytest.raises(SystemExit) as err:
+        main([str(step_dir), str(tmp_path / "out")])
+    assert str(err.value) == (f"error: {step_dir} is neither a model folder in StepFun's layout (config.json + "
+                              f"model.safetensors.index.json) nor anything else model.convert reads; a training run "
+                              f"or checkpoint of ours is exported by `python -m train.export {step_dir} "
+                              f"{tmp_path / 'out'}`")
+    with pytest.raises(SystemExit) as err:
+        export_main([str(stepfun_dir), str(tmp_path / "out")])
+    assert str(err.value) == (f"error: {stepfun_dir} is not a training checkpoint (a step folder with "
+                              f"train_state.json, or a run or its checkpoints folder with `latest`); a model folder "
+                              f"in StepFun's layout is converted by `python -m model.convert`")
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_convert_imports_neither_deepspeed_nor_training_code():
+    """model/ reads and writes model folders only: DeepSpeed's files are train.export's business."""
+    probe = ("import sys, model.convert; "
+             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('deepspeed', 'train')))")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "[]"

@@ -70,6 +70,28 @@ def test_paper_curriculum_budgets_rates_and_sequence_lengths():
     assert align.max_tokens / tokens_per_step == pytest.approx(12_000, rel=0.01)
 
 
+def test_the_rl_recipe_is_the_curriculums_rl_from_an_sft_model():
+    """recipes/step_audio2/rl.yaml holds the same RL stages as the curriculum (kept identical here), started
+    from an SFT export, with the curriculum's model and engine settings."""
+    import yaml
+
+    rl_raw = yaml.safe_load((REPO / "recipes/step_audio2/rl.yaml").read_text())
+    full_raw = yaml.safe_load((REPO / "recipes/step_audio2/curriculum.yaml").read_text())
+    assert rl_raw["stages"] == full_raw["stages"][-4:]
+    cfg = load_config(str(REPO / "recipes/step_audio2/rl.yaml"))
+    stages = {s.name: stage_config(cfg, i) for i, s in enumerate(cfg.stages)}
+    _, paper = paper_stages()
+    assert list(stages) == ["ppo_length", "reward_model", "ppo_reward_model", "grpo_perception"]
+    assert cfg.model.init_from.endswith("/stages/4-sft/export") and not cfg.model.init_parts.qwen
+    for name, one in stages.items():
+        theirs = paper[name]
+        assert (one.kind, one.max_steps, one.optim.lr, one.rl.critic_lr, one.rl.num_generations, one.data.batch_size) \
+            == (theirs.kind, theirs.max_steps, theirs.optim.lr, theirs.rl.critic_lr, theirs.rl.num_generations,
+                theirs.data.batch_size), name
+        assert (one.engine.zero_stage, one.engine.precision, one.model.trainable) == (3, "bf16", theirs.model.trainable)
+        assert one.data.tokenizer == theirs.data.tokenizer and one.data.audio_tokenizer == theirs.data.audio_tokenizer
+
+
 def test_paper_curriculum_holds_the_reports_whole_mixture():
     # The report's token shares in billions, per stage: every data type, text included, and their sums are
     # the stage budgets (stage 2: 128B text + 128B audio; stage 3: 800B; stage 4: 200B).

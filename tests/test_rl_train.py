@@ -16,7 +16,7 @@ from data.batching import pad_mels
 from data.loader import iter_rendered
 from data.tokenizer import load_tokenizer, special_ids
 from model.checkpoint import load_stepfun, save_stepfun
-from model.config import preset_config
+from model.config import padded_vocab_size, preset_config
 from model.generate import generate, split_ta4
 from model.lalm import StepAudio2ForCausalLM
 from model.score import is_score_folder
@@ -33,7 +33,7 @@ def base(espeak_data, tmp_path_factory) -> Path:
     tok = load_tokenizer(str(espeak_data["tokenizer"]))
     ids = special_ids(tok)
     torch.manual_seed(1)
-    config = preset_config("tiny", vocab_size=-(-len(tok) // 64) * 64, audio_patch_token_id=ids.audio_patch)
+    config = preset_config("tiny", vocab_size=padded_vocab_size(len(tok)), audio_patch_token_id=ids.audio_patch)
     return save_stepfun(StepAudio2ForCausalLM(config).state_dict(), config,
                         tmp_path_factory.mktemp("rlbase") / "base", tokenizer=tok)
 

@@ -1,4 +1,4 @@
-"""Our checkpoint files (RNG, loader state) and model.convert's read of DeepSpeed's stage-0 file load with
+"""Our checkpoint files (RNG, loader state) and train.export's read of DeepSpeed's stage-0 file load with
 weights_only=True: plain data comes back equal, and a file whose pickle names code to run is refused with the
 file named, the code never run."""
 from __future__ import annotations
@@ -16,8 +16,8 @@ from torch.serialization import get_unsafe_globals_in_checkpoint
 
 from conftest import FakeEngine
 from model.config import preset_config
-from model.convert import main as convert_main
-from model.convert import read_deepspeed_weights
+from train.export import main as convert_main
+from train.export import read_deepspeed_weights
 from train.checkpoint import Checkpointer, load_plain
 from train.config import CheckpointConfig
 
@@ -83,7 +83,7 @@ def test_a_rank_file_from_before_manifests_loads_its_numpy_state_only_as_legacy(
 
 
 def stage0_checkpoint(step_dir: Path) -> None:
-    """A stage-0 training checkpoint folder as model.convert reads it, minus the model states file."""
+    """A stage-0 training checkpoint folder as train.export reads it, minus the model states file."""
     step_dir.mkdir(parents=True)
     (step_dir / "train_state.json").write_text(json.dumps({"step": 2, "world_size": 1}))
     (step_dir / "config.yaml").write_text("model:\n  preset: tiny\n")

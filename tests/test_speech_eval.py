@@ -15,7 +15,7 @@ import data.demo as demo
 from data.audio import read_audio
 from data.audio_tokenizers import KMeansTokenizer, fit_kmeans, pooled_mel_NM
 from data.tokenizer import build_text_tokenizer, extend_tokenizer, special_ids
-from model.config import preset_config
+from model.config import padded_vocab_size, preset_config
 from model.lalm import StepAudio2ForCausalLM
 from train.rl import speech_eval as se
 
@@ -43,7 +43,7 @@ def tiny(requests):
     texts = [r["text"] for r in requests] + [demo.DIALOGUE_SYSTEM, "system\n", "human\n", "assistant\n"]
     tok = extend_tokenizer(build_text_tokenizer(texts, 300), 48)
     ids = special_ids(tok)
-    config = preset_config("tiny", vocab_size=-(-len(tok) // 64) * 64, audio_patch_token_id=ids.audio_patch)
+    config = preset_config("tiny", vocab_size=padded_vocab_size(len(tok)), audio_patch_token_id=ids.audio_patch)
     torch.manual_seed(0)
     model = StepAudio2ForCausalLM(config).eval()
     torch.manual_seed(1)

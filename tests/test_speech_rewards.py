@@ -14,7 +14,7 @@ from data.demo import STYLES as DEMO_STYLES
 from data.demo import speak
 from data.tokenizer import build_text_tokenizer, extend_tokenizer, special_ids
 from model.checkpoint import save_stepfun
-from model.config import preset_config
+from model.config import padded_vocab_size, preset_config
 from model.lalm import StepAudio2ForCausalLM
 from model.speaker import fit_speaker_encoder
 from model.vocoder import KMeansVocoder
@@ -131,7 +131,7 @@ def asr_export(tmp_path_factory, codec) -> str:
     tok = extend_tokenizer(build_text_tokenizer(SENTENCES, 300), 48)
     ids = special_ids(tok)
     torch.manual_seed(0)
-    config = preset_config("tiny", vocab_size=-(-len(tok) // 64) * 64, audio_patch_token_id=ids.audio_patch)
+    config = preset_config("tiny", vocab_size=padded_vocab_size(len(tok)), audio_patch_token_id=ids.audio_patch)
     return str(save_stepfun(StepAudio2ForCausalLM(config).state_dict(), config,
                             tmp_path_factory.mktemp("asr") / "asr", tokenizer=tok))
 

@@ -314,7 +314,7 @@ class Checkpointer:
             try:
                 _verify(tmp_dir, self.world_size)
                 (tmp_dir / "config.yaml").write_text(config_yaml, encoding="utf-8")
-                # The model's own config.json content, so model.convert needs nothing but this folder.
+                # The model's own config.json content, so train.export needs nothing but this folder.
                 (tmp_dir / "model_config.json").write_text(
                     json.dumps(engine.module.config.to_dict(), indent=2), encoding="utf-8")
                 (tmp_dir / "train_state.json").write_text(json.dumps(

@@ -160,8 +160,13 @@ class EvalConfig:
     """wer (ASR, lower is better), code_accuracy (teacher-forced accuracy of audio-code answers, higher is
     better), bleu (speech translation, sacrebleu corpus BLEU 0-100), paralinguistic (answers about the voice
     matched to each attribute's labels: mean per-attribute accuracy, higher is better) or speaker_similarity
-    (cosine between a spoken answer's voice and the clip in its prompt, by the speaker encoder at
-    runs/speaker/speaker.pt; higher is better)."""
+    (cosine between a spoken answer's voice and the clip in its prompt, by the eval.speaker_model encoder;
+    higher is better)."""
+    speaker_model: Optional[str] = None
+    """speaker_similarity: the speaker encoder (`python -m model.speaker fit`); None: runs/speaker/speaker.pt."""
+    vocoder: Optional[str] = None
+    """speaker_similarity: how answers' codes become audio (kmeans:FILE.pt or token2wav:MODULE:ATTR); None: the
+    codec named in the held-out shards' tokenizer.json."""
 
 
 @dataclass

@@ -1,6 +1,8 @@
-"""The one seam to DeepSpeed: process group, engine construction, step, save, load and weight gathering.
-
-Nothing else in the project imports deepspeed; the step loop talks to `Engine`.
+"""The one seam to DeepSpeed for training: process group, engine construction, step, save, load and weight
+gathering. The step loop, the RL algorithms and evaluation talk to `Engine` / `FrozenModel`; model/ and data/
+never import deepspeed. Outside the loop two tools do: train.export (reads a checkpoint's ZeRO shards through
+DeepSpeed's zero_to_fp32) and train.gpu_check (the accelerator's name and version); train.checkpoint runs
+DeepSpeed's universal-checkpoint converter as a subprocess when the world size changes.
 """
 from __future__ import annotations
 

@@ -180,10 +180,10 @@ def check_environment(device: torch.device, require_flash: bool) -> Dict[str, An
 # --------------------------------------------------------------------------------------------- kernels
 
 def _tiny_model(tok, ids, preset: str, attention: str, device, dtype, state=None):
-    from model.config import preset_config
+    from model.config import padded_vocab_size, preset_config
     from model.lalm import StepAudio2ForCausalLM
 
-    config = preset_config(preset, vocab_size=-(-len(tok) // 64) * 64, audio_patch_token_id=ids.audio_patch)
+    config = preset_config(preset, vocab_size=padded_vocab_size(len(tok)), audio_patch_token_id=ids.audio_patch)
     torch.manual_seed(0)
     model = StepAudio2ForCausalLM(config, attention=attention)
     if state is not None:

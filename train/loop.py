@@ -12,22 +12,23 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
 from data.loader import build_loader
+from data.templates import IGNORE_INDEX
 from data.tokenizer import load_tokenizer, special_ids
 from model.checkpoint import load_stepfun, save_stepfun
-from model.config import preset_config
+from model.config import padded_vocab_size, preset_config
 from model.attention import VARLEN_KERNELS
 from model.lalm import StepAudio2ForCausalLM, resolve_attention
 from train import evaluate as evaluation
 from train.checkpoint import Checkpointer, seed_host_generators
 from train.config import InitPartsConfig, TrainConfig, to_yaml
 from train.engine import (Engine, compute_dtype, gathered_for_write, inference_model, init_distributed,
-                          model_init_context)
+                          model_init_context, to_device)
 from train.faults import maybe_fault
 from train.flops import device_peak_flops, mfu, step_flops, training_passes
 from train.lora import apply_lora, audio_rows, load_adapter, save_adapter
@@ -71,7 +72,7 @@ def build_model(cfg: TrainConfig, tok, score: bool = False, init_from: Optional[
             if cfg.lora.adapter_init:
                 load_adapter(model, cfg.lora.adapter_init)
         return model
-    vocab_size = cfg.model.vocab_size or -(-len(tok) // 64) * 64
+    vocab_size = cfg.model.vocab_size or padded_vocab_size(len(tok))
     if vocab_size < len(tok):
         raise ValueError(f"model.vocab_size={vocab_size} is smaller than the tokenizer ({len(tok)} tokens)")
     config = preset_config(cfg.model.preset, vocab_size=vocab_size, audio_patch_token_id=ids.audio_patch)
@@ -139,7 +140,17 @@ def run_eval(cfg: TrainConfig, engine: Engine, tok, ids, dtype: torch.dtype, ran
         return evaluation.run_eval(cfg.eval.metric, model, tok, ids, cfg.eval.shards, cfg.data.asr_instruction,
                                    cfg.eval.max_samples, cfg.eval.max_new_tokens, dtype, device=engine.device,
                                    rank=rank, world_size=world_size, batch_size=cfg.eval.batch_size,
-                                   beat=beat)
+                                   beat=beat, speaker_model=cfg.eval.speaker_model, vocoder=cfg.eval.vocoder)
+
+
+def eval_details(result: Dict[str, Any]) -> Dict[str, float]:
+    """The numbers an evaluation reports beside its value, flat: code_accuracy's nll, paralinguistic's
+    micro_accuracy, unmatched and <attribute>_accuracy, speaker_similarity's reference and chance levels."""
+    out = {k: float(v) for k, v in result.items() if k not in ("value", "num_samples")
+           and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for name, figures in (result.get("attributes") or {}).items():
+        out[f"{name}_accuracy"] = float(figures["accuracy"])
+    return out
 
 
 @dataclass
@@ -160,6 +171,45 @@ def budget_left(cfg: TrainConfig, state: RunState) -> bool:
 
 
 @dataclass
+class TaskLosses:
+    """A mixture's label-token cross-entropy per dataset (data.datasets order), as sums: steps, micro-batches
+    and ranks add up, and loss/<name> is the log window's sum over all ranks divided by its tokens/<name>."""
+    names: Tuple[str, ...]
+    loss_sums: torch.Tensor
+    """[datasets] fp32 on the device (read once per log line): summed cross-entropy of each one's label tokens."""
+    tokens: List[int]
+    """Label tokens of each dataset (host ints: counted from the batches' labels)."""
+
+    def __add__(self, other: "TaskLosses") -> "TaskLosses":
+        return TaskLosses(self.names, self.loss_sums + other.loss_sums,
+                          [a + b for a, b in zip(self.tokens, other.tokens, strict=True)])
+
+
+def mixture_names(cfg: TrainConfig) -> Tuple[str, ...]:
+    """The datasets a run logs loss/<name> and tokens/<name> of: a mixture's (data.datasets, two or more);
+    none for a single dataset, whose loss is `loss`."""
+    names = tuple(ds.name for ds in cfg.data.datasets)
+    return names if len(names) > 1 else ()
+
+
+def task_losses(batch: Dict[str, Any], token_losses_BT: torch.Tensor, names: Tuple[str, ...]) -> TaskLosses:
+    """One micro-batch's TaskLosses from the model's per-token losses (token_losses=True): each position goes
+    to its sample's dataset (batch "sample_index" and "datasets"), padding to one bin more, dropped. No host-
+    device sync: the dataset of each position is made on the host and copied without blocking."""
+    order = {name: i for i, name in enumerate(names)}
+    # sample_index -1 (padding) picks the last entry: the dropped bin.
+    dataset_of_sample = torch.tensor([order[name] for name in batch["datasets"]] + [len(names)])
+    dataset_BT = dataset_of_sample[batch["sample_index"]]
+    # Counted like num_loss_tokens: position 0 predicts nothing (its token loss is 0 too).
+    labelled = dataset_BT[:, 1:][batch["labels"][:, 1:] != IGNORE_INDEX]
+    tokens = torch.bincount(labelled, minlength=len(names) + 1)[:len(names)].tolist()
+    device = token_losses_BT.device
+    sums = torch.zeros(len(names) + 1, dtype=torch.float32, device=device).index_add_(
+        0, to_device(dataset_BT.reshape(-1), device), token_losses_BT.detach().float().reshape(-1))
+    return TaskLosses(names, sums[:len(names)], tokens)
+
+
+@dataclass
 class StepResult:
     """What one step of an algorithm reports to the loop."""
     tokens: int
@@ -173,6 +223,9 @@ class StepResult:
     """Seconds the step waited for the loader (data_stall: the share of the log window's time)."""
     flops: float = 0.0
     """Model FLOPs this rank computed in the step (train.flops), for tflops_per_s and MFU; 0 = not counted."""
+    task_losses: Optional[TaskLosses] = None
+    """This rank's per-dataset loss sums in a mixture (loss/<name>, tokens/<name>); None otherwise. Every
+    rank reports them at every step (zeros for a dataset it saw none of): they join the log line's collective."""
 
 
 class Algorithm:
@@ -223,12 +276,14 @@ class SFTStep(Algorithm):
     the gradient-accumulation bug transformers fixed in 2024). The step's micro-batches are drawn first, their
     label counts (known on the host from the collate) summed over ranks in one small collective, and each
     micro-batch's summed cross-entropy is scaled by world x grad_accum / that total, which DeepSpeed's mean
-    over ranks and its division by grad_accum turn back into exactly 1 / total."""
+    over ranks and its division by grad_accum turn back into exactly 1 / total. In a mixture the model also
+    returns each label token's loss, summed per dataset on the device (StepResult.task_losses)."""
 
     def __init__(self, cfg: TrainConfig, engine: Engine, loader, key_log=None, count_flops=None):
         self.cfg, self.engine, self.loader, self.key_log = cfg, engine, loader, key_log
         self.batches = iter(loader)
         self.count_flops = count_flops  # batch -> model FLOPs (train.flops.step_flops), or None
+        self.task_names = mixture_names(cfg)
 
     def step(self, step: int) -> StepResult:
         gas = self.cfg.engine.grad_accum_steps
@@ -243,9 +298,13 @@ class SFTStep(Algorithm):
                                                "epochs": batch.get("epochs")}) + "\n")
             self.key_log.flush()
         total = global_count(sum(_label_count(b) for b in batches), self.engine.device)
-        loss_sum, tokens, audio_s, out = None, 0, 0.0, None
+        loss_sum, tokens, audio_s, out, tasks = None, 0, 0.0, None, None
+        forward_kwargs = {"token_losses": True} if self.task_names else {}
         for batch in batches:
-            out = self.engine.forward(batch)
+            out = self.engine.forward(batch, **forward_kwargs)
+            if self.task_names:
+                part = task_losses(batch, out.token_losses, self.task_names)
+                tasks = part if tasks is None else tasks + part
             # out.loss is this micro-batch's mean over its own labels: back to a sum, then over the step's.
             summed = out.loss * _label_count(batch)
             self.engine.backward_and_step(summed * (world * gas / max(total, 1)))
@@ -263,7 +322,7 @@ class SFTStep(Algorithm):
         metrics = {"loss": loss_sum * (world / max(total, 1)), "padding": 1.0 - tokens / computed}
         if budget:  # tokens / packed batching: the share of the token budget real tokens fill
             metrics["budget_fill"] = tokens / budget
-        return StepResult(tokens, metrics, audio_s, data_wait_s, flops)
+        return StepResult(tokens, metrics, audio_s, data_wait_s, flops, tasks)
 
     def close(self) -> None:
         if self.key_log is not None:
@@ -283,8 +342,11 @@ class _Window:
         self.counts: Dict[str, int] = {}  # steps that reported each metric (e.g. none during a critic warm-up)
         self.steps, self.audio_s, self.data_wait_s, self.flops = 0, 0.0, 0.0, 0.0
         self.tokens0, self.t0 = state.tokens, time.perf_counter()
+        self.task_losses: Optional[TaskLosses] = None
 
     def add(self, result: StepResult) -> None:
+        if result.task_losses is not None:
+            self.task_losses = result.task_losses if self.task_losses is None else self.task_losses + result.task_losses
         for name, value in result.metrics.items():
             value = value.detach().float() if isinstance(value, torch.Tensor) else float(value)
             self.sums[name] = value if name not in self.sums else self.sums[name] + value
@@ -311,10 +373,20 @@ def _log_window(sink, engine, algorithm: Algorithm, window: _Window, state: RunS
     elapsed = time.perf_counter() - window.t0
     # The window's metrics stayed on the device (no sync per step); this is where they are read.
     means = {name: value / window.counts[name] for name, value in window.sums.items()}
+    tasks = window.task_losses
+    names = tasks.names if tasks is not None else ()
+    # Per-dataset sums ride in the same collective (every rank has every name: a fixed set from the config).
+    task_sums = {**{f"__loss/{n}": tasks.loss_sums[i] for i, n in enumerate(names)},
+                 **{f"__tokens/{n}": float(tasks.tokens[i]) for i, n in enumerate(names)}}
     totals = _sum_over_ranks({**means, "__audio_s": window.audio_s, "__wait_s": window.data_wait_s,
-                              "__flops": window.flops}, engine.device)
+                              "__flops": window.flops, **task_sums}, engine.device)
     audio_s, wait_s, flops = totals.pop("__audio_s"), totals.pop("__wait_s"), totals.pop("__flops")
+    task_sums = {key: totals.pop(key) for key in task_sums}
     metrics = {name: value / world_size for name, value in totals.items()}
+    # The window's mean over every label token of a dataset, all ranks and micro-batches (none if it had none).
+    task_tokens = {n: round(task_sums[f"__tokens/{n}"]) for n in names}
+    metrics.update({f"loss/{n}": task_sums[f"__loss/{n}"] / task_tokens[n] for n in names if task_tokens[n]})
+    metrics.update({f"tokens/{n}": task_tokens[n] for n in names})
     tokens_per_s = (state.tokens - window.tokens0) / elapsed
     if flops > 0:
         metrics.update(flops_per_token=flops / max(state.tokens - window.tokens0, 1),
@@ -335,6 +407,8 @@ def _log_window(sink, engine, algorithm: Algorithm, window: _Window, state: RunS
             sink.message(f"skipped sample {name}")
     head = next(iter(metrics), None)
     shown = f"{head} {metrics[head]:.3f} " if head is not None else ""
+    shown_tasks = " ".join(f"{n} {metrics[f'loss/{n}']:.3f}" for n in names if f"loss/{n}" in metrics)
+    shown += f"({shown_tasks}) " if shown_tasks else ""
     shown_mfu = f" MFU {100 * metrics['mfu']:.1f}%" if "mfu" in metrics else ""
     sink.advance(state.step, f"{shown}lr {engine.lr():.2e} {tokens_per_s:.0f} tok/s{shown_mfu}")
 
@@ -433,7 +507,8 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
         if result is None:
             return next(iter(own.values()), None) if own else None
         value, examples = result["value"], result["examples"]
-        sink.log(state.step, {f"eval/{metric}_{tag}": value, "eval/num_samples": result["num_samples"]})
+        sink.log(state.step, {f"eval/{metric}_{tag}": value, "eval/num_samples": result["num_samples"],
+                              **{f"eval/{metric}_{k}_{tag}": v for k, v in eval_details(result).items()}})
         shown = f"{100 * value:.1f}%" if metric == "wer" else f"{value:.4g}"
         example = f"; e.g. ref: {examples[0]['ref']!r} hyp: {examples[0]['hyp']!r}" if examples else ""
         sink.message(f"[eval {tag} @ step {state.step}] {metric.upper()} {shown} on {result['num_samples']} "

@@ -30,7 +30,7 @@ import torch
 from data.audio import decode_audio, read_audio
 from data.demo import VOICES, speak
 from data.features import SAMPLE_RATE
-from data.shards import shard_paths
+from data.shards import local_shard_paths
 from data.tasks import TASKS, RenderOptions, Sample
 from data.templates import DEFAULT_ASR_INSTRUCTION
 from data.tasks.base import CODES
@@ -54,7 +54,7 @@ SPEAKER = "allison"
 def read_records(folder: str, limit: Optional[int] = None) -> List[dict]:
     """{key, text, codes, wave} of a tokenized shard folder's samples, in file order."""
     out: List[dict] = []
-    for path in shard_paths([folder]):
+    for path in local_shard_paths([folder], "train.voice_demo"):
         members: Dict[str, Dict[str, bytes]] = {}
         with tarfile.open(path) as tar:
             for info in tar:
