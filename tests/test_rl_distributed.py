@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -17,7 +16,7 @@ PY = sys.executable
 
 @pytest.mark.parametrize("zero,kind,lora", [(0, "grpo", True), (2, "ppo", False), (3, "ppo", False)])
 def test_rl_steps_on_two_ranks_start_at_ratio_one_and_kl_zero(zero, kind, lora, espeak_data, base, tmp_path):
-    start = [f"lora.enabled=true", f"lora.init_from={base}", "lora.r=4", "model.init_from=null"] if lora else []
+    start = ["lora.enabled=true", f"lora.init_from={base}", "lora.r=4", "model.init_from=null"] if lora else []
     run = tmp_path / "run"
     train(run, espeak_data, base, kind, f"engine.zero_stage={zero}", "data.batch_size=2", "rl.num_generations=2",
           "rl.kl_coef=0.1", "optim.lr=1e-3", "max_steps=2", rule("audio_share"), *start, nproc=2)

@@ -3,7 +3,6 @@ critic) from a causal LM export or their own, LoRA with adapters disabled as the
 that keep their stop token."""
 from __future__ import annotations
 
-import pytest
 import torch
 
 import model.lalm as lalm
