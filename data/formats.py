@@ -1,6 +1,7 @@
-"""Corpus readers for data.prepare: a JSONL manifest, a Kaldi data folder, a folder of audio files with
-transcripts (beside each, or LibriSpeech's *.trans.txt), a Hugging Face dataset (save_to_disk folder or
-parquet), of transcribed audio or of paired source and target speech -> one list of candidate samples.
+"""Corpus readers for data.prepare: a JSONL manifest, a Kaldi data folder, a CSV/TSV manifest (Common Voice's
+layout), a folder of audio files with transcripts (beside each, or LibriSpeech's *.trans.txt), a Hugging Face
+dataset (save_to_disk folder or parquet), of transcribed audio or of paired source and target speech -> one
+list of candidate samples.
 
 Readers only look at text and file names; audio is decoded later, in data.prepare's worker processes.
 A problem with one sample is a Reject with a reason; a problem with the whole corpus is a PrepareError.
@@ -9,7 +10,9 @@ A bad line or row (not UTF-8, a missing value, a repeated id) is a Reject of its
 from __future__ import annotations
 
 import collections
+import csv
 import glob
+import gzip
 import json
 import os
 import re
@@ -64,7 +67,7 @@ class Candidate:
 
 @dataclass
 class Corpus:
-    kind: str  # "manifest", "kaldi", "folder", "hf", "hf_pairs", "conversations" or "preferences"
+    kind: str  # "manifest", "kaldi", "csv", "folder", "hf", "hf_pairs", "conversations" or "preferences"
     source: str  # the path the user gave
     candidates: List[Candidate]
     rejects: List[Reject]
@@ -97,18 +100,32 @@ class _BadLine(Exception):
         self.kind = kind
 
 
-def _raw_lines(path: str) -> List[bytes]:
+def _raw_lines(path: str, gunzip: bool = False) -> List[bytes]:
     """The file's lines as bytes, split on "\n" only (a "\r" before it and a UTF-8 BOM are dropped):
-    str.splitlines would also split inside a JSON string at U+2028, U+0085, form feeds, ..."""
+    str.splitlines would also split inside a JSON string at U+2028, U+0085, form feeds, ...
+    gunzip: the file is gzip-compressed."""
     try:
-        with open(path, "rb") as f:
+        with (gzip.open if gunzip else open)(path, "rb") as f:
             data = f.read()
-    except OSError as exc:
+    except (OSError, EOFError) as exc:  # EOFError: a gzip stream cut short
         raise PrepareError(f"cannot read {path!r}: {exc}") from None
     lines = data[len(_BOM):].split(b"\n") if data.startswith(_BOM) else data.split(b"\n")
     if lines[-1] == b"":
         lines.pop()
     return [line[:-1] if line.endswith(b"\r") else line for line in lines]
+
+
+def read_lines(path: str) -> List[Tuple[int, str, Optional[_BadLine]]]:
+    """(line number, text, None) for each line of a text file (gunzipped when its name ends in .gz), or
+    (line number, "", fault) for a line that is not UTF-8 (str(fault): "not valid UTF-8 at byte N"; fault.kind
+    for the summary): a bad line is the caller's to reject, never the file's."""
+    out: List[Tuple[int, str, Optional[_BadLine]]] = []
+    for line_no, raw in enumerate(_raw_lines(path, gunzip=path.endswith(".gz")), start=1):
+        try:
+            out.append((line_no, _decode_line(raw), None))
+        except _BadLine as bad:
+            out.append((line_no, "", bad))
+    return out
 
 
 def _decode_line(line: bytes) -> str:
@@ -338,6 +355,100 @@ def read_kaldi(data_dir: str, root: Optional[str] = None) -> Corpus:
     rejects.sort(key=lambda r: r.order)
     return Corpus("kaldi", data_dir, candidates, rejects, identity=f"root={root or os.getcwd()}",
                   unit="utterance")
+
+
+# ----------------------------------------------------------------------------------------------- csv
+
+# Columns of Common Voice's TSVs stored under the names the rest of the framework reads (data.stats counts
+# speakers and languages); a column already called by the new name wins over the renamed one.
+CSV_RENAMES = {"client_id": "speaker", "locale": "language"}
+CSV_DELIMITERS = {"auto": None, ",": ",", "\\t": "\t", "\t": "\t"}
+
+
+def _csv_fields(line: str, delimiter: str) -> List[str]:
+    """The fields of one line. A TSV has no quoting (Common Voice's sentences hold bare quotes); a CSV
+    quotes as csv.writer does, within the line: a field cannot span lines."""
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    try:
+        return next(csv.reader([line], delimiter=delimiter, quoting=quoting, strict=True), [])
+    except csv.Error as exc:
+        raise _BadLine("malformed line", f"malformed line: {exc}") from None
+
+
+def read_csv(path: str, audio_column: str = "path", text_column: str = "sentence", delimiter: str = "auto",
+             audio_dir: Optional[str] = None) -> Corpus:
+    """A CSV or TSV manifest with a header line: Common Voice's layout by default (validated.tsv: client_id,
+    path, sentence, up_votes, ..., with the audio in a clips/ folder beside it).
+
+    delimiter: "auto" (a tab where the header has one, else a comma), "," or "\t". A relative audio path
+    resolves against `audio_dir` when given, else the file's folder or its clips/ folder, the first that
+    holds it. The text column is stored as "text"; every other non-empty column as metadata under its own
+    name, client_id as "speaker" and locale as "language" (CSV_RENAMES); an "id" column that is a valid key
+    names the sample. A header that is unreadable or lacks the audio or text column is a PrepareError; a bad
+    line (not UTF-8, malformed, another number of fields than the header, empty text, no audio file) is a
+    Reject named by its line, and the rest are kept."""
+    if delimiter not in CSV_DELIMITERS:
+        raise PrepareError(f"delimiter {delimiter!r}: expected one of {sorted(CSV_DELIMITERS)}")
+    lines = [(n, text, bad) for n, text, bad in read_lines(path) if bad is not None or text.strip()]
+    if not lines:
+        raise PrepareError(f"{path!r} is empty: expected a header line naming its columns")
+    header_no, header_line, bad = lines[0]
+    if bad is not None:
+        raise PrepareError(f"{path}:{header_no}: the header line is {bad}")
+    sep = CSV_DELIMITERS[delimiter] or ("\t" if "\t" in header_line else ",")
+    try:
+        header = [name.strip() for name in _csv_fields(header_line, sep)]
+    except _BadLine as bad:
+        raise PrepareError(f"{path}:{header_no}: the header line is {bad}") from None
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise PrepareError(f"{path}:{header_no}: the header names column(s) {repeated} more than once")
+    for role, name in (("audio", audio_column), ("text", text_column)):
+        if name not in header:
+            raise PrepareError(f"{path}:{header_no}: no {role} column {name!r} in the header; columns: {header} "
+                               f"(delimiter {sep!r}; --{role}-column names another)")
+    if audio_dir is not None and not os.path.isdir(audio_dir):
+        raise PrepareError(f"audio folder {audio_dir!r} does not exist")
+    folder = os.path.dirname(os.path.abspath(path))
+    search = [os.path.abspath(audio_dir)] if audio_dir else [folder, os.path.join(folder, "clips")]
+    renames = {old: new for old, new in CSV_RENAMES.items() if new not in header}
+    candidates, rejects = [], []
+    for line_no, line, bad in lines[1:]:
+        where = {"line": line_no}
+        try:
+            if bad is not None:
+                raise bad
+            fields = _csv_fields(line, sep)
+            if len(fields) != len(header):
+                raise _BadLine("wrong number of fields", f"{len(fields)} fields, the header has {len(header)}")
+        except _BadLine as fault:
+            rejects.append(Reject(line_no, where, None, str(fault), fault.kind))
+            continue
+        row = dict(zip(header, fields))
+        audio, text = row[audio_column].strip(), " ".join(row[text_column].split())
+        problem = None
+        if not text:
+            problem = (f"column {text_column!r} is empty: expected the transcript", "empty text")
+        elif not audio:
+            problem = (f"column {audio_column!r} is empty: expected an audio file", "no audio path")
+        else:
+            expanded = os.path.expanduser(audio)
+            places = [expanded] if os.path.isabs(expanded) else [os.path.join(d, expanded) for d in search]
+            resolved = next((p for p in places if os.path.isfile(p)), None)
+            if resolved is None:
+                problem = (f"no audio file {audio!r}" + ("" if os.path.isabs(expanded) else
+                                                         f" in {' or '.join(search)}"), "missing audio")
+        if problem:
+            rejects.append(Reject(line_no, where, audio or None, *problem))
+            continue
+        record = {renames.get(name, name): value.strip() for name, value in row.items()
+                  if name not in (audio_column, text_column) and value.strip()}
+        record["text"] = text
+        stem = os.path.splitext(os.path.basename(audio))[0]
+        candidates.append(Candidate(line_no, where, _file_key(record, f"{stem}-{line_no:08d}"), record, audio,
+                                    resolved))
+    identity = json.dumps([audio_column, text_column, sep, search])
+    return Corpus("csv", path, candidates, rejects, identity=identity, unit="line")
 
 
 # -------------------------------------------------------------------------------------------- folder

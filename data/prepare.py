@@ -1,4 +1,4 @@
-"""Corpus -> WebDataset shards + index.json: `python -m data.prepare {manifest,kaldi,folder,hf,s2st,
+"""Corpus -> WebDataset shards + index.json: `python -m data.prepare {manifest,kaldi,csv,folder,hf,s2st,
 conversations,preferences} ... OUT_DIR`.
 
 Bad samples are rejected with a reason in index.json, never fatal; only a corpus with no usable sample
@@ -23,8 +23,8 @@ from tqdm import tqdm
 from data.audio import AudioError, encode_flac, read_audio, read_audio_bytes
 from data.conversations import read_conversations
 from data.features import SAMPLE_RATE
-from data.formats import (Blob, Candidate, Corpus, PrepareError, Reject, describe, read_folder, read_hf,
-                          read_hf_pairs, read_kaldi, read_manifest)
+from data.formats import (CSV_DELIMITERS, Blob, Candidate, Corpus, PrepareError, Reject, describe, read_csv,
+                          read_folder, read_hf, read_hf_pairs, read_kaldi, read_manifest)
 from data.preferences import read_preferences
 from data.shards import INDEX_FORMAT, INDEX_NAME, ShardWriter, file_sha256, write_index
 from data.stats import Counts
@@ -372,6 +372,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_kaldi.add_argument("data_dir", help="folder holding wav.scp and text")
     p_kaldi.add_argument("--root", default=None, help="folder that relative wav.scp paths resolve against "
                                                       "(default: the current directory, as in Kaldi)")
+    p_csv = formats.add_parser("csv", help="CSV or TSV with a header line, e.g. Common Voice's validated.tsv "
+                               "(client_id, path, sentence, ...; audio in clips/ beside it)")
+    p_csv.add_argument("file", help="the CSV/TSV file; relative audio paths resolve against --audio-dir, else "
+                       "its folder or the clips/ folder in it")
+    p_csv.add_argument("--audio-column", default="path", help="column of audio file paths (default: path)")
+    p_csv.add_argument("--text-column", default="sentence", help="column of transcripts, stored as 'text' "
+                       "(default: sentence)")
+    p_csv.add_argument("--delimiter", default="auto", choices=sorted(CSV_DELIMITERS), metavar="auto|,|\\t",
+                       help="auto (a tab where "
+                       "the header has one, else a comma), ',' or '\\t'")
+    p_csv.add_argument("--audio-dir", default=None, help="folder that relative audio paths resolve against")
     p_folder = formats.add_parser("folder", help="audio files with a .txt or .lab transcript beside each")
     p_folder.add_argument("dir", help="searched recursively; the speaker is each file's folder name")
     p_hf = formats.add_parser("hf", help="local Hugging Face dataset: save_to_disk folder or parquet files")
@@ -407,7 +418,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_pref = formats.add_parser("preferences", help="JSONL lines of {'messages': [turns], 'chosen': {'text', "
                                 "'audio'?}, 'rejected': {...}}, for DPO and reward models (task 'preference')")
     p_pref.add_argument("preferences", help="JSONL file; relative audio paths resolve against its folder")
-    for p in (p_manifest, p_kaldi, p_folder, p_hf, p_pairs, p_conv, p_pref):
+    for p in (p_manifest, p_kaldi, p_csv, p_folder, p_hf, p_pairs, p_conv, p_pref):
         p.add_argument("out_dir", help="folder for shard-*.tar and index.json")
         p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
         p.add_argument("--workers", type=int, default=2, help="decoding processes")
@@ -420,6 +431,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             corpus = read_manifest(args.manifest)
         elif args.format == "kaldi":
             corpus = read_kaldi(args.data_dir, args.root)
+        elif args.format == "csv":
+            corpus = read_csv(args.file, args.audio_column, args.text_column, args.delimiter, args.audio_dir)
         elif args.format == "folder":
             corpus = read_folder(args.dir)
         elif args.format == "conversations":

@@ -12,7 +12,8 @@ import os
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
-from data.loader import _read_shard, _Skip, render_pair, render_raw, resolve_shards
+from data.samples import SkipSample, render_pair, render_raw
+from data.shard_reader import read_shard, resolve_shards
 from data.tasks import TASKS
 from data.templates import AUDIO_PER_GROUP, DEFAULT_ASR_INSTRUCTION, IGNORE_INDEX, TEXT_PER_GROUP
 from data.tokenizer import SpecialIds, load_tokenizer, special_ids
@@ -24,7 +25,7 @@ def find_sample(shards: List[str], key: str) -> Dict[str, Any]:
     """The raw members of sample `key`, searching the shards in order; ValueError if absent."""
     searched = 0
     for path in resolve_shards(shards):
-        for raw in _read_shard(path):
+        for raw in read_shard(path):
             searched += 1
             if raw["__key__"] == key:
                 return raw
@@ -86,7 +87,7 @@ def show(shards: List[str], key: str, tokenizer: str, task: Optional[str] = None
     raw = find_sample(shards, key)
     try:
         sample = render_raw(raw, tok, ids, asr_instruction, max_audio_s=None, force_task=task)
-    except _Skip as skip:
+    except SkipSample as skip:
         raise ValueError(f"sample {key!r} cannot be rendered as task {task or '(its own)'}: {skip}") from None
     meta = json.loads(raw["json"].decode("utf-8"))
     members = sorted(k for k in raw if not k.startswith("__"))
@@ -97,7 +98,7 @@ def show(shards: List[str], key: str, tokenizer: str, task: Optional[str] = None
     if TASKS[sample["task"]].paired:
         try:
             pair = render_pair(raw, tok, ids, asr_instruction, max_audio_s=None, force_task=task)
-        except _Skip as skip:
+        except SkipSample as skip:
             raise ValueError(f"sample {key!r} cannot be rendered as a pair: {skip}") from None
         return "\n".join(head + _pair_lines(pair["pair"], tok, ids)) + "\n"
     num_labelled = sum(label != IGNORE_INDEX for label in sample["labels"])

@@ -6,14 +6,14 @@ voices for training a speaker embedding:
 
 DIR holds audio files with a .txt/.lab transcript beside each (as `data.prepare folder`), or the
 transcripts come from one file of `name: text` lines (the asterisk-core-sounds form; `;` starts a comment,
-a name may hold a subfolder like `digits/1`, gzip is read as such). OUT_DIR gets raw/{train,heldout}
-(data.prepare's shards, 16 kHz FLAC) and train/ and heldout/ (the same with audio codes, data.tokenize's
-output), so a killed run resumes where either left off. voice.json sums up counts and rejects.
+a name may hold a subfolder like `digits/1`, gzip is read as such; a bad line is rejected by itself, named).
+OUT_DIR gets raw/{train,heldout} (data.prepare's shards, 16 kHz FLAC) and train/ and heldout/ (the same with
+audio codes, data.tokenize's output), so a killed run resumes where either left off. voice.json sums up
+counts and rejects.
 """
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
 import json
 import os
@@ -26,7 +26,7 @@ from dataclasses import replace
 from typing import Dict, List, Optional, Tuple
 
 from data.demo import espeak_binary, make_sentences
-from data.formats import AUDIO_EXTENSIONS, Candidate, Corpus, PrepareError, Reject, read_folder
+from data.formats import AUDIO_EXTENSIONS, Candidate, Corpus, PrepareError, Reject, read_folder, read_lines
 from data.prepare import prepare
 from data.shards import sanitize_key
 from data.tokenize import tokenize_shards
@@ -39,32 +39,36 @@ _DESCRIPTION_RE = re.compile(r"\(.*\)")
 
 # ------------------------------------------------------------------------------------- transcripts
 
-def read_transcripts(path: str) -> Dict[str, str]:
-    """{name: text} of a `name: text` file (gzip if it ends in .gz); `;` lines and blank lines are skipped.
+def read_transcripts(path: str) -> Tuple[Dict[str, Tuple[str, int]], List[Reject]]:
+    """({name: (text, line number)}, rejects) of a `name: text` file (gzip if it ends in .gz); `;` lines and
+    blank lines are skipped. The text is kept as written; `spoken_text` strips the sound descriptions later.
 
-    The text is kept as written; `spoken_text` strips the sound descriptions later."""
-    opener = gzip.open if path.endswith(".gz") else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PrepareError(f"transcripts file {path!r} is unreadable: {exc}") from None
-    out: Dict[str, str] = {}
-    for line_no, line in enumerate(lines, start=1):
+    A bad line (not UTF-8, not `name: text`, a name transcribed before: the first line counts) is a Reject
+    naming the file and line; the other lines are kept. A file with no line at all is a PrepareError."""
+    out: Dict[str, Tuple[str, int]] = {}
+    rejects: List[Reject] = []
+    lines = read_lines(path)
+    for line_no, line, bad in lines:
+        where = {"file": path, "line": line_no}
         line = line.strip()
+        if bad is not None:
+            rejects.append(Reject(line_no, where, None, str(bad), bad.kind))
+            continue
         if not line or line.startswith(";"):
             continue
         name, sep, text = line.partition(":")
         name = name.strip()
         if not sep or not name or " " in name:
-            raise PrepareError(f"{path}:{line_no}: {line[:60]!r} is not a transcript line: expected "
-                               f"'name: text' (e.g. 'digits/1: one')")
-        if name in out:
-            raise PrepareError(f"{path}:{line_no}: {name!r} is transcribed twice")
-        out[name] = " ".join(text.split())
-    if not out:
+            rejects.append(Reject(line_no, where, None, f"{line[:60]!r} is not a transcript line: expected "
+                                  f"'name: text' (e.g. 'digits/1: one')", "not a transcript line"))
+        elif name in out:
+            rejects.append(Reject(line_no, where, None, f"{name!r} is transcribed twice (first on line "
+                                  f"{out[name][1]})", "repeated name"))
+        else:
+            out[name] = (" ".join(text.split()), line_no)
+    if not out and not rejects:
         raise PrepareError(f"transcripts file {path!r} holds no 'name: text' line")
-    return out
+    return out, rejects
 
 
 def spoken_text(text: str) -> str:
@@ -78,14 +82,14 @@ def spoken_text(text: str) -> str:
 def read_transcribed_folder(root: str, transcripts: str) -> Corpus:
     """Audio files under `root` named by a transcripts file: `name` is root/name + an audio extension.
 
-    Rejects: a name without an audio file, a transcript with no words in it, an audio file that no line
-    names; each is listed with its file and reason."""
+    Rejects: a bad line of the transcripts file (named by file and line), a name without an audio file, a
+    transcript with no words in it, an audio file that no line names; each is listed with its reason."""
     if not os.path.isdir(root):
         raise PrepareError(f"audio folder {root!r} does not exist")
-    texts = read_transcripts(transcripts)
-    candidates, rejects = [], []
+    texts, rejects = read_transcripts(transcripts)
+    candidates = []
     named = set()
-    for order, (name, text) in enumerate(texts.items()):
+    for name, (text, order) in texts.items():
         path = next((os.path.join(root, name + ext) for ext in AUDIO_EXTENSIONS
                      if os.path.isfile(os.path.join(root, name + ext))), None)
         rel = name if path is None else os.path.relpath(path, root).replace(os.sep, "/")
@@ -99,10 +103,12 @@ def read_transcribed_folder(root: str, transcripts: str) -> Corpus:
             rejects.append(Reject(order, where, rel, f"transcript {text!r} names no spoken words", "no speech"))
         else:
             candidates.append(Candidate(order, where, sanitize_key(name), {"text": words}, rel, path))
-    for order, rel in enumerate(_audio_files(root), start=len(texts)):
+    last_line = max([order for _, order in texts.values()] + [r.order for r in rejects], default=0)
+    for order, rel in enumerate(_audio_files(root), start=last_line + 1):
         if rel not in named:
             rejects.append(Reject(order, {"file": rel}, rel, f"no transcript: {transcripts} has no line "
                                   f"'{os.path.splitext(rel)[0]}: ...'", "no transcript"))
+    rejects.sort(key=lambda r: r.order)
     return Corpus("folder", root, candidates, rejects, identity=f"transcripts={os.path.abspath(transcripts)}",
                   unit="audio file")
 

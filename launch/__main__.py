@@ -19,9 +19,9 @@ from typing import List
 
 from launch.checks import CudaUnavailableError, check_devices, check_run_dir, network_settings
 from launch.topology import Topology, detect, rank_threads
-from train.config import ConfigError, load_config
 from train.lifeline import LAUNCHER_PID_ENV, parent_death_arm, parent_of
 from train.preempt import MARKER_ENV, PREEMPTED_EXIT_CODE
+from train.recipe import ConfigError, load_config
 
 
 def torchrun_command(topo: Topology, run_dir: str, train_args: List[str]) -> List[str]:

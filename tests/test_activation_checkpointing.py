@@ -58,8 +58,8 @@ def test_checkpointed_blocks_run_again_in_backward_with_the_same_gradients(parts
 # group, most of a tiny run's time, are paid once.
 _DRIVER = """
 import gc, sys
-from train.config import load_config
 from train.loop import run
+from train.recipe import load_config
 
 root, common = sys.argv[1], sys.argv[2:]
 for stage in (2, 3):

@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from tests.conftest import REPO, run_cli
-from train.config import ConfigError, deepspeed_config, load_config
+from train.engine import deepspeed_config
+from train.recipe import ConfigError, load_config
 
 # Every recipe under recipes/ is loaded against the schema in tests/test_recipes.py.
 
@@ -86,7 +87,7 @@ def staged(tmp_path, text: str = STAGED, *overrides: str):
 
 
 def test_stages_merge_overrides_over_the_top_level(tmp_path):
-    from train.curriculum import stage_config
+    from train.recipe import stage_config
     cfg, _ = staged(tmp_path, STAGED, "data.batch_size=7")
     one, two = stage_config(cfg, 0), stage_config(cfg, 1)
     assert (one.run_dir, two.run_dir) == ("runs/x/stages/0-one", "runs/x/stages/1-two")
@@ -130,7 +131,7 @@ def test_stage_selection_from_the_command_line(tmp_path):
 
 
 def test_one_stage_changed_from_the_command_line(tmp_path):
-    from train.curriculum import stage_config
+    from train.recipe import stage_config
     cfg, _ = staged(tmp_path, STAGED, "stages[1].max_tokens=50", "stages.0.overrides.optim.lr=5e-4",
                     "stages[1].lr_multipliers.decoder=3")
     assert cfg.stages[1].max_tokens == 50 and stage_config(cfg, 0).optim.lr == 5e-4

@@ -16,9 +16,10 @@ from safetensors.torch import load_file
 from model.config import preset_config
 from model.lalm import StepAudio2ForCausalLM
 from tests.conftest import REPO
-from train.config import ConfigError, TrainConfig, load_config
+from train.config import TrainConfig
 from train.curriculum import plan
 from train.engine import param_groups
+from train.recipe import ConfigError, load_config
 
 torch.set_num_threads(1)
 TEXT_ROWS = 300  # the espeak fixture tokenizer's text vocabulary; its added tokens follow

@@ -144,7 +144,7 @@ def test_demo_corpus_end_to_end(tmp_path, capsys):
 
 def test_paralinguistic_and_timbre_records(tmp_path):
     from data.demo import PARA_PITCHES, PARA_SPEEDS, VOICE_GENDERS, _wav, voice_description
-    from data.loader import render_raw
+    from data.samples import render_raw
     from data.tokenizer import build_text_tokenizer, extend_tokenizer, special_ids
 
     out = tmp_path / "demo"

@@ -80,9 +80,9 @@ _RECORD_SCRIPT = r"""
 import gc, json, sys, weakref
 import torch
 from model.lalm import StepAudio2ForCausalLM
-from train.config import load_config
 from train.engine import Engine
 from train.loop import run
+from train.recipe import load_config
 
 records = []
 forward = StepAudio2ForCausalLM.forward

@@ -10,8 +10,8 @@ import torch
 
 from data.audio import encode_flac
 from data.demo import make_demo
-from data.loader import _read_shard, resolve_shards
 from data.prepare import prepare_manifest
+from data.shard_reader import read_shard, resolve_shards
 from data.shards import ShardWriter
 from data.tokenize import fit_tokenizer, tokenize_shards
 from data.tokenizer import build_text_tokenizer, extend_tokenizer, special_ids
@@ -118,7 +118,7 @@ def timbre(tmp_path_factory):
     SpeakerEncoder(SpeakerNet(40, 32, 16), {"n_mels": 40, "channels": 32, "dim": 16}).save(str(root / "speaker.pt"))
     texts = [t["text"] for t in map(json.loads, (root / "corpus" / "texts.jsonl").read_text().splitlines())]
     tok = extend_tokenizer(build_text_tokenizer(texts * 2, vocab_size=400), NUM_CODES)
-    raws = [raw for path in resolve_shards([shards]) for raw in _read_shard(path)]
+    raws = [raw for path in resolve_shards([shards]) for raw in read_shard(path)]
     codes = {raw["__key__"]: {m: np.load(io.BytesIO(raw[m])).tolist() for m in ("codes.npy", "target.codes.npy")}
              for raw in raws}
     return {"root": root, "shards": [shards], "tok": tok, "ids": special_ids(tok), "records": splits["timbre"],

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from data.audio import encode_flac
-from data.loader import _read_shard, render_raw, resolve_shards
+from data.samples import render_raw
+from data.shard_reader import read_shard, resolve_shards
 from data.shards import ShardWriter
 from data.tokenizer import build_text_tokenizer, extend_tokenizer, special_ids
 from model.config import preset_config
@@ -196,7 +197,7 @@ def test_code_accuracy_on_the_real_model_matches_its_own_logits(shards, tok_ids)
     model = StepAudio2ForCausalLM(preset_config("tiny", vocab_size=len(tok), audio_patch_token_id=ids.audio_patch))
     result = run_eval("code_accuracy", model, tok, ids, [str(shards["root"] / "tts" / "*.tar")], "", 2, 1)
     right = total = 0
-    for raw in list(_read_shard(resolve_shards([str(shards["root"] / "tts" / "*.tar")])[0]))[:2]:
+    for raw in list(read_shard(resolve_shards([str(shards["root"] / "tts" / "*.tar")])[0]))[:2]:
         sample = render_raw(raw, tok, ids, "", None)
         with torch.no_grad():
             logits = model(torch.tensor([sample["input_ids"]])).logits[0]

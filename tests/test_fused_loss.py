@@ -228,7 +228,7 @@ Z3_PARAMS = ("lm_head.weight", "model.layers.0.mlp.up_proj.weight", "model.embed
 def _z3_rank_main(out: Path) -> None:
     import deepspeed
 
-    from train.config import load_config
+    from train.recipe import load_config
     from train.engine import Engine, init_distributed, shutdown_distributed
 
     rank, _ = init_distributed(timeout_s=60)

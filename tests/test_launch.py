@@ -15,7 +15,7 @@ from launch.checks import (CudaUnavailableError, check_devices, check_run_dir, e
 from launch.topology import detect, expand_nodelist, node_cpus, rank_threads, read_hostfile
 from launch.__main__ import torchrun_command
 from tests.conftest import REPO
-from train.config import ConfigError, load_config
+from train.recipe import ConfigError, load_config
 
 
 def test_slurm_nodelists_expand_in_order():

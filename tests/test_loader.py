@@ -11,16 +11,10 @@ import soundfile
 import torch
 import webdataset
 
-import data.loader
+import data.samples
 from data.features import SAMPLE_RATE, log_mel, mel_frames, num_audio_tokens
-from data.loader import (
-    DataConfig,
-    DatasetConfig,
-    build_loader,
-    iter_eval_samples,
-    resolve_shards,
-    shard_counts,
-)
+from data.loader import DataConfig, DatasetConfig, build_loader, iter_eval_samples
+from data.shard_reader import resolve_shards, shard_counts
 from data.shards import INDEX_FORMAT
 from data.templates import render_asr
 from data.tokenizer import (
@@ -231,8 +225,8 @@ def test_resume_skips_without_decoding(tmp_path, tok_dir, monkeypatch):
     assert state["workers"][0]["pending"] == []  # a fixed batcher holds nothing right after a batch
 
     decoded = []
-    real_decode = data.loader.decode_audio
-    monkeypatch.setattr(data.loader, "decode_audio", lambda b, name: decoded.append(name) or real_decode(b, name))
+    real_decode = data.samples.decode_audio
+    monkeypatch.setattr(data.samples, "decode_audio", lambda b, name: decoded.append(name) or real_decode(b, name))
     resumed = build_loader(cfg, 0, 1, seed=1)
     resumed.load_state_dict(state)
     assert next(resumed)["keys"] == next(first)["keys"]

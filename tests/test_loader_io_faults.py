@@ -1,4 +1,4 @@
-"""I/O faults while reading shards and their index: injected at the loader's one open (data.loader._open_binary).
+"""I/O faults while reading shards and their index: injected at the loader's one open (data.shard_reader.open_shard).
 
 A transient OSError (open or read) is retried after IO_RETRY_DELAYS_S and loses or repeats no sample; one
 that outlasts the retries skips the rest of that shard counted as "io_error"; a corrupt tar is not retried;
@@ -17,9 +17,10 @@ import pytest
 import soundfile
 import torch
 
-import data.loader
+import data.shard_reader
 from data.features import SAMPLE_RATE
-from data.loader import DataConfig, _read_shard, _scan_count, build_loader, resolve_shards, shard_counts
+from data.loader import DataConfig, build_loader
+from data.shard_reader import read_shard, resolve_shards, scan_sample_count, shard_counts
 from data.shards import INDEX_FORMAT, INDEX_NAME, ShardWriter, write_index
 from data.tokenizer import build_text_tokenizer, extend_tokenizer
 
@@ -76,7 +77,7 @@ class _Clock:
 @pytest.fixture
 def clock(monkeypatch):
     clock = _Clock()
-    monkeypatch.setattr(data.loader, "time", clock)
+    monkeypatch.setattr(data.shard_reader, "time", clock)
     return clock
 
 
@@ -125,7 +126,7 @@ def _inject(monkeypatch, target, fail_at=None, open_faults=0, read_faults=0):
             raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
         return open(path, "rb") if fail_at is None else _FlakyFile(path, fail_at, read_left)
 
-    monkeypatch.setattr(data.loader, "_open_binary", fake_open)
+    monkeypatch.setattr(data.shard_reader, "open_shard", fake_open)
     return opened
 
 
@@ -137,19 +138,19 @@ def _members(raws):
 
 def test_open_failing_twice_then_succeeding_yields_every_sample_once(folder, monkeypatch, clock):
     path = str(folder / "shard-000001.tar")
-    clean = _members(_read_shard(path))
+    clean = _members(read_shard(path))
     opened = _inject(monkeypatch, path, open_faults=2)
-    assert _members(_read_shard(path)) == clean
+    assert _members(read_shard(path)) == clean
     assert [k for k, _, _ in clean] == [f"s1_{i}" for i in range(6)]
     assert opened == [path] * 3 and clock.waits == [0.5, 1.0]
 
 
 def test_read_fault_mid_shard_once_keeps_keys_and_order(folder, monkeypatch, clock, caplog):
     path = str(folder / "shard-000001.tar")
-    clean = _members(_read_shard(path))
+    clean = _members(read_shard(path))
     opened = _inject(monkeypatch, path, fail_at=_data_offset(path, "s1_3"), read_faults=1)
-    with caplog.at_level(logging.WARNING, logger="data.loader"):
-        assert _members(_read_shard(path)) == clean  # same keys, same bytes, same order: none twice, none lost
+    with caplog.at_level(logging.WARNING, logger="data.shard_reader"):
+        assert _members(read_shard(path)) == clean  # same keys, same bytes, same order: none twice, none lost
     assert opened == [path] * 2 and clock.waits == [0.5]
     # s1_3 was being read: s1_0..s1_2 had come out, the re-open skipped them.
     assert [r.getMessage() for r in caplog.records] == [
@@ -160,7 +161,7 @@ def test_read_fault_mid_shard_once_keeps_keys_and_order(folder, monkeypatch, clo
 def test_retries_start_afresh_after_progress(folder, monkeypatch, clock):
     """Six faults, each further on than the last: more than the four retries, but each re-open made progress."""
     path = str(folder / "shard-000001.tar")
-    clean = _members(_read_shard(path))
+    clean = _members(read_shard(path))
     offsets = [_data_offset(path, f"s1_{i}") for i in range(6)]
     opens = []
 
@@ -169,16 +170,16 @@ def test_retries_start_afresh_after_progress(folder, monkeypatch, clock):
         # Open k fails in sample k's data; the seventh reads through.
         return _FlakyFile(p, offsets[len(opens) - 1] if len(opens) <= 6 else math.inf, [1])
 
-    monkeypatch.setattr(data.loader, "_open_binary", fake_open)
-    assert _members(_read_shard(path)) == clean
+    monkeypatch.setattr(data.shard_reader, "open_shard", fake_open)
+    assert _members(read_shard(path)) == clean
     assert len(opens) == 7 and clock.waits == [0.5] * 6
 
 
 def test_persistent_read_fault_skips_the_rest_as_io_error(folder, monkeypatch, clock, caplog):
     path = str(folder / "shard-000001.tar")
     _inject(monkeypatch, path, fail_at=_data_offset(path, "s1_3"), read_faults=100)
-    with caplog.at_level(logging.WARNING, logger="data.loader"):
-        raws = list(_read_shard(path))
+    with caplog.at_level(logging.WARNING, logger="data.shard_reader"):
+        raws = list(read_shard(path))
     assert [r["__key__"] for r in raws] == ["s1_0", "s1_1", "s1_2", "s1_3"]
     assert {k: raws[-1][k] for k in ("__error__", "__reason__")} == {
         "__error__": "OSError: [Errno 5] injected read fault", "__reason__": "io_error"}
@@ -192,7 +193,7 @@ def test_persistent_read_fault_skips_the_rest_as_io_error(folder, monkeypatch, c
 def test_persistent_open_failure_is_an_io_error_marker(folder, monkeypatch, clock):
     path = str(folder / "shard-000000.tar")
     opened = _inject(monkeypatch, path, open_faults=100)
-    (marker,) = list(_read_shard(path))
+    (marker,) = list(read_shard(path))
     assert marker == {"__key__": "<unreadable shard>", "__url__": path, "__reason__": "io_error",
                       "__error__": f"FileNotFoundError: [Errno 2] No such file or directory: '{path}'"}
     assert len(opened) == 5 and clock.waits == SCHEDULE
@@ -209,8 +210,8 @@ def test_marker_names_the_undelivered_sample_when_reopening_fails(folder, monkey
             raise FileNotFoundError(errno.ENOENT, "No such file or directory", p)
         return _FlakyFile(p, fail_at, [1])
 
-    monkeypatch.setattr(data.loader, "_open_binary", fake_open)
-    raws = list(_read_shard(path))
+    monkeypatch.setattr(data.shard_reader, "open_shard", fake_open)
+    raws = list(read_shard(path))
     assert [r["__key__"] for r in raws] == ["s1_0", "s1_1", "s1_2", "s1_3"]
     assert (raws[-1]["__reason__"], raws[-1]["__error__"]) == (
         "io_error", f"FileNotFoundError: [Errno 2] No such file or directory: '{path}'")
@@ -222,7 +223,7 @@ def test_corrupt_tar_is_not_retried(folder, monkeypatch, clock):
     cut_at = _data_offset(str(path), "s1_2")
     path.write_bytes(path.read_bytes()[:cut_at])
     opened = _inject(monkeypatch, str(path))
-    raws = list(_read_shard(str(path)))
+    raws = list(read_shard(str(path)))
     assert [r["__key__"] for r in raws] == ["s1_0", "s1_1", "s1_2"]
     assert raws[-1]["__reason__"] == "bad_shard" and raws[-1]["__error__"] == "ReadError: unexpected end of data"
     assert opened == [str(path)] and clock.waits == []
@@ -261,7 +262,7 @@ def test_loader_counts_a_persistent_fault_as_io_error(folder, tok_dir, monkeypat
 def test_scan_count_retries_a_transient_open_failure(folder, monkeypatch, clock):
     path = str(folder / "shard-000001.tar")
     opened = _inject(monkeypatch, path, open_faults=1)
-    assert _scan_count(path) == 6
+    assert scan_sample_count(path) == 6
     assert opened == [path] * 2 and clock.waits == [0.5]
 
 
@@ -269,7 +270,7 @@ def test_scan_count_fails_when_the_fault_persists(folder, monkeypatch, clock):
     path = str(folder / "shard-000001.tar")
     _inject(monkeypatch, path, open_faults=100)
     with pytest.raises(OSError) as error:
-        _scan_count(path)
+        scan_sample_count(path)
     assert str(error.value) == (
         f"shard {path}: counting its samples failed 5 times (FileNotFoundError: [Errno 2] No such file or "
         f"directory: '{path}'); every rank needs the same count, so the loader cannot start")
@@ -281,21 +282,21 @@ def test_scan_count_of_a_corrupt_tar_stops_without_retrying(folder, monkeypatch,
     with tarfile.open(path) as tar:
         cut_at = tar.getmember("s1_4.flac").offset + 100  # inside s1_4's header
     path.write_bytes(path.read_bytes()[:cut_at])
-    assert _scan_count(str(path)) == 4 and clock.waits == []
+    assert scan_sample_count(str(path)) == 4 and clock.waits == []
 
 
 # ------------------------------------------------------------------------------------------ index.json
 
 def _counts_with_scans(monkeypatch, folder):
     scanned = []
-    real = data.loader._scan_count
-    monkeypatch.setattr(data.loader, "_scan_count", lambda p: scanned.append(os.path.basename(p)) or real(p))
+    real = data.shard_reader.scan_sample_count
+    monkeypatch.setattr(data.shard_reader, "scan_sample_count", lambda p: scanned.append(os.path.basename(p)) or real(p))
     paths = [str(folder / "shard-000000.tar"), str(folder / "shard-000001.tar")]
     return shard_counts(paths), scanned
 
 
 def test_intact_or_absent_index_gives_no_warning(folder, monkeypatch, caplog):
-    with caplog.at_level(logging.WARNING, logger="data.loader"):
+    with caplog.at_level(logging.WARNING, logger="data.shard_reader"):
         assert _counts_with_scans(monkeypatch, folder) == ([4, 6], [])
         (folder / INDEX_NAME).unlink()
         assert _counts_with_scans(monkeypatch, folder) == ([4, 6], ["shard-000000.tar", "shard-000001.tar"])
@@ -305,7 +306,7 @@ def test_intact_or_absent_index_gives_no_warning(folder, monkeypatch, caplog):
 def test_invalid_json_index_is_warned_about_then_scanned(folder, tok_dir, monkeypatch, caplog):
     index = folder / INDEX_NAME
     index.write_text('{"format": 1, "shards": [')
-    with caplog.at_level(logging.WARNING, logger="data.loader"):
+    with caplog.at_level(logging.WARNING, logger="data.shard_reader"):
         assert _counts_with_scans(monkeypatch, folder) == ([4, 6], ["shard-000000.tar", "shard-000001.tar"])
     assert [r.getMessage() for r in caplog.records] == [
         f"{index} is not valid JSON (Expecting value: line 1 column 26 (char 25)); the samples of its folder's "
@@ -314,7 +315,7 @@ def test_invalid_json_index_is_warned_about_then_scanned(folder, tok_dir, monkey
     caplog.clear()
     cfg = DataConfig(shards=[str(folder / "*.tar")], tokenizer=tok_dir, batch_size=1, num_workers=0,
                      shuffle_buffer=0)
-    with caplog.at_level(logging.WARNING, logger="data.loader"):
+    with caplog.at_level(logging.WARNING, logger="data.shard_reader"):
         loader = build_loader(cfg, rank=0, world_size=1, seed=0)
     assert str(index) in caplog.records[0].getMessage()
     assert sorted(next(loader)["keys"][0] for _ in range(10)) == sorted(
@@ -324,7 +325,7 @@ def test_invalid_json_index_is_warned_about_then_scanned(folder, tok_dir, monkey
 def test_index_without_shards_field_is_warned_about(folder, monkeypatch, caplog):
     index = folder / INDEX_NAME
     index.write_text(json.dumps({"format": INDEX_FORMAT}))
-    with caplog.at_level(logging.WARNING, logger="data.loader"):
+    with caplog.at_level(logging.WARNING, logger="data.shard_reader"):
         assert _counts_with_scans(monkeypatch, folder) == ([4, 6], ["shard-000000.tar", "shard-000001.tar"])
     assert [r.getMessage() for r in caplog.records] == [
         f"{index}: 'shards' must be a list of {{'name': ..., ...}}, got None; the samples of its folder's shards "
@@ -336,7 +337,7 @@ def test_index_shard_without_count_is_warned_about_and_scanned_alone(folder, mon
     record = json.loads(index.read_text())
     del record["shards"][1]["num_samples"]
     index.write_text(json.dumps(record))
-    with caplog.at_level(logging.WARNING, logger="data.loader"):
+    with caplog.at_level(logging.WARNING, logger="data.shard_reader"):
         assert _counts_with_scans(monkeypatch, folder) == ([4, 6], ["shard-000001.tar"])
     assert [r.getMessage() for r in caplog.records] == [
         f"{index}: 1 shard(s) without a valid sample count (shard-000001.tar: num_samples=None); they are counted "

@@ -15,8 +15,9 @@ from model.checkpoint import load_stepfun, save_stepfun, stepfun_param_names
 from model.config import padded_vocab_size, preset_config
 from model.lalm import StepAudio2ForCausalLM
 from tests.conftest import data_overrides, run_cli
-from train.config import ConfigError, LoraConfig, load_config
+from train.config import LoraConfig
 from train.lora import apply_lora, audio_rows
+from train.recipe import ConfigError, load_config
 
 
 @pytest.fixture(scope="module")

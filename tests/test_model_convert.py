@@ -146,9 +146,10 @@ _TRAIN_SCRIPT = textwrap.dedent("""
     from omegaconf import OmegaConf
     from data.tokenizer import load_tokenizer
     from train.checkpoint import Checkpointer
-    from train.config import TrainConfig, to_yaml
+    from train.config import TrainConfig
     from train.engine import Engine, init_distributed
     from train.loop import build_model
+    from train.recipe import to_yaml
     tok_dir, root, stage = sys.argv[1], sys.argv[2], int(sys.argv[3])
     init_distributed()
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), {

@@ -5,8 +5,8 @@ import pytest
 
 from model.config import preset_config
 from train import memory, plan
-from train.config import load_config
 from train.flops import flops_per_token, forward_passes, training_passes
+from train.recipe import load_config
 
 PAPER = "recipes/step_audio2/curriculum.yaml"
 H100_BF16 = 989e12

@@ -16,9 +16,9 @@ import torch
 from data.audio import decode_audio
 from data.audio_tokenizers import KMeansTokenizer
 from data.features import mel_frames, num_audio_tokens
-from data.loader import render_pair, render_raw
 from data.prepare import main as prepare_main
 from data.preferences import read_preferences
+from data.samples import render_pair, render_raw
 from data.shards import read_index, shard_paths
 from data.show import main as show_main
 from data.tasks import TASKS, RenderOptions, Sample
@@ -228,8 +228,8 @@ def test_spoken_pair_through_the_loader_renders_ta4_answers(tokenized, tok_ids):
 
 
 def _raws(folder):
-    from data.loader import _read_shard
-    return [raw for path in shard_paths(str(folder)) for raw in _read_shard(path)]
+    from data.shard_reader import read_shard
+    return [raw for path in shard_paths(str(folder)) for raw in read_shard(path)]
 
 
 def test_show_prints_prompt_once_then_both_answers(tokenized, tok_ids, tmp_path, capsys):

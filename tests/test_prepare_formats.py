@@ -623,3 +623,77 @@ def test_parquet_string_cell_of_invalid_utf8_rejects_its_row_alone(tmp_path):
     index = prepare(read_hf(str(tmp_path / "s.parquet")), str(tmp_path / "out_s"), workers=1, progress=False)
     assert index["rejects"] == [{"row": 1, "audio": "row 1", "reason": "column 'audio': not valid UTF-8 at byte 0"}]
     assert [json.loads(v["json"])["source"] for v in _samples(tmp_path / "out_s").values()] == ["a.wav", "c.wav"]
+
+
+COMMON_VOICE_HEADER = "client_id\tpath\tsentence\tup_votes\tdown_votes\tage\tgender\taccents\tlocale\tsegment"
+
+
+def test_common_voice_tsv_keeps_good_lines_and_rejects_each_bad_one_by_line(tmp_path):
+    (tmp_path / "clips").mkdir()
+    for i in (1, 2, 4, 5):
+        sf.write(tmp_path / "clips" / f"cv_{i}.wav", _pcm(i, 1600 * i), 16000, subtype="PCM_16")
+    lines = [COMMON_VOICE_HEADER.encode(),
+             b"spk1\tcv_1.wav\tHello  there.\t2\t0\ttwenties\tfemale\tUnited States English\ten\t",
+             b"\xff\xfe",                                                       # not UTF-8, mid-file
+             b"spk2\tcv_2.wav\tonly three fields",
+             b"spk3\tcv_3.wav\tThe clip is gone.\t1\t0\t\t\t\ten\t",
+             b"spk4\tcv_4.wav\t  \t1\t0\t\t\t\ten\t",
+             b'spk5\tcv_5.wav\tShe said "hi" twice.\t3\t1\tforties\tmale\t\ten\tBenchmark']
+    tsv = tmp_path / "validated.tsv"
+    tsv.write_bytes(b"\r\n".join(lines) + b"\r\n")
+    out = tmp_path / "out"
+    result = _cli("csv", str(tsv), str(out))
+    assert result.returncode == 0, result.stderr
+
+    index = read_index(str(out))
+    assert index["input_format"] == "csv" and index["num_samples"] == 2
+    assert index["rejects"] == [
+        {"line": 3, "audio": None, "reason": "not valid UTF-8 at byte 0"},
+        {"line": 4, "audio": None, "reason": "3 fields, the header has 10"},
+        {"line": 5, "audio": "cv_3.wav", "reason": f"no audio file 'cv_3.wav' in {tmp_path} or {tmp_path / 'clips'}"},
+        {"line": 6, "audio": "cv_4.wav", "reason": "column 'sentence' is empty: expected the transcript"}]
+    assert ("2 samples" in result.stderr and "4 rejected (1 empty text, 1 invalid UTF-8, 1 missing audio, "
+            "1 wrong number of fields)" in result.stderr), result.stderr
+    samples = _samples(out)
+    assert list(samples) == ["cv_1-00000002", "cv_5-00000007"]
+    metas = [json.loads(s["json"]) for s in samples.values()]
+    # The text as "text" (whitespace joined, a TSV's quotes kept as written), client_id as the speaker,
+    # locale as the language, every other non-empty column as it is; the audio path as the source.
+    assert [{k: v for k, v in m.items() if k not in ("duration_s", "num_samples", "sample_rate")} for m in metas] == [
+        {"speaker": "spk1", "up_votes": "2", "down_votes": "0", "age": "twenties", "gender": "female",
+         "accents": "United States English", "language": "en", "text": "Hello there.", "source": "cv_1.wav"},
+        {"speaker": "spk5", "up_votes": "3", "down_votes": "1", "age": "forties", "gender": "male", "language": "en",
+         "segment": "Benchmark", "text": 'She said "hi" twice.', "source": "cv_5.wav"}]
+    np.testing.assert_array_equal(_pcm_of(samples["cv_5-00000007"]["flac"]), _pcm(5, 8000))
+    assert index["counts"]["speaker"].keys() == {"spk1", "spk5"} and index["counts"]["language"].keys() == {"en"}
+
+
+def test_csv_with_quotes_an_audio_dir_and_named_columns(tmp_path):
+    from data.formats import read_csv
+
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    sf.write(audio / "a.wav", _pcm(1, 1600), 16000, subtype="PCM_16")
+    sf.write(audio / "b.wav", _pcm(2, 1600), 16000, subtype="PCM_16")
+    path = tmp_path / "meta.csv"
+    path.write_text('id,file,transcript,locale,language\n'
+                    'x1,a.wav,"Yes, quoted ""words""",de,German\n'
+                    'x2,b.wav,"an open quote,de,German\n'
+                    'x3,b.wav,plain,de,\n')
+    corpus = read_csv(str(path), audio_column="file", text_column="transcript", audio_dir=str(audio))
+    # A "language" column of its own wins: locale stays "locale". The id column names the sample.
+    assert [(c.key, c.record, c.source, c.audio) for c in corpus.candidates] == [
+        ("x1", {"id": "x1", "locale": "de", "language": "German", "text": 'Yes, quoted "words"'}, "a.wav",
+         str(audio / "a.wav")),
+        ("x3", {"id": "x3", "locale": "de", "text": "plain"}, "b.wav", str(audio / "b.wav"))]
+    assert [(r.where, r.reason, r.kind) for r in corpus.rejects] == [
+        ({"line": 3}, "malformed line: unexpected end of data", "malformed line")]
+    # Whole-file faults: the header lacks the text column; an --audio-dir that does not exist.
+    with pytest.raises(PrepareError, match=r"meta.csv:1: no text column 'sentence' in the header; columns: "
+                                           r"\['id', 'file', 'transcript', 'locale', 'language'\] \(delimiter ','"):
+        read_csv(str(path), audio_column="file")
+    with pytest.raises(PrepareError, match="audio folder .*nowhere' does not exist"):
+        read_csv(str(path), audio_column="file", text_column="transcript", audio_dir=str(tmp_path / "nowhere"))
+    # --delimiter '\t' on this comma file: one column only.
+    result = _cli("csv", str(path), str(tmp_path / "out"), "--delimiter", "\\t", "--audio-column", "file")
+    assert result.returncode == 2 and "no audio column 'file' in the header" in result.stderr

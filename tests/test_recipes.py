@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import REPO
-from train.config import load_config
-from train.curriculum import stage_config
+from train.recipe import load_config, stage_config
 from train.schedule import Schedule
 
 RECIPES = sorted(str(p.relative_to(REPO)) for p in (REPO / "recipes").rglob("*.yaml"))

@@ -15,16 +15,10 @@ import threading
 import pytest
 import torch
 
-import data.loader
 import data.remote
-from data.loader import (
-    DataConfig,
-    _read_shard,
-    build_loader,
-    check_audio_tokenizer,
-    resolve_shards,
-    shard_counts,
-)
+import data.shard_reader
+from data.loader import DataConfig, build_loader
+from data.shard_reader import check_audio_tokenizer, read_shard, resolve_shards, shard_counts
 from data.shards import INDEX_FORMAT, ShardWriter, write_index
 from tests.test_loader import _good, make_tokenizer
 
@@ -130,7 +124,7 @@ def _local_paths(root):
 
 
 def _raws(paths):
-    return [(r["__key__"], r.get("flac"), r.get("json")) for p in paths for r in _read_shard(p)]
+    return [(r["__key__"], r.get("flac"), r.get("json")) for p in paths for r in read_shard(p)]
 
 
 def _cfg(tok_dir, shards, **kw):
@@ -254,9 +248,9 @@ def test_pipe_commands_read_like_local_paths(root, tok_dir):
 
 def test_failing_pipe_is_retried_then_an_io_error_naming_the_command(root, monkeypatch):
     clock = _Clock()
-    monkeypatch.setattr(data.loader, "time", clock)
+    monkeypatch.setattr(data.shard_reader, "time", clock)
     missing = root / "ds" / "shard-000009.tar"
-    (marker,) = list(_read_shard(f"pipe:cat {missing}"))
+    (marker,) = list(read_shard(f"pipe:cat {missing}"))
     assert marker == {"__key__": "<unreadable shard>", "__url__": f"pipe:cat {missing}", "__reason__": "io_error",
                       "__error__": f"FileNotFoundError: pipe:cat {missing}: the command exited with status 1: "
                                    f"cat: {missing}: No such file or directory"}
@@ -372,7 +366,7 @@ def test_missing_folder_or_shard_and_unreachable_server_are_named(server, monkey
     with pytest.raises(ValueError, match="a URL cannot be globbed"):
         resolve_shards([f"{base}/ds/*.tar"])
     clock = _Clock()
-    monkeypatch.setattr(data.loader, "time", clock)
+    monkeypatch.setattr(data.shard_reader, "time", clock)
     monkeypatch.setattr(data.remote, "time", clock)
     # A shard named alone: no index.json beside it, so it is counted by reading it, and it is not there.
     url = f"{base}/nowhere/shard-000000.tar"

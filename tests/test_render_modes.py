@@ -12,7 +12,9 @@ import torch
 import webdataset
 
 from data.features import SAMPLE_RATE, log_mel, mel_frames
-from data.loader import DataConfig, _read_shard, build_loader, render_raw
+from data.loader import DataConfig, build_loader
+from data.samples import render_raw
+from data.shard_reader import read_shard
 from data.shards import INDEX_FORMAT
 from data.templates import IGNORE_INDEX
 from data.tokenizer import build_text_tokenizer, extend_tokenizer, load_tokenizer, special_ids
@@ -85,7 +87,7 @@ def _cfg(tok_dir, folder, **kw):
 
 
 def _raws(folder):
-    return {raw["__key__"]: raw for path in sorted(folder.glob("shard-*.tar")) for raw in _read_shard(str(path))}
+    return {raw["__key__"]: raw for path in sorted(folder.glob("shard-*.tar")) for raw in read_shard(str(path))}
 
 
 def test_pairs_batch_has_chosen_rows_then_rejected_rows(tmp_path, tok_dir):

@@ -10,8 +10,8 @@ import yaml
 
 from tests.conftest import run_cli
 from tests.test_rl_train import base, pairs  # noqa: F401,F811  (module fixtures)
-from train.config import ConfigError, load_config
 from train.curriculum import plan
+from train.recipe import ConfigError, load_config
 
 PY = sys.executable
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from train.config import load_config
+from train.recipe import load_config
 from train.rlhf_demo import RECIPE, check_demo, demo_paths, format_report, planned_runs, rewards_override
 from tests.conftest import REPO
 

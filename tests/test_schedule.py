@@ -6,7 +6,7 @@ import math
 import pytest
 
 from tests.conftest import REPO
-from train.config import ConfigError, load_config
+from train.recipe import ConfigError, load_config
 from train.schedule import Schedule, decay_factor
 
 

@@ -13,9 +13,9 @@ import soundfile as sf
 import webdataset as wds
 
 from data.conversations import read_conversations
-from data.loader import render_raw
 from data.prepare import main as prepare_main
 from data.prepare import prepare_conversations
+from data.samples import render_raw
 from data.shards import shard_paths
 from data.tasks import TASKS, RenderOptions, Sample
 from data.tokenizer import build_text_tokenizer, extend_tokenizer, special_ids

@@ -51,7 +51,7 @@ def batch(where):
     rows = samples(where)
     packed = any(len(row) > 1 for row in rows)
     out = collate_packed(rows, pad_id=0) if packed else collate([row[0] for row in rows], pad_id=0)
-    out["datasets"] = [uid[0] for uid in out["uids"]]  # as data.loader adds them
+    out["datasets"] = [uid[0] for uid in out["uids"]]  # as data.streams adds them
     return out
 
 

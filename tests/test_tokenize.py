@@ -16,7 +16,8 @@ from data.audio import decode_audio, encode_flac
 from data.audio_tokenizers import (S3_NUM_CODES, KMeansTokenizer, S3Tokenizer, audio_tokenizer_hash, fit_kmeans,
                                    load_audio_tokenizer, pooled_mel_NM)
 from data.features import SAMPLE_RATE
-from data.loader import DataConfig, build_loader, check_audio_tokenizer
+from data.loader import DataConfig, build_loader
+from data.shard_reader import check_audio_tokenizer
 from data.shards import ShardWriter, read_index, write_index
 from data.stats import Counts
 from data.tokenize import fit_tokenizer, main, read_tokenizer_record, tokenize_shards

@@ -14,7 +14,7 @@ from data.audio import read_audio
 from data.audio_tokenizers import KMeansTokenizer
 from data.demo import speak
 from data.features import mel_frames
-from data.formats import PrepareError
+from data.formats import PrepareError, describe
 from data.shards import file_sha256
 from data.voice import main as voice_main
 from data.voice import prepare_voice, read_transcribed_folder, speaker_corpus, split_heldout, spoken_text
@@ -110,12 +110,40 @@ def test_asterisk_transcripts(tmp_path):
     assert [c.key for c in split_heldout(reversed_corpus, 1)[1].candidates] == [c.key for c in held.candidates]
     assert len(train.candidates) == 1 and len(train.rejects) == 4 and held.rejects == []
 
-    bad = tmp_path / "bad.txt"
-    bad.write_text("hello: Hello\nthis line has no colon\n")
-    with pytest.raises(PrepareError, match=r"bad.txt:2: 'this line has no colon' is not a transcript line"):
-        read_transcribed_folder(str(root), str(bad))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("; nothing but a comment\n\n")
+    with pytest.raises(PrepareError, match=r"empty.txt' holds no 'name: text' line"):
+        read_transcribed_folder(str(root), str(empty))
     with pytest.raises(PrepareError, match=r"--heldout 2: expected 0 <= N < 2"):
         split_heldout(speaker_corpus(str(root), "allison", str(listing)), 2)
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_a_bad_transcript_line_rejects_that_line_only(compressed, tmp_path):
+    """Not UTF-8, no colon, a name transcribed twice: each line is rejected by itself, named by file and line;
+    the lines around it (and every audio file they name) are kept, gzip'd or not."""
+    root = tmp_path / "sounds"
+    (root / "digits").mkdir(parents=True)
+    for name in ("hello", "digits/1", "digits/2", "goodbye"):
+        sf.write(str(root / f"{name}.wav"), np.zeros(800, np.int16), 8000)
+    data = (b"; Core Sounds\nhello: Hello there.\ndigits/1: one\n\xff\xfe\ndigits/2: tw\xc3o\n"
+            b"this line has no colon\nhello: Hello again.\ngoodbye: Goodbye.\n")
+    listing = tmp_path / ("core-sounds-en.txt.gz" if compressed else "core-sounds-en.txt")
+    listing.write_bytes(gzip.compress(data) if compressed else data)
+    corpus = read_transcribed_folder(str(root), str(listing))
+    assert [(c.key, c.record["text"], c.source) for c in corpus.candidates] == [
+        ("hello", "Hello there.", "hello.wav"), ("digits_1", "one", "digits/1.wav"),
+        ("goodbye", "Goodbye.", "goodbye.wav")]
+    assert [(r.where, r.reason) for r in corpus.rejects] == [
+        ({"file": str(listing), "line": 4}, "not valid UTF-8 at byte 0"),
+        ({"file": str(listing), "line": 5}, "not valid UTF-8 at byte 12"),
+        ({"file": str(listing), "line": 6}, "'this line has no colon' is not a transcript line: expected "
+                                            "'name: text' (e.g. 'digits/1: one')"),
+        ({"file": str(listing), "line": 7}, "'hello' is transcribed twice (first on line 2)"),
+        ({"file": "digits/2.wav"}, f"no transcript: {listing} has no line 'digits/2: ...'")]
+    assert [r.kind for r in corpus.rejects] == ["invalid UTF-8", "invalid UTF-8", "not a transcript line",
+                                                "repeated name", "no transcript"]
+    assert describe(corpus.rejects[0].where) == f"file {str(listing)!r} line 4"
 
 
 def test_speaker_net_separates_two_voices(tmp_path):

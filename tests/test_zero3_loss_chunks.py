@@ -26,7 +26,7 @@ def _batch(rank: int) -> dict:
 def _rank_main(out: Path) -> None:
     from model.config import preset_config
     from model.lalm import StepAudio2ForCausalLM
-    from train.config import load_config
+    from train.recipe import load_config
     from train.engine import Engine, init_distributed, model_init_context, shutdown_distributed
 
     rank, _ = init_distributed(timeout_s=60)

@@ -9,8 +9,11 @@ import json
 import sys
 
 from launch.accelerate import accelerate_overrides, check_accelerate_processes
-from train.config import ConfigError, deepspeed_config, load_config, to_yaml
+from train.curriculum import plan, run_curriculum
+from train.engine import deepspeed_config, shutdown_distributed
 from train.lifeline import stay_with_torchrun
+from train.loop import run
+from train.recipe import ConfigError, load_config, stage_config, to_yaml
 
 
 def main(argv=None) -> int:
@@ -28,15 +31,11 @@ def main(argv=None) -> int:
         check_accelerate_processes()
         cfg = load_config(args.recipe, accelerate_overrides() + list(args.overrides))
         if cfg.stages:
-            from train.curriculum import plan
-
             plan(cfg)  # a selected stage whose starting export is missing fails here, before any work
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.print_config:
-        from train.curriculum import stage_config
-
         print(to_yaml(cfg), end="")
         resolved = [(f"stage {i} {s.name}: ", stage_config(cfg, i)) for i, s in enumerate(cfg.stages)]
         for label, one in resolved or [("", cfg)]:
@@ -46,15 +45,9 @@ def main(argv=None) -> int:
             print(f"# {label}deepspeed:")
             print(json.dumps(deepspeed_config(one), indent=2))
         return 0
-    from train.engine import shutdown_distributed
-
     if cfg.stages:
-        from train.curriculum import run_curriculum
-
         run_curriculum(cfg)
     else:
-        from train.loop import run
-
         run(cfg)
     shutdown_distributed()
     return 0

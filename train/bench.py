@@ -314,7 +314,7 @@ def _build(setup: Dict[str, Any]):
     """The config (the same recipe and overrides as ours) and the model with ours' initial weights and frozen
     groups."""
     from data.tokenizer import load_tokenizer
-    from train.config import load_config
+    from train.recipe import load_config
     from train.engine import param_groups
     from train.loop import build_model
 
@@ -393,7 +393,7 @@ def hf_worker(setup: Dict[str, Any], strategy: str) -> Dict[str, Any]:
         batch = collate(rows, pad_id)  # one sample per row, padded to the longest, labels -100 on padding
         return {k: batch[k] for k in _MODEL_INPUTS}
 
-    # The JSON ours generates (train.config.deepspeed_config), the batch sizes left to Trainer ("auto").
+    # The JSON ours generates (train.engine.deepspeed_config), the batch sizes left to Trainer ("auto").
     ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 1,
           "gradient_clipping": cfg.optim.grad_clip, "zero_optimization": {"stage": cfg.engine.zero_stage},
           "bf16": {"enabled": False}, "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False}
@@ -415,7 +415,7 @@ def hf_worker(setup: Dict[str, Any], strategy: str) -> Dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- the bench
 
 def run(args: argparse.Namespace, work: Path) -> Dict[str, Any]:
-    from train.config import load_config
+    from train.recipe import load_config
 
     torch.set_num_threads(1)  # this process only prepares data; the contenders get the cores
     t0 = time.perf_counter()

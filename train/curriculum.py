@@ -1,5 +1,6 @@
-"""The curriculum: each stage's config (the top level with the stage's overrides merged over it), and the
-runner that trains a recipe's stages in order, each a plain run (train.loop) in its own folder.
+"""The curriculum runner: each stage's starting point, then the recipe's stages trained in order, each a plain
+run (train.loop) in its own folder. Each stage's config (the top level with the stage's overrides merged over
+it) and its checks are train.recipe's stage rules (stage_config).
 
 RUN_DIR/stages/<i>-<name>/ is stage i's run folder (checkpoints, metrics.jsonl, export/). Stage 0 starts
 from model.init_from, model.init_parts or fresh weights; stage i > 0 from stage i-1's export, with a fresh
@@ -9,106 +10,25 @@ checkpoint. RUN_DIR/curriculum.json sums up every stage: steps, tokens, wall tim
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import gc
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from train.config import (ConfigError, InitPartsConfig, MetricsConfig, TrainConfig, apply_kind_defaults,
-                          config_error, to_yaml, validate)
+from train.config import InitPartsConfig, MetricsConfig, TrainConfig
+from train.engine import init_distributed
+from train.loop import run
+from train.metrics import make_sink
+from train.recipe import ConfigError, stage_config, to_yaml
 
 DONE_NAME = "DONE"
 SUMMARY_NAME = "curriculum.json"
-
-# Keys a stage's overrides may not set: they are the stage's own fields or belong to the whole curriculum.
-_NOT_IN_OVERRIDES = {"run_dir": "the curriculum's", "stages": "the curriculum's", "run_stages": "the curriculum's",
-                     "max_steps": "stages[i].max_steps", "max_tokens": "stages[i].max_tokens",
-                     "lr_multipliers": "stages[i].lr_multipliers"}
-_STAGE_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
-
-
-def _validate_stage_list(cfg: TrainConfig) -> None:
-    names = [s.name for s in cfg.stages]
-    for i, stage in enumerate(cfg.stages):
-        if not _STAGE_NAME.match(stage.name or ""):
-            raise ConfigError(f"config key 'stages[{i}].name' = {stage.name!r}: expected a name of letters, "
-                              f"digits, - and _")
-        if names.index(stage.name) != i:
-            raise ConfigError(f"config key 'stages[{i}].name' = {stage.name!r}: stage names must be unique")
-    unknown = [n for n in cfg.run_stages if n not in names]
-    if unknown:
-        raise ConfigError(f"config key 'stages' = {cfg.run_stages!r}: no stage named {unknown[0]!r}; the "
-                          f"recipe's stages are {names}")
-
-
-def _nest(overrides: Dict[str, Any]) -> Dict[str, Any]:
-    """Dotted keys (`optim.lr`) become nested mappings, so both spellings merge the same way."""
-    out: Dict[str, Any] = {}
-    for key, value in overrides.items():
-        node = out
-        *parents, last = str(key).split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        if isinstance(value, dict) and isinstance(node.get(last), dict):
-            node[last].update(value)
-        else:
-            node[last] = value
-    return out
-
-
-def stage_config(cfg: TrainConfig, index: int, where: str = "") -> TrainConfig:
-    """The config stage `index` runs with: the top level (without stages) with the stage's overrides merged
-    over it, the stage's budget and lr multipliers, and RUN_DIR/stages/<index>-<name> as its run folder."""
-    stage = cfg.stages[index]
-    label = f"stages[{index}]"
-    overrides = _nest(stage.overrides)
-    for key in overrides:
-        if key in _NOT_IN_OVERRIDES:
-            raise ConfigError(f"config key '{label}.overrides.{key}'{where}: not allowed in a stage's overrides "
-                              f"(it is {_NOT_IN_OVERRIDES[key]} setting)")
-    if stage.max_steps is None and stage.max_tokens is None:
-        raise ConfigError(f"config key '{label}.max_steps'{where}: stage {stage.name!r} needs a budget: "
-                          f"max_steps or max_tokens")
-    base = copy.deepcopy(cfg)
-    base.stages, base.run_stages = [], []
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(base), overrides)
-        out: TrainConfig = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as e:
-        raise config_error(e, f"{label}.overrides.", where) from None
-    out.run_dir = str(Path(cfg.run_dir) / "stages" / f"{index}-{stage.name}")
-    out.kind = stage.kind
-    apply_kind_defaults(out)
-    out.max_steps, out.max_tokens = stage.max_steps, stage.max_tokens
-    out.lr_multipliers = dict(stage.lr_multipliers)
-    try:
-        validate(out)
-    except ConfigError as e:
-        raise ConfigError(f"stage {stage.name!r} ({label}): {e}") from None
-    if out.lora.enabled:
-        raise ConfigError(f"config key '{label}.overrides.lora.enabled'{where}: LoRA runs are not curriculum stages; "
-                          f"run them on their own with the last stage's export as lora.init_from")
-    if not out.checkpoint.export:
-        raise ConfigError(f"config key '{label}.overrides.checkpoint.export'{where}: every stage must export (the "
-                          f"next stage starts from it, and its DONE marker follows it)")
-    return out
-
-
-def validate_stages(cfg: TrainConfig, where: str = "") -> None:
-    """Names, the stage selection, and every stage's merged config: all checked before any work starts."""
-    _validate_stage_list(cfg)
-    for index in range(len(cfg.stages)):
-        stage_config(cfg, index, where)
 
 
 @dataclass
@@ -204,10 +124,6 @@ def _write_json(path: Path, data: Dict[str, Any]) -> None:
 
 def run_curriculum(cfg: TrainConfig) -> Dict[str, Any]:
     """Runs the selected stages that are not done, in order (every rank calls it); returns the summary."""
-    from train.engine import init_distributed
-    from train.loop import run
-    from train.metrics import make_sink
-
     plans = plan(cfg)
     rank, _ = init_distributed(timeout_s=cfg.resilience.collective_timeout_s)
     if rank == 0:

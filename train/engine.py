@@ -1,12 +1,14 @@
-"""The one seam to DeepSpeed for training: process group, engine construction, step, save, load and weight
-gathering. The step loop, the RL algorithms and evaluation talk to `Engine` / `FrozenModel`; model/ and data/
-never import deepspeed. Outside the loop two tools do: train.export (reads a checkpoint's ZeRO shards through
-DeepSpeed's zero_to_fp32) and train.gpu_check (the accelerator's name and version); train.checkpoint runs
-DeepSpeed's universal-checkpoint converter as a subprocess when the world size changes.
+"""The one seam to DeepSpeed for training: process group, the DeepSpeed JSON (generated from the config tree),
+engine construction, step, save, load and weight gathering. The step loop, the RL algorithms and evaluation
+talk to `Engine` / `FrozenModel`; model/ and data/ never import deepspeed. Outside the loop two tools do:
+train.export (reads a checkpoint's ZeRO shards through DeepSpeed's zero_to_fp32) and train.gpu_check (the
+accelerator's name and version); train.checkpoint runs DeepSpeed's universal-checkpoint converter as a
+subprocess when the world size changes.
 """
 from __future__ import annotations
 
 import atexit
+import copy
 import dataclasses
 import gc
 import os
@@ -16,7 +18,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from train.config import PARAM_GROUPS, TrainConfig, deepspeed_config
+from train.config import PARAM_GROUPS, TrainConfig
 from train.schedule import Schedule
 
 
@@ -69,6 +71,35 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def deepspeed_config(cfg: TrainConfig) -> Dict[str, Any]:
+    """The DeepSpeed JSON, generated from the config tree; engine.deepspeed keys are merged over it."""
+    ds: Dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": cfg.engine.grad_accum_steps,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.engine.zero_stage},
+        "bf16": {"enabled": cfg.engine.precision == "bf16"},
+        # Our AdamW and schedule are passed in as client objects; DeepSpeed must accept them under ZeRO.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,  # our metrics sink reports; DeepSpeed stays quiet
+        "wall_clock_breakdown": False,
+    }
+    if cfg.engine.zero_stage == 3:
+        # Export needs the full weights gathered on rank 0.
+        ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    return _deep_merge(ds, cfg.engine.deepspeed)
+
+
+def _deep_merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
 
 
 def model_init_context(cfg: TrainConfig):

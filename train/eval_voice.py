@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from data.audio import read_audio_bytes
-from data.loader import _read_shard, _Skip, render_raw, resolve_shards
+from data.samples import SkipSample, render_raw
+from data.shard_reader import read_shard, resolve_shards
 from data.tasks import AUDIO, CODES
 from data.tasks.speech import PARA_QUESTIONS, para_question
 from data.templates import IGNORE_INDEX, TemplateError
@@ -42,11 +43,11 @@ def _rendered(shards: List[str], tok, ids: SpecialIds, instruction: str, with_an
     """(raw sample, render_raw's dict with "meta") of every usable sample of `shards`, in file order; a sample
     that cannot be rendered is skipped with a warning naming it and why."""
     for path in resolve_shards(shards):
-        for raw in _read_shard(path):
+        for raw in read_shard(path):
             try:
                 yield raw, render_raw(raw, tok, ids, instruction, max_audio_s=None, with_answer=with_answer,
                                       keep_meta=True)
-            except _Skip as skip:
+            except SkipSample as skip:
                 logger.warning("evaluation skips %s:%s: %s", os.path.basename(path), raw.get("__key__"), skip)
 
 

@@ -29,6 +29,14 @@ Encoder + adapter, per audio chunk of F mel frames (100 per second; width C, lay
     over the chunk's own frames, not the batch's padded length);
     average pool -> T3 = T2 // 2 (25 per second); adapter conv (k, stride) -> T4 (12.5 per second), then
     linear C x D and D x H on T4 frames.
+
+Generation with the KV cache (generation_flops), forward only: a row's prompt of P tokens runs once, then each
+of its A answer tokens but the last is fed back alone. The token at position t attends to the t + 1 keys in
+the cache, so the row's attention totals one causal pass over its P + A - 1 fed tokens; logits are counted
+for the A rows that choose a token.
+
+An RL step (train.rl) adds up, per model, the passes it runs (ModelFlops): rollout generation, forward-only
+scoring (old log-probabilities, reference, critic values, reward models) and the training passes.
 """
 from __future__ import annotations
 
@@ -214,6 +222,66 @@ def step_flops(config: StepAudio2Config, batch: Dict[str, Any], varlen: bool = F
                passes: Optional[Dict[str, int]] = None, lm_head: bool = True) -> float:
     """Training FLOPs of one loader micro-batch: the sum of flops_breakdown."""
     return sum(flops_breakdown(config, batch, varlen, passes, lm_head).values())
+
+
+def generation_flops(config: StepAudio2Config, prompt_tokens: Iterable[int], answer_tokens: Iterable[int],
+                     mel_frames: Iterable[int] = ()) -> float:
+    """Forward FLOPs of sampling answers with the KV cache (model.generate), summed over rows: row i has a
+    prompt of prompt_tokens[i] tokens and answer_tokens[i] generated tokens (its stop token included);
+    mel_frames lists every audio chunk the rows' prompts encode (a prompt answered n times is encoded n times).
+
+    Per row (module doc): decoder and attention over P + A - 1 fed tokens, lm_head on A rows. Left padding, the
+    prefill's logits at the prompt's other positions and the steps a row rides along after it stopped are
+    the hardware's waste, not model FLOPs, and are left out."""
+    prompts, answers = [int(n) for n in prompt_tokens], [int(n) for n in answer_tokens]
+    if len(prompts) != len(answers):
+        raise ValueError(f"{len(prompts)} prompt lengths for {len(answers)} answer lengths: expected one per row")
+    bad = [(p, a) for p, a in zip(prompts, answers) if p < 1 or a < 0]
+    if bad:
+        raise ValueError(f"(prompt, answer) lengths {bad[0]}: expected a prompt of >= 1 token, an answer of >= 0")
+    fed = torch.tensor([p + max(a - 1, 0) for p, a in zip(prompts, answers)], dtype=torch.float64)
+    total = (2.0 * decoder_matmul_params(config) * float(fed.sum())
+             + 2.0 * lm_head_params(config) * sum(answers)
+             + float(attention_flops(config, fed).sum()))
+    frames = [int(f) for f in mel_frames]
+    if frames:
+        total += encoder_chunk_flops(config, torch.tensor(frames), forward_passes())
+    return total
+
+
+class ModelFlops:
+    """FLOPs of one model of a run (policy, reference, critic, reward model) on loader batches: its config,
+    whether its attention kernel isolates packed samples (varlen), and whether it has an lm_head (a score
+    model's head is one column, not counted). RL steps sum these over the passes they run."""
+
+    def __init__(self, config: StepAudio2Config, varlen: bool = False, lm_head: bool = True):
+        self.config, self.varlen, self.lm_head = config, varlen, lm_head
+
+    @classmethod
+    def of(cls, module: torch.nn.Module) -> "ModelFlops":
+        """The counts of the StepAudio2 model inside `module` (peft- or DeepSpeed-wrapped, or a score model)."""
+        from model.attention import VARLEN_KERNELS
+        from model.lalm import StepAudio2ForCausalLM
+        from model.score import StepAudio2ForScore
+
+        model = next((m for m in module.modules() if isinstance(m, StepAudio2ForCausalLM)), None)
+        if model is None:
+            raise ValueError(f"{type(module).__name__} holds no StepAudio2ForCausalLM: no model FLOPs to count")
+        return cls(model.config, model.attention_implementation in VARLEN_KERNELS,
+                   lm_head=not isinstance(model, StepAudio2ForScore))
+
+    def forward(self, batch: Dict[str, Any]) -> float:
+        """One forward pass over a loader batch, no gradient (log-probabilities, values, rewards)."""
+        return step_flops(self.config, batch, self.varlen, forward_passes(), self.lm_head)
+
+    def train(self, batch: Dict[str, Any], passes: Dict[str, int]) -> float:
+        """Forward and backward over a loader batch; passes: training_passes(model.trainable, lora)."""
+        return step_flops(self.config, batch, self.varlen, passes, self.lm_head)
+
+    def generation(self, prompt_tokens: Iterable[int], answer_tokens: Iterable[int],
+                   mel_frames: Iterable[int] = ()) -> float:
+        """Sampling answers with the KV cache: generation_flops."""
+        return generation_flops(self.config, prompt_tokens, answer_tokens, mel_frames)
 
 
 # ------------------------------------------------------------------------------------------------ peaks

@@ -317,7 +317,7 @@ def recorded_syncs(sites: List[str]):
 
 
 def _engine_config(data: Path, run_dir: Path, **overrides):
-    from train.config import load_config
+    from train.recipe import load_config
 
     items = {"run_dir": str(run_dir), "model.preset": "demo", "engine.precision": "bf16",
              "data.tokenizer": str(data / "tokenizer"), "data.num_workers": 0, "metrics.progress": False,

@@ -10,9 +10,9 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -25,8 +25,9 @@ from model.config import padded_vocab_size, preset_config
 from model.attention import VARLEN_KERNELS
 from model.lalm import StepAudio2ForCausalLM, resolve_attention
 from train import evaluate as evaluation
+from train.algorithm import Algorithm, StepResult, TaskLosses
 from train.checkpoint import Checkpointer, seed_host_generators
-from train.config import InitPartsConfig, TrainConfig, to_yaml
+from train.config import InitPartsConfig, TrainConfig
 from train.engine import (Engine, compute_dtype, gathered_for_write, inference_model, init_distributed,
                           model_init_context, to_device)
 from train.faults import maybe_fault
@@ -34,6 +35,7 @@ from train.flops import device_peak_flops, mfu, step_flops, training_passes
 from train.lora import apply_lora, audio_rows, load_adapter, save_adapter
 from train.metrics import make_sink
 from train.preempt import PREEMPTED_EXIT_CODE, Preempted, PreemptionFlag, mark_preempted
+from train.recipe import to_yaml
 from train.run_folder import drop_steps_after, process_start_time, remove_stale_temporaries
 from train.schedule import Schedule
 from train.watchdog import Watchdog
@@ -170,21 +172,6 @@ def budget_left(cfg: TrainConfig, state: RunState) -> bool:
     return steps_left and (cfg.max_tokens is None or state.tokens < cfg.max_tokens)
 
 
-@dataclass
-class TaskLosses:
-    """A mixture's label-token cross-entropy per dataset (data.datasets order), as sums: steps, micro-batches
-    and ranks add up, and loss/<name> is the log window's sum over all ranks divided by its tokens/<name>."""
-    names: Tuple[str, ...]
-    loss_sums: torch.Tensor
-    """[datasets] fp32 on the device (read once per log line): summed cross-entropy of each one's label tokens."""
-    tokens: List[int]
-    """Label tokens of each dataset (host ints: counted from the batches' labels)."""
-
-    def __add__(self, other: "TaskLosses") -> "TaskLosses":
-        return TaskLosses(self.names, self.loss_sums + other.loss_sums,
-                          [a + b for a, b in zip(self.tokens, other.tokens, strict=True)])
-
-
 def mixture_names(cfg: TrainConfig) -> Tuple[str, ...]:
     """The datasets a run logs loss/<name> and tokens/<name> of: a mixture's (data.datasets, two or more);
     none for a single dataset, whose loss is `loss`."""
@@ -207,58 +194,6 @@ def task_losses(batch: Dict[str, Any], token_losses_BT: torch.Tensor, names: Tup
     sums = torch.zeros(len(names) + 1, dtype=torch.float32, device=device).index_add_(
         0, to_device(dataset_BT.reshape(-1), device), token_losses_BT.detach().float().reshape(-1))
     return TaskLosses(names, sums[:len(names)], tokens)
-
-
-@dataclass
-class StepResult:
-    """What one step of an algorithm reports to the loop."""
-    tokens: int
-    """Real decoder tokens this rank trained on (a host int: the collate counted them)."""
-    metrics: Dict[str, Any] = field(default_factory=dict)
-    """name -> a float or a 0-dim tensor, left on the device (read once per log line): averaged over the
-    steps of a log window and over the ranks."""
-    audio_s: float = 0.0
-    """Seconds of input audio in the step (audio_s_per_s)."""
-    data_wait_s: float = 0.0
-    """Seconds the step waited for the loader (data_stall: the share of the log window's time)."""
-    flops: float = 0.0
-    """Model FLOPs this rank computed in the step (train.flops), for tflops_per_s and MFU; 0 = not counted."""
-    task_losses: Optional[TaskLosses] = None
-    """This rank's per-dataset loss sums in a mixture (loss/<name>, tokens/<name>); None otherwise. Every
-    rank reports them at every step (zeros for a dataset it saw none of): they join the log line's collective."""
-
-
-class Algorithm:
-    """One training step of a kind (sft here; dpo, grpo, ppo, reward_model in train.rl). The loop owns the
-    rest: build, resume, schedule, log, evaluate, checkpoint, preempt, export.
-
-    `engines` are trained models besides the loop's own (PPO's critic): checkpointed and resumed with it.
-    state_dict / load_state_dict: this rank's data position and random state (saved in loader.pt beside
-    every rank's), as data.loader's loader takes it."""
-    loader: Any
-
-    def engines(self) -> Dict[str, Engine]:
-        return {}
-
-    def step(self, step: int) -> StepResult:
-        raise NotImplementedError
-
-    def evaluate(self, tag: str) -> Dict[str, float]:
-        """Metrics of the kind's own held-out evaluation (e.g. pairwise accuracy); {} for none. A collective."""
-        return {}
-
-    def state_dict(self) -> Dict[str, Any]:
-        return self.loader.state_dict()
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.loader.load_state_dict(state)  # every rank's state: the loader picks (or re-splits) its own
-
-    def skip_stats(self) -> Dict[str, Any]:
-        """{"skipped": {reason: n}, "skipped_keys": ["SHARD:KEY (reason)", ...]} of this rank's data."""
-        return self.loader.stats()
-
-    def close(self) -> None:
-        pass
 
 
 def global_count(local: int, device: torch.device) -> int:

@@ -37,7 +37,8 @@ import torch
 
 from model.config import StepAudio2Config, preset_config
 from train import memory
-from train.config import PARAM_GROUPS, ConfigError, TrainConfig, load_config
+from train.config import PARAM_GROUPS, TrainConfig
+from train.recipe import ConfigError, load_config, stage_config
 from train.flops import (GPU_KEYS, encoder_flops_per_audio_second, flops_per_token, forward_passes,
                          gpu_peak_flops, training_passes)
 
@@ -177,8 +178,6 @@ def plan_run(cfg: TrainConfig, gpus: int = 8, gpu: str = "h100", mfu: float = 0.
              prompt_tokens: int = DEFAULT_PROMPT_TOKENS, audio_share: float = 0.0) -> Dict[str, Any]:
     """The plan of a loaded recipe (its stages, or those cfg.run_stages names): {"gpus", "gpu", "mfu",
     "prompt_tokens", "audio_share", "stages": [one dict per stage], "total"}."""
-    from train.curriculum import stage_config
-
     if gpus < 1:
         raise ValueError(f"gpus={gpus}: expected an integer >= 1")
     if not 0 < mfu <= 1:

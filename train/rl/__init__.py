@@ -1,8 +1,8 @@
 """RLHF on speech answers: rollouts (train.rl.rollout), rewards (train.rl.rewards), the algorithms' arithmetic
 (train.rl.losses) and their steps: GRPO and PPO (train.rl.policy), DPO and reward models (train.rl.pairs).
 
-Every algorithm is a train.loop.Algorithm: the run's loop builds, resumes, schedules, logs, evaluates,
-checkpoints and exports it like supervised training; the algorithm supplies the step."""
+Every algorithm is a train.algorithm.Algorithm: the run's loop (train.loop) builds, resumes, schedules, logs,
+evaluates, checkpoints and exports it like supervised training; the algorithm supplies the step."""
 from __future__ import annotations
 
 from typing import Any, Dict

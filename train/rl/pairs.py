@@ -1,5 +1,7 @@
 """Steps on preference pairs (data.render=pairs: a batch of B pairs has 2B rows, the chosen answers first):
 DPO, and the Bradley-Terry reward model (a score model; its export is loadable as a reward).
+A step's model FLOPs (train.flops) count the training passes and, for DPO without a precomputed table, the
+reference's forward (the table itself is computed once before training, outside every step).
 """
 from __future__ import annotations
 
@@ -14,10 +16,11 @@ import torch.distributed as dist
 
 from data.loader import build_loader
 from model.score import last_token_scores
+from train.algorithm import Algorithm, StepResult
 from train.checkpoint import load_plain
 from train.config import TrainConfig
 from train.engine import Engine
-from train.loop import Algorithm, StepResult
+from train.flops import ModelFlops, training_passes
 from train.rl import losses as L
 from train.rl.reference import Reference, gathered, reference_mode
 from train.rl.rollout import answer_mask
@@ -80,6 +83,8 @@ class DPOStep(Algorithm):
         self.table: Optional[Dict] = None
         self.eval_table: Optional[Dict] = None
         self.reference: Optional[Reference] = Reference(cfg, engine, ctx["build_model"], reference_mode(cfg))
+        self.flops = ModelFlops.of(engine.module)  # the reference's too: the same architecture
+        self.train_passes = training_passes(cfg.model.trainable, cfg.lora)
         if self.rl.precompute_reference:
             self.table = self._reference_table(None, REFERENCE_TABLE)
             if self.rl.eval_pairs:
@@ -133,7 +138,7 @@ class DPOStep(Algorithm):
 
     def step(self, step: int) -> StepResult:
         cfg, engine = self.cfg, self.engine
-        tokens, audio_s, stats = 0, 0.0, {}
+        tokens, audio_s, stats, flops = 0, 0.0, {}, 0.0
         gas = cfg.engine.grad_accum_steps
         wait = 0.0
         for _ in range(gas):
@@ -155,18 +160,20 @@ class DPOStep(Algorithm):
             else:
                 ref_seq = L.sequence_logprobs(self.reference.logprobs(batch), mask)
                 ref_chosen, ref_rejected = ref_seq[:pairs], ref_seq[pairs:]
+                flops += self.flops.forward(batch)
             loss, st = L.dpo_loss(seq[:pairs], seq[pairs:], ref_chosen, ref_rejected, self.rl.beta,
                                   self.rl.label_smoothing)
             if self.rl.sft_coef:
                 chosen_tokens = mask[:pairs].sum().clamp(min=1)
                 loss = loss + self.rl.sft_coef * -(seq[:pairs].sum() / chosen_tokens)
             engine.backward_and_step(loss)
+            flops += self.flops.train(batch, self.train_passes)
             for name, value in {"loss": loss.detach(), **st}.items():
                 stats[name] = stats.get(name, 0.0) + value / gas
             tokens += batch["num_tokens"]
             audio_s += float(batch["num_audio_s"])
             del out
-        return StepResult(tokens, stats, audio_s, wait)
+        return StepResult(tokens, stats, audio_s, wait, flops)
 
     def evaluate(self, tag: str) -> Dict[str, float]:
         """Held-out rl.eval_pairs: the share of pairs whose implicit reward ranks the chosen answer first."""
@@ -202,6 +209,8 @@ class RewardModelStep(Algorithm):
         self.cfg, self.rl, self.engine, self.loader = cfg, cfg.rl, engine, loader
         self.rank, self.world_size = ctx["rank"], ctx["world_size"]
         self.batches = iter(loader)
+        self.flops = ModelFlops.of(engine.module)  # a score model: no lm_head
+        self.train_passes = training_passes(cfg.model.trainable, cfg.lora)
 
     @staticmethod
     def scores(values_BT: torch.Tensor, batch: Dict[str, Any]) -> torch.Tensor:
@@ -209,7 +218,7 @@ class RewardModelStep(Algorithm):
         return last_token_scores(values_BT, last)
 
     def step(self, step: int) -> StepResult:
-        tokens, audio_s, stats = 0, 0.0, {}
+        tokens, audio_s, stats, flops = 0, 0.0, {}, 0.0
         gas = self.cfg.engine.grad_accum_steps
         wait = 0.0
         for _ in range(gas):
@@ -221,12 +230,13 @@ class RewardModelStep(Algorithm):
             s = self.scores(out.scores, batch)
             loss, st = L.bradley_terry_loss(s[:pairs], s[pairs:], self.rl.center_coef)
             self.engine.backward_and_step(loss)
+            flops += self.flops.train(batch, self.train_passes)
             for name, value in {"loss": loss.detach(), **st}.items():
                 stats[name] = stats.get(name, 0.0) + value / gas
             tokens += batch["num_tokens"]
             audio_s += float(batch["num_audio_s"])
             del out
-        return StepResult(tokens, stats, audio_s, wait)
+        return StepResult(tokens, stats, audio_s, wait, flops)
 
     def evaluate(self, tag: str) -> Dict[str, float]:
         """Held-out rl.eval_pairs: pairwise accuracy (score of the chosen answer above the rejected one)."""

@@ -9,6 +9,8 @@ clipped value loss.
 Both: token-level normalisation (every answer token of a minibatch weighs the same), clipped ratio, and
 the log-probabilities recomputed at the sampling temperature, so on the first minibatch of a step the
 ratio is exactly 1 (and the KL exactly 0 while the policy equals its reference).
+A step's model FLOPs (train.flops) count the rollout's generation, every forward-only scoring pass and the
+training passes of each epoch: tflops_per_s and MFU cover all the work of RL, not only its updates.
 """
 from __future__ import annotations
 
@@ -17,9 +19,10 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from train.algorithm import Algorithm, StepResult
 from train.config import TrainConfig
 from train.engine import Engine, FrozenModel
-from train.loop import Algorithm, StepResult
+from train.flops import ModelFlops, training_passes
 from train.rl import losses as L
 from train.rl.reference import Reference, reference_mode
 from train.rl.rewards import Rewards
@@ -65,6 +68,11 @@ class PolicyGradient(Algorithm):
             init = self.rl.critic_init or next((r.model for r in self.rl.rewards if r.model), None)
             self.critic = Engine(build_model(score=True, init_from=init), cfg, lr=self.rl.critic_lr)
             self.critic.module.train()
+        # Model FLOPs: the reference is the policy's architecture; reward models and the critic have their own.
+        self.policy_flops = ModelFlops.of(engine.module)
+        self.critic_flops = ModelFlops.of(self.critic.module) if self.critic is not None else None
+        self.reward_flops = [ModelFlops.of(m.module) for m in self.rewards.models]
+        self.train_passes = training_passes(cfg.model.trainable, cfg.lora)
 
     # ------------------------------------------------------------------------------------------- state
 
@@ -208,4 +216,26 @@ class PolicyGradient(Algorithm):
             metrics["value_mean"] = torch.stack([L.masked_mean(values[k], masks[k]) for k in range(len(micro))]).mean()
         tokens = sum(b["num_tokens"] for b in micro)
         audio_s = sum(float(b["num_audio_s"]) for b in micro)
-        return StepResult(tokens, metrics, audio_s, data_wait_s)
+        flops = self.step_flops(rollout, micro, train_policy)
+        return StepResult(tokens, metrics, audio_s, data_wait_s, flops)
+
+    def step_flops(self, rollout, micro: List[Dict[str, Any]], train_policy: bool) -> float:
+        """This rank's model FLOPs of a step (train.flops): the rollout's generation; forward passes for the
+        old log-probabilities, the reference's, the critic's values and each reward model's scores; then
+        rl.epochs passes over every micro-batch, each the policy's training (unless the critic warms up) and
+        the critic's."""
+        rl = self.rl
+        samples = rollout.samples
+        flops = self.policy_flops.generation([len(s.prompt_ids) for s in samples],
+                                             [len(s.answer_ids) for s in samples],
+                                             [m.shape[-1] for row in rollout.rows for m in row["mels"]])
+        forward = sum(self.policy_flops.forward(b) for b in micro)
+        flops += forward * (2 if self.reference is not None else 1)
+        scorers = self.reward_flops + ([self.critic_flops] if self.critic_flops is not None else [])
+        flops += sum(model.forward(b) for model in scorers for b in micro)
+        per_epoch = 0.0
+        if train_policy:
+            per_epoch += sum(self.policy_flops.train(b, self.train_passes) for b in micro)
+        if self.critic_flops is not None:
+            per_epoch += sum(self.critic_flops.train(b, self.train_passes) for b in micro)
+        return flops + rl.epochs * per_epoch

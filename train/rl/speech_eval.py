@@ -32,7 +32,7 @@ from data.audio import encode_flac, read_audio
 from data.batching import pad_mels
 from data.demo import (_HELDOUT_SEED_OFFSET, _TASK_SEEDS, DEFAULT_PITCH, STYLES, TTS_VOICE, _dialogue, _wav,
                        make_sentences, speak)
-from data.loader import render_raw
+from data.samples import render_raw
 from model.generate import generate, split_ta4
 from train.rl.rollout import AUDIO_CODES_PER_S, left_padded
 from train.rl.rule_rewards import _words, word_error_rate
@@ -110,7 +110,7 @@ def render_prompt(request: Dict[str, Any], tok, ids) -> Dict[str, Any]:
            "turn1.flac": encode_flac(read_audio(request["request_wav"]))}
     try:
         rendered = render_raw(raw, tok, ids, with_answer=False, force_task="dialogue")
-    except Exception as exc:  # data.loader's skip reasons
+    except Exception as exc:  # data.samples.SkipSample's reasons, or whatever else fails
         raise ValueError(f"request {request['key']!r}: its prompt does not render ({exc})") from None
     return {"input_ids": rendered["input_ids"], "mels": rendered["mels"]}
 
