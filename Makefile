@@ -69,7 +69,7 @@ rlhf-demo: setup
 voice-demo: setup
 	@[ -d /usr/share/asterisk/sounds/en ] || { $(SUDO) apt-get update -qq && \
 		$(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq asterisk-core-sounds-en-wav; }
-	$(PY) -m model.speaker fit runs/speaker/speaker.pt --asterisk /usr/share/asterisk/sounds/en \
+	$(PY) -m train.speaker_encoder fit runs/speaker/speaker.pt --asterisk /usr/share/asterisk/sounds/en \
 		--transcripts /usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz
 	$(PY) -m train.voice_demo --out runs/voice_demo
 

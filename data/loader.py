@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import functools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -84,7 +85,13 @@ class DataConfig:
     batch_buffer: int = 64
     """Rendered samples the batcher sorts or packs over (batching=tokens or packed)."""
     num_workers: int = 2
-    """DataLoader worker processes per rank (0 = decode in the training process)."""
+    """DataLoader worker processes per rank (0 = decode in the training process). A worker decodes audio and
+    computes log-mels for its share of the batches; one or two per rank keep a GPU fed on these tasks, and
+    together with worker_threads they should leave the training process its cores."""
+    worker_threads: int = 1
+    """torch intra-op threads of each worker process (decoding, resampling, log-mel). 1 keeps the workers off
+    the cores the training process computes on (torch's default, one thread per core in every worker,
+    oversubscribes them: on 2 cores the demo ran 3-4x slower); 0 = torch's default."""
     min_audio_s: float = 0.0
     """Samples with shorter audio input are skipped and counted as "too_short"."""
     max_audio_s: float = 30.0
@@ -107,6 +114,12 @@ class DataConfig:
 
 
 # ---------------------------------------------------------------------------------------------- loader
+
+def _worker_threads(threads: int, worker_id: int) -> None:
+    """A DataLoader worker's start: its torch thread count (data.worker_threads; 0 keeps torch's default)."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+
 
 class ShardLoader:
     """Infinite iterator of batches for one rank, with `state_dict` / `load_state_dict` for resuming.
@@ -144,7 +157,9 @@ class ShardLoader:
             # uninterrupted one, and no draw from the training process's global stream.
             seeds = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rank * 1009 + self._generation)
             self._iterator = iter(DataLoader(streams, batch_size=None, num_workers=self.cfg.num_workers,
-                                             generator=seeds))
+                                             generator=seeds,
+                                             worker_init_fn=functools.partial(_worker_threads,
+                                                                              self.cfg.worker_threads)))
             self._waiting = {w: collections.deque() for w in range(self._num_streams)}
         # Batches go round-robin over workers; after a restart the DataLoader begins again at worker 0,
         # so hold batches until the worker an uninterrupted run would read next has delivered.
@@ -285,8 +300,8 @@ def _check_config(cfg: DataConfig, rank: int, world_size: int) -> None:
         # A pair's two rows must stay in one batch and a prompt batch maps row i to meta[i]: no packing.
         raise ValueError(f"data.render={cfg.render!r} needs data.batching='fixed', got data.batching="
                          f"{cfg.batching!r}")
-    for key, low in (("batch_size", 1), ("num_workers", 0), ("shuffle_buffer", 0), ("max_tokens", 1),
-                     ("max_mel_frames", 0), ("max_seq_len", 1), ("batch_buffer", 1)):
+    for key, low in (("batch_size", 1), ("num_workers", 0), ("worker_threads", 0), ("shuffle_buffer", 0),
+                     ("max_tokens", 1), ("max_mel_frames", 0), ("max_seq_len", 1), ("batch_buffer", 1)):
         value = getattr(cfg, key)
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"data.{key}={value!r}: expected an integer >= {low}")

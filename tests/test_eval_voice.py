@@ -172,7 +172,7 @@ def test_speaker_similarity_on_the_real_model_and_its_errors(timbre, tmp_path):
     assert result["num_samples"] == 2 and -1.0 <= result["value"] <= 1.0 and -1.0 <= result["reference"] <= 1.0
 
     with pytest.raises(ValueError, match="^speaker_similarity needs a speaker encoder at '/nowhere/s.pt': train one "
-                                         "with `python -m model.speaker fit /nowhere/s.pt`$"):
+                                         "with `python -m train.speaker_encoder fit /nowhere/s.pt`$"):
         run_eval("speaker_similarity", model, tok, ids, timbre["shards"], "", 2, 4, speaker_model="/nowhere/s.pt")
     # Shards with no record of their codec (no data.tokenize): say so, or take the codec named.
     bare = tmp_path / "bare"

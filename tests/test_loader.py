@@ -323,6 +323,7 @@ def test_bare_tars_are_counted_by_one_scan(tmp_path, tok_dir):
     ({"max_seq_len": 0}, r"data.max_seq_len=0: expected an integer >= 1"),
     ({"batching": "packed", "max_seq_len": 512, "max_tokens": 256}, "data.max_seq_len=512 is larger than"),
     ({"min_audio_s": 40.0}, r"data.min_audio_s=40.0: expected seconds >= 0 and below data.max_audio_s=30.0"),
+    ({"worker_threads": -1}, r"data.worker_threads=-1: expected an integer >= 0"),
 ])
 def test_config_errors_name_the_key(tmp_path, tok_dir, overrides, message):
     _dataset(tmp_path / "ds", 1, 2)
@@ -355,3 +356,32 @@ def test_eval_samples_in_file_order(tmp_path, tok_dir):
     assert got[1]["prompt_ids"] == render_asr("", got[1]["mel_lengths"].tolist(), tok, ids,
                                               "Transcribe the speech.", with_answer=False).input_ids
     assert got[1]["prompt_ids"].count(ids.audio_patch) == 313 + num_audio_tokens(mel_frames(SAMPLE_RATE // 2))
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_workers_take_the_configured_thread_count(tmp_path, tok_dir, threads, monkeypatch):
+    """A worker computes log-mels with data.worker_threads torch threads (1: off the training process's
+    cores), whatever the training process runs with. Each worker writes what it runs with (fork carries the
+    patch)."""
+    from data import streams
+
+    _dataset(tmp_path / "ds", 2, 4)
+    seen = tmp_path / "threads"
+    seen.mkdir()
+    original = streams.WorkerStreams.__iter__
+
+    def recording(self):
+        info = torch.utils.data.get_worker_info()
+        (seen / str(info.id)).write_text(str(torch.get_num_threads()))
+        return original(self)
+
+    monkeypatch.setattr(streams.WorkerStreams, "__iter__", recording)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        loader = build_loader(_cfg(tok_dir, [str(tmp_path / "ds")], worker_threads=threads), 0, 1, 0)
+        next(loader)
+    finally:
+        torch.set_num_threads(before)
+    counts = sorted(int(p.read_text()) for p in seen.iterdir())
+    assert counts == [threads, threads]

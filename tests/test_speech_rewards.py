@@ -16,12 +16,12 @@ from data.tokenizer import build_text_tokenizer, extend_tokenizer, special_ids
 from model.checkpoint import save_stepfun
 from model.config import padded_vocab_size, preset_config
 from model.lalm import StepAudio2ForCausalLM
-from model.speaker import fit_speaker_encoder
 from model.vocoder import KMeansVocoder
 from train.rl import speech_rewards as sr
 from train.config import RewardConfig
 from train.rl.rewards import Rewards
 from train.rl.rollout import RolloutSample
+from train.speaker_encoder import fit_speaker_encoder
 
 torch.set_num_threads(1)
 SENTENCES = ["two quiet cats paint the red table", "three happy dogs push the green chair",

@@ -4,6 +4,8 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -18,8 +20,11 @@ from data.formats import PrepareError, describe
 from data.shards import file_sha256
 from data.voice import main as voice_main
 from data.voice import prepare_voice, read_transcribed_folder, speaker_corpus, split_heldout, spoken_text
-from model.speaker import SpeakerEncoder, SpeakerNet, equal_error_rate, fit_speaker_encoder
+from model.speaker import SpeakerEncoder, SpeakerNet
+from tests.conftest import REPO
 from train.evaluate import code_hits
+from train.speaker_encoder import equal_error_rate, fit_speaker_encoder
+from train.speaker_encoder import main as speaker_encoder_main
 from train.voice_demo import measure, read_records
 
 torch.set_num_threads(1)
@@ -167,6 +172,24 @@ def test_speaker_net_separates_two_voices(tmp_path):
     assert torch.equal(loaded.embed(waves["low"][:2], 16000), encoder.embed(waves["low"][:2], 16000))
     with pytest.raises(ValueError, match="is not a speaker encoder file"):
         SpeakerEncoder.load(str(tmp_path / "low0.wav"))
+
+
+def test_speaker_encoder_fit_command(tmp_path):
+    out = tmp_path / "speaker" / "speaker.pt"
+    assert speaker_encoder_main(["fit", str(out), "--work", str(tmp_path / "work"), "--speakers", "3",
+                                 "--heldout-speakers", "2", "--heldout-variants", "2", "--per-speaker", "2",
+                                 "--steps", "3"]) == 0
+    figures = json.loads(out.with_suffix(".json").read_text())
+    assert figures["train"] == {"speakers": 3, "recordings": 6}
+    held = figures["heldout_espeak"]
+    assert (held["num_voices"], held["num_recordings"]) == (2, 4) and 0.0 <= held["pair_eer"] <= 1.0
+    assert SpeakerEncoder.load(str(out)).config == figures["config"]
+    assert figures["config"]["num_speakers"] == 3 and len(figures["config"]["heldout_variants"]) == 2
+    # The command's old home says where it went instead of doing nothing.
+    old = subprocess.run([sys.executable, "-m", "model.speaker", "fit", str(out)], cwd=REPO, capture_output=True,
+                         text=True, check=False)
+    assert (old.returncode, old.stdout, old.stderr) == (1, "", "error: `python -m model.speaker fit` is now "
+                                                         "`python -m train.speaker_encoder fit` (same options)\n")
 
 
 def test_measuring_functions_on_known_inputs():

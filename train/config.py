@@ -141,7 +141,8 @@ class EvalConfig:
     (cosine between a spoken answer's voice and the clip in its prompt, by the eval.speaker_model encoder;
     higher is better)."""
     speaker_model: Optional[str] = None
-    """speaker_similarity: the speaker encoder (`python -m model.speaker fit`); None: runs/speaker/speaker.pt."""
+    """speaker_similarity: the speaker encoder (`python -m train.speaker_encoder fit`); None:
+    runs/speaker/speaker.pt."""
     vocoder: Optional[str] = None
     """speaker_similarity: how answers' codes become audio (kmeans:FILE.pt or token2wav:MODULE:ATTR); None: the
     codec named in the held-out shards' tokenizer.json."""

@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 PARA_LABELS = {"gender": ("male", "female"), "speed": ("slow", "normal", "fast"),
                "pitch": ("low", "normal", "high")}
 PARA_TASKS = ("para_qa", "para_caption")
-# speaker_similarity: where `python -m model.speaker fit` (and `make voice-demo`) writes the speaker encoder.
+# speaker_similarity: where `python -m train.speaker_encoder fit` (and `make voice-demo`) writes the speaker encoder.
 DEFAULT_SPEAKER_MODEL = "runs/speaker/speaker.pt"
 MIN_ANSWER_CODES = 8  # a shorter spoken answer has no voice to measure; it scores 0
 
@@ -197,7 +197,7 @@ class SpeakerScorer:
         speaker_model = speaker_model or DEFAULT_SPEAKER_MODEL
         if not os.path.isfile(speaker_model):
             raise ValueError(f"speaker_similarity needs a speaker encoder at {speaker_model!r}: train one with "
-                             f"`python -m model.speaker fit {speaker_model}`")
+                             f"`python -m train.speaker_encoder fit {speaker_model}`")
         self.encoder = SpeakerEncoder.load(speaker_model)
         spec = vocoder or vocoder_spec(shards)
         try:

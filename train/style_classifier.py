@@ -37,7 +37,7 @@ from data.voice import ESPEAK_ACCENTS, ESPEAK_VARIANTS
 from model.style import NUM_STATS, STYLES, StyleClassifier, StyleNet, batch_features, style_features
 
 HELDOUT_ACCENTS = ("en-gb-scotland", "en-029")
-HELDOUT_VARIANTS = tuple(ESPEAK_VARIANTS[-10:])  # as model.speaker holds them out
+HELDOUT_VARIANTS = tuple(ESPEAK_VARIANTS[-10:])  # as train.speaker_encoder holds them out
 FEMALE_VARIANTS = {"f1", "f2", "f3", "f4", "f5", "Alicia", "Andrea", "Annie", "aunty", "belinda", "grandma", "linda",
                    "steph", "steph2"}
 # The demo's dialogue styles (data.demo.STYLES) as classifier classes.

@@ -127,7 +127,7 @@ def _default_base() -> Optional[str]:
 
 def _speaker_encoder(path: str) -> SpeakerEncoder:
     if not os.path.isfile(path):
-        subprocess.run([sys.executable, "-m", "model.speaker", "fit", path, "--asterisk", ASTERISK_DIR,
+        subprocess.run([sys.executable, "-m", "train.speaker_encoder", "fit", path, "--asterisk", ASTERISK_DIR,
                         "--transcripts", ASTERISK_TRANSCRIPTS], check=True)
     return SpeakerEncoder.load(path)
 
@@ -173,7 +173,7 @@ def run_demo(base: str, out: str, audio_tokenizer: str, speaker_model: str, over
            for v, waves in espeak.items()}})
     report: dict = {"base": base, "audio_tokenizer": audio_tokenizer, "heldout": len(heldout),
                     "speaker_model": speaker_model, "references": references}
-    validation = os.path.splitext(speaker_model)[0] + ".json"  # model.speaker fit's own figures
+    validation = os.path.splitext(speaker_model)[0] + ".json"  # train.speaker_encoder fit's own figures
     if os.path.isfile(validation):
         with open(validation, encoding="utf-8") as f:
             report["speaker_model_validation"] = {k: v for k, v in json.load(f).items() if k != "config"}

@@ -263,7 +263,7 @@ def audio_guard(samples, codes: Optional[str] = None, min_codes: int = 10, max_r
 def speaker_similarity(samples, speaker_model: str, references: str, codes: str, min_codes: int = 8
                        ) -> List[float]:
     """Cosine (clipped at 0) between the answer's voice and the mean voice of the recordings under
-    `references`, by model.speaker's encoder (`python -m model.speaker fit`); 0 for an answer with fewer than
+    `references`, by model.speaker's encoder (`python -m train.speaker_encoder fit`); 0 for an answer with fewer than
     `min_codes` codes. For a custom-voice run: the answer should still sound like the user's speaker."""
     reference = _reference_embedding(speaker_model, references)
     encoder = _speaker(speaker_model)
