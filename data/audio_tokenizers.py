@@ -18,6 +18,7 @@ import torch
 import torchaudio
 
 from data.features import SAMPLE_RATE, log_mel
+from data.files import atomic_path
 from data.shards import file_sha256
 
 KMEANS_FORMAT = "stepaudio2.kmeans_audio_tokenizer"
@@ -163,9 +164,9 @@ class KMeansTokenizer(AudioTokenizer):
 
     def save(self, path: str) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        torch.save({"format": KMEANS_FORMAT, "version": KMEANS_VERSION, "centroids_KM": self.centroids_KM,
-                    "config": self.config}, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        with atomic_path(path) as tmp:
+            torch.save({"format": KMEANS_FORMAT, "version": KMEANS_VERSION, "centroids_KM": self.centroids_KM,
+                        "config": self.config}, tmp)
 
     def hash(self) -> str:
         # The centroids and the framing decide the codes; training details (seed, corpus size) do not.

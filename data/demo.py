@@ -21,6 +21,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import AbstractSet, Dict, List, Optional, Sequence, Tuple
 
+from data.files import atomic_path, atomic_write
+
 # One list per slot of "<number> <adjective> <noun>s <verb> the <colour> <object>".
 NUMBERS = ["two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"]
 ADJECTIVES = ["quiet", "happy", "tiny", "brave", "lazy", "clever", "angry", "gentle", "noisy", "proud",
@@ -83,15 +85,15 @@ def espeak_binary() -> str:
 def speak(text: str, voice: str, path: str, speed: int = 175, pitch: int = DEFAULT_PITCH) -> None:
     """Speak `text` with espeak-ng voice `voice` at `speed` words/minute and `pitch` (0-99) into WAV `path`
     (22.05 kHz)."""
-    tmp_path = f"{path}.tmp.wav"  # a killed run must not leave a half file that a re-run would reuse
     # -p only when asked for: a voice variant ("+f2") brings its own pitch.
     pitch_args = [] if pitch == DEFAULT_PITCH else ["-p", str(pitch)]
-    proc = subprocess.run([espeak_binary(), "-v", voice, "-s", str(speed), *pitch_args, "-w", tmp_path, text],
-                          capture_output=True, text=True)
-    if proc.returncode != 0 or not os.path.isfile(tmp_path):
-        raise RuntimeError(f"espeak-ng failed for voice {voice!r}, speed {speed}, text {text!r}: "
-                           f"{proc.stderr.strip() or proc.stdout.strip() or f'exit code {proc.returncode}'}")
-    os.replace(tmp_path, path)
+    # A killed run must not leave a half file that a re-run would reuse; espeak-ng wants a .wav name.
+    with atomic_path(path, suffix=".tmp.wav") as tmp_path:
+        proc = subprocess.run([espeak_binary(), "-v", voice, "-s", str(speed), *pitch_args, "-w", tmp_path, text],
+                              capture_output=True, text=True)
+        if proc.returncode != 0 or not os.path.isfile(tmp_path):
+            raise RuntimeError(f"espeak-ng failed for voice {voice!r}, speed {speed}, text {text!r}: "
+                               f"{proc.stderr.strip() or proc.stdout.strip() or f'exit code {proc.returncode}'}")
 
 
 # ------------------------------------------------------------------------------------ translation
@@ -279,9 +281,7 @@ def _record_texts(task: str, records: List[dict]) -> List[str]:
 
 
 def _write_jsonl(path: str, records: List[dict]) -> None:
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    os.replace(path + ".tmp", path)
+    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def make_demo(out_dir: str, num_train: int = 400, num_heldout: int = 40, seed: int = 0, workers: int = 2,

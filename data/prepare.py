@@ -12,19 +12,18 @@ import argparse
 import collections
 import hashlib
 import json
-import multiprocessing
 import os
 import re
 import sys
-from typing import Iterator, List, Optional, Tuple
-
-from tqdm import tqdm
+from typing import List, Optional, Tuple
 
 from data.audio import AudioError, encode_flac, read_audio, read_audio_bytes
 from data.conversations import read_conversations
 from data.features import SAMPLE_RATE
+from data.files import atomic_write
 from data.formats import (CSV_DELIMITERS, Blob, Candidate, Corpus, PrepareError, Reject, describe, read_csv,
                           read_folder, read_hf, read_hf_pairs, read_kaldi, read_manifest)
+from data.pool import map_in_processes
 from data.preferences import read_preferences
 from data.shards import INDEX_FORMAT, INDEX_NAME, ShardWriter, file_sha256, write_index
 from data.stats import Counts
@@ -38,11 +37,6 @@ __all__ = ["PrepareError", "prepare", "prepare_conversations", "prepare_manifest
 
 
 # -------------------------------------------------------------------------------------- decoding
-
-def _init_worker() -> None:
-    import torch
-    torch.set_num_threads(1)  # the pool already uses the cores; nested threads only contend
-
 
 def _read(item):
     """An AudioRef resolved for a worker, a path or (bytes, name), as 16 kHz mono [T]."""
@@ -100,22 +94,13 @@ def _job(cand: Candidate) -> tuple:
             None if cand.target is None else resolve(cand.target, cand.target_source))
 
 
-def _decoded(jobs: Iterator[tuple], workers: int, total: int) -> Iterator[tuple]:
-    if workers <= 1 or total <= 1:
-        yield from map(_load, jobs)
-        return
-    # forkserver: a fork of a process that already ran torch (e.g. under pytest) can hang in OpenMP.
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["data.audio"])
-    with ctx.Pool(min(workers, total), initializer=_init_worker) as pool:
-        # A bounded window in order: Pool.imap would read every dataset blob into its queue at once.
-        window: collections.deque = collections.deque()
-        for job in jobs:
-            window.append(pool.apply_async(_load, (job,)))
-            if len(window) >= 4 * workers:
-                yield window.popleft().get()
-        while window:
-            yield window.popleft().get()
+def _job_name(job) -> str:
+    """The audio a job decodes, for an error message: its path or source name (a sample of members: each)."""
+    def audio(ref) -> str:
+        return ref if isinstance(ref, str) else str(ref[1])
+    if isinstance(job, list):
+        return ", ".join(f"{member} ({source})" for member, _, source in job)
+    return audio(job[0]) + ("" if job[1] is None else f" (target {audio(job[1])})")
 
 
 # ----------------------------------------------------------------------------------- resume state
@@ -150,9 +135,7 @@ def _load_state(out_dir: str, fingerprint: str) -> dict:
 
 def _save_state(out_dir: str, state: dict) -> None:
     path = os.path.join(out_dir, STATE_NAME)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(state, f, ensure_ascii=False)
-    os.replace(path + ".tmp", path)
+    atomic_write(path, json.dumps(state, ensure_ascii=False))
 
 
 def _read_json(path: str):
@@ -231,39 +214,39 @@ def _write_segments(candidates: List[Candidate], segments: List[tuple], out_dir:
     the unwritten rest, one shard after another."""
     total = sum(end - start for _, start, end in segments)
     jobs = (_job(candidates[pos]) for _, start, end in segments for pos in range(start, end))
-    results = _decoded(jobs, workers, total)
+    # Decoded in a process pool, in corpus order; dataset audio is read here, into each job, as the pool takes it.
+    results = map_in_processes(_load, jobs, workers, total=total, name=_job_name, desc="prepare", unit="utt",
+                               progress=progress, preload=["data.audio"])
     written = 0
-    with tqdm(total=total, desc="prepare", unit="utt", file=sys.stderr, disable=not progress) as bar:
-        for shard_index, start, end in segments:
-            is_redo = shard_index < len(state["shards"])
-            shard_start, counts, num_done = start, Counts(), 0
-            with ShardWriter(out_dir, shard_size, first_index=shard_index) as writer:
-                for pos in range(start, end):
-                    result, cand = next(results), candidates[pos]
-                    bar.update(1)
-                    if result[0] == "error":
-                        if not is_redo:  # a rewritten shard's rejects are in the state already
-                            state["rejects"].append({"pos": pos, "order": cand.order, "where": cand.where,
-                                                     "audio": cand.source, "reason": result[1],
-                                                     "kind": result[2]})
-                        continue
-                    meta, members, duration_s = _sample(cand, result)
-                    counts.add(meta, duration_s)
-                    finished = writer.write(cand.key, members, duration_s)
-                    if finished is not None:
-                        entry = {**finished, "start": shard_start, "end": pos + 1, "counts": counts.state()}
-                        _record_shard(state, out_dir, shard_index + num_done, entry)
-                        shard_start, counts, num_done = pos + 1, Counts(), num_done + 1
-            if len(writer.shards) > num_done:  # the last, partial shard, closed on leaving the block
-                entry = {**writer.shards[-1], "start": shard_start, "end": end, "counts": counts.state()}
-                _record_shard(state, out_dir, shard_index + num_done, entry)
-            if is_redo and len(writer.shards) != 1:
-                raise PrepareError(f"shard {shard_index} of {out_dir} could not be rewritten as before; "
-                                   f"delete {os.path.join(out_dir, STATE_NAME)} to prepare from scratch")
-            written += len(writer.shards)
-            if not is_redo and state["processed"] != end:
-                state["processed"] = end  # the rejects after the last shard are done too
-                _save_state(out_dir, state)
+    for shard_index, start, end in segments:
+        is_redo = shard_index < len(state["shards"])
+        shard_start, counts, num_done = start, Counts(), 0
+        with ShardWriter(out_dir, shard_size, first_index=shard_index) as writer:
+            for pos in range(start, end):
+                result, cand = next(results), candidates[pos]
+                if result[0] == "error":
+                    if not is_redo:  # a rewritten shard's rejects are in the state already
+                        state["rejects"].append({"pos": pos, "order": cand.order, "where": cand.where,
+                                                 "audio": cand.source, "reason": result[1],
+                                                 "kind": result[2]})
+                    continue
+                meta, members, duration_s = _sample(cand, result)
+                counts.add(meta, duration_s)
+                finished = writer.write(cand.key, members, duration_s)
+                if finished is not None:
+                    entry = {**finished, "start": shard_start, "end": pos + 1, "counts": counts.state()}
+                    _record_shard(state, out_dir, shard_index + num_done, entry)
+                    shard_start, counts, num_done = pos + 1, Counts(), num_done + 1
+        if len(writer.shards) > num_done:  # the last, partial shard, closed on leaving the block
+            entry = {**writer.shards[-1], "start": shard_start, "end": end, "counts": counts.state()}
+            _record_shard(state, out_dir, shard_index + num_done, entry)
+        if is_redo and len(writer.shards) != 1:
+            raise PrepareError(f"shard {shard_index} of {out_dir} could not be rewritten as before; "
+                               f"delete {os.path.join(out_dir, STATE_NAME)} to prepare from scratch")
+        written += len(writer.shards)
+        if not is_redo and state["processed"] != end:
+            state["processed"] = end  # the rejects after the last shard are done too
+            _save_state(out_dir, state)
     return written
 
 

@@ -109,6 +109,11 @@ def read_shard(path: str) -> Iterator[Dict[str, Any]]:
     key being read; every sample completed before it still comes out. An OSError re-opens the file after
     the waits of IO_RETRY_DELAYS_S and goes on after the samples already delivered; once they are spent,
     the marker's "__reason__" is "io_error" instead of "bad_shard".
+
+    Our own reader, not webdataset's (data.shards.read_samples, which the commands use): it groups members the
+    same way (webdataset's base_plus_ext, `__name__` members skipped) but must also count the samples completed
+    in each pass to resume after them without reading their members, hold back the sample being read when the
+    tar breaks, and name it in the marker; webdataset's reader can only raise or drop the rest of the shard.
     """
     delivered, failures = 0, 0
     reading = None  # the key of the first sample not delivered yet, once seen: what a marker names
@@ -168,7 +173,8 @@ def scan_sample_count(path: str) -> int:
     A corrupt tar counts the samples before the damage, the same on every rank. An OSError is retried as
     read_shard does; if it persists this raises, because a count that differs between ranks would give
     them overlapping shares of the epoch. A URL or pipe: stream cannot seek past the members' data, so it is
-    read whole (a folder's index.json spares that).
+    read whole (a folder's index.json spares that). Not webdataset's reader: that reads every member's data,
+    where the headers are enough.
     """
     mode = "r|*" if remote.is_remote(path) else "r:*"
     for attempt in range(len(IO_RETRY_DELAYS_S) + 1):

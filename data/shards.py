@@ -7,18 +7,20 @@ files, which take `local_shard_paths`.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
-import io
 import json
 import os
 import re
-import tarfile
-from typing import Optional, Sequence, Union
+from typing import BinaryIO, Collection, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
 import braceexpand
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.writer import TarWriter
 
 from data import remote
+from data.files import atomic_path, atomic_write
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT = 1
@@ -48,6 +50,37 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+def tar_writer(fileobj: BinaryIO) -> TarWriter:
+    """webdataset's TarWriter on an open file, with no time, owner or permissions of this machine in the tar
+    headers, so the same samples always give byte-identical tars; write samples with `write_sample`."""
+    return TarWriter(fileobj, user="", group="", mode=0o444, mtime=0, encoder=False, keep_meta=True)
+
+
+def write_sample(tar: TarWriter, key: str, members: Mapping[str, bytes]) -> None:
+    """Adds one sample's members ({ext: bytes}) as KEY.EXT, in the order given."""
+    for ext, data in members.items():
+        # One member a call: TarWriter puts a sample's members in name order, and shards keep the order their
+        # writer gives, so they stay byte-identical to the shards written before (whose checksums index.json,
+        # prepare_state.json and tokenize_state.json hold).
+        tar.write({"__key__": key, ext: data})
+
+
+def read_samples(path: str, exts: Optional[Collection[str]] = None) -> Iterator[Tuple[str, Dict[str, bytes]]]:
+    """(key, {ext: bytes}) of each sample of the local tar at `path`, in file order: webdataset's reader, which
+    groups consecutive members by the name up to the first dot of its last part (folders stay in the key), skips
+    `__name__` members, and raises ValueError on a member repeated within a sample. With `exts`, only those
+    members are kept (a sample with none of them still comes out, empty).
+
+    The loader reads shards with data.shard_reader.read_shard instead, which does more: it retries I/O errors
+    and resumes after the samples already delivered, and ends a broken tar with a marker sample."""
+    with open(path, "rb") as f:
+        files = ({**member, "__url__": path} for member in tar_file_iterator(f))
+        for sample in group_by_keys(files, lcase=False, suffixes=set(exts) if exts is not None else None):
+            key = sample.pop("__key__")
+            del sample["__url__"]
+            yield key, sample
+
+
 class ShardWriter:
     """Writes samples into OUT_DIR/shard-%06d.tar, at most `max_samples` per shard.
 
@@ -64,8 +97,8 @@ class ShardWriter:
         self.max_samples = max_samples
         self.first_index = first_index
         self.shards: list[dict] = []
-        self._tar: tarfile.TarFile | None = None
-        self._tmp_path = ""
+        self._tar: Optional[TarWriter] = None
+        self._open: Optional[contextlib.ExitStack] = None  # the open shard: its temporary, file and tar
         os.makedirs(out_dir, exist_ok=True)
 
     def write(self, key: str, members: dict[str, bytes], duration_s: float = 0.0) -> Optional[dict]:
@@ -81,11 +114,7 @@ class ShardWriter:
             raise ValueError(f"sample {key!r}: member extensions {bad or '(none)'} are invalid")
         if self._tar is None:
             self._open_next()
-        for ext, data in members.items():
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size = len(data)
-            info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = 0, 0o444, 0, 0, "", ""
-            self._tar.addfile(info, io.BytesIO(data))
+        write_sample(self._tar, key, members)
         stats = self.shards[-1]
         stats["num_samples"] += 1
         stats["duration_s"] += duration_s
@@ -105,33 +134,28 @@ class ShardWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
-        elif self._tar is not None:
-            self._tar.close()
-            os.remove(self._tmp_path)
+        elif self._open is not None:
+            self._open.__exit__(exc_type, exc, tb)  # the unfinished shard's temporary is removed
 
     def _open_next(self) -> None:
         name = SHARD_PATTERN % (self.first_index + len(self.shards))
-        self._tmp_path = os.path.join(self.out_dir, name + ".tmp")
-        self._tar = tarfile.open(self._tmp_path, "w", format=tarfile.PAX_FORMAT)
+        with contextlib.ExitStack() as stack:
+            tmp_path = stack.enter_context(atomic_path(os.path.join(self.out_dir, name)))
+            self._tar = stack.enter_context(tar_writer(stack.enter_context(open(tmp_path, "wb"))))
+            self._open = stack.pop_all()  # closed (and renamed) by _finish, or discarded by __exit__
         self.shards.append({"name": name, "num_samples": 0, "duration_s": 0.0, "sha256": ""})
 
     def _finish(self) -> None:
-        self._tar.close()
-        self._tar = None
+        self._open.close()  # the tar, its file, then the rename to the shard's name
+        self._tar, self._open = None, None
         self.shards[-1]["duration_s"] = round(self.shards[-1]["duration_s"], 6)  # no float-sum noise
-        path = os.path.join(self.out_dir, self.shards[-1]["name"])
-        os.replace(self._tmp_path, path)
-        self.shards[-1]["sha256"] = file_sha256(path)
+        self.shards[-1]["sha256"] = file_sha256(os.path.join(self.out_dir, self.shards[-1]["name"]))
 
 
 def write_index(out_dir: str, index: dict) -> str:
     """Write index.json last and atomically, so a folder with an index always has complete shards."""
     path = os.path.join(out_dir, INDEX_NAME)
-    tmp_path = path + ".tmp"
-    with open(tmp_path, "w", encoding="utf-8") as f:
-        json.dump(index, f, indent=1, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp_path, path)
+    atomic_write(path, json.dumps(index, indent=1, ensure_ascii=False) + "\n")
     return path
 
 

@@ -12,11 +12,11 @@ import io
 import json
 import sys
 import tarfile
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import soundfile as sf
 
-from data.shards import local_shard_paths
+from data.shards import local_shard_paths, read_samples
 
 DIMENSIONS = ("task", "language", "speaker", "style")
 DEFAULT_TASK = "asr"
@@ -74,24 +74,8 @@ class Counts:
 
 # ---------------------------------------------------------------------------------- reading shards
 
-def _samples(path: str) -> Iterator[Tuple[str, Dict[str, bytes]]]:
-    """(key, {ext: bytes}) of each sample in a tar, members grouped by the key before the first dot.
-    Only metadata and main audio are kept, so a shard full of codes or targets stays cheap to scan."""
-    key, members = None, {}
-    with tarfile.open(path, "r|*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            name = member.name.rsplit("/", 1)[-1]
-            this_key, _, ext = name.partition(".")
-            if this_key != key:
-                if key is not None:
-                    yield key, members
-                key, members = this_key, {}
-            if ext in ("json", "flac", "wav"):
-                members[ext] = tar.extractfile(member).read()
-    if key is not None:
-        yield key, members
+# Only metadata and main audio are kept, so a shard full of codes or targets holds little in memory.
+_MEMBERS = ("json", "flac", "wav")
 
 
 def _duration_s(meta: dict, members: Dict[str, bytes]) -> float:
@@ -111,7 +95,7 @@ def collect(paths: List[str]) -> dict:
     num_samples, total_s, target_s, errors = 0, 0.0, 0.0, []
     for path in paths:
         try:
-            for key, members in _samples(path):
+            for key, members in read_samples(path, _MEMBERS):
                 try:
                     meta = json.loads(members["json"].decode("utf-8"))
                     if not isinstance(meta, dict):
@@ -126,7 +110,7 @@ def collect(paths: List[str]) -> dict:
                 num_samples += 1
                 total_s += duration_s
                 target_s += meta.get("target_duration_s", 0) or 0
-        except (tarfile.TarError, OSError, EOFError) as exc:
+        except (tarfile.TarError, OSError, EOFError, ValueError) as exc:  # ValueError: a member twice in a sample
             errors.append(f"{path}: unreadable shard ({exc})")
     return {"num_shards": len(paths), "num_samples": num_samples, "hours": round(total_s / 3600, 6),
             "target_hours": round(target_s / 3600, 6), "counts": counts.to_json(),

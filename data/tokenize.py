@@ -13,11 +13,9 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import multiprocessing
 import os
 import sys
-import tarfile
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -25,7 +23,10 @@ from tqdm import tqdm
 
 from data.audio import AudioError, read_audio_bytes
 from data.audio_tokenizers import AudioTokenizer, KMeansTokenizer, fit_kmeans, load_audio_tokenizer, pooled_mel_NM
-from data.shards import INDEX_FORMAT, INDEX_NAME, file_sha256, local_shard_paths, read_index, write_index
+from data.files import atomic_write
+from data.pool import WorkerError, map_in_processes
+from data.shards import (INDEX_FORMAT, INDEX_NAME, file_sha256, local_shard_paths, read_index, read_samples,
+                         tar_writer, write_index, write_sample)
 from data.stats import categories
 
 STATE_NAME = "tokenize_state.json"
@@ -44,34 +45,6 @@ def codes_member_of(member: str) -> Optional[str]:
     return None
 
 
-# ------------------------------------------------------------------------------------------ tar I/O
-
-def _read_samples(path: str) -> Iterator[Tuple[str, Dict[str, bytes]]]:
-    """(key, {ext: bytes}) in file order; the key is the member name up to its first dot."""
-    key, members = None, {}
-    with tarfile.open(path, "r") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            name = os.path.basename(info.name)
-            this_key, _, ext = name.partition(".")
-            if this_key != key and members:
-                yield key, members
-                members = {}
-            key = this_key
-            members[ext] = tar.extractfile(info).read()
-    if members:
-        yield key, members
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    # No time, owner or mode of this machine: the same samples give byte-identical shards (as ShardWriter).
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = 0, 0o444, 0, 0, "", ""
-    tar.addfile(info, io.BytesIO(data))
-
-
 def _npy(codes: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, codes, allow_pickle=False)
@@ -81,10 +54,6 @@ def _npy(codes: np.ndarray) -> bytes:
 # ------------------------------------------------------------------------------------------ one shard
 
 _WORKER_TOKENIZER: Dict[str, AudioTokenizer] = {}
-
-
-def _init_worker() -> None:
-    torch.set_num_threads(1)  # the pool already uses the cores
 
 
 def _tokenizer(spec: str) -> AudioTokenizer:
@@ -104,13 +73,14 @@ def _sample_codes(tok: AudioTokenizer, where: str, members: Dict[str, bytes]) ->
 
 
 def _tokenize_shard(job: tuple) -> dict:
-    """Write `in_path` with codes added to `tmp_path`; returns the shard's stats, rejects and dropped samples."""
+    """Write `in_path` with codes added to `tmp_path`; returns the shard's stats, rejects and dropped samples.
+    The caller renames `tmp_path` to the shard's name once its state records the result (see _tokenize_folder)."""
     in_path, tmp_path, spec = job
     tok = _tokenizer(spec) if isinstance(spec, str) else spec
     name = os.path.basename(in_path)
     num_samples, duration_s, rejects, dropped = 0, 0.0, [], []
-    with tarfile.open(tmp_path, "w", format=tarfile.PAX_FORMAT) as tar:
-        for key, members in _read_samples(in_path):
+    with open(tmp_path, "wb") as f, tar_writer(f) as tar:
+        for key, members in read_samples(in_path):
             try:
                 meta = json.loads(members["json"]) if "json" in members else {}
             except (UnicodeDecodeError, json.JSONDecodeError):
@@ -122,25 +92,13 @@ def _tokenize_shard(job: tuple) -> dict:
                 rejects.append({"shard": name, "key": key, "reason": str(exc), "kind": exc.reason.split(" (")[0]})
                 dropped.append([meta if isinstance(meta, dict) else {}, sample_s])
                 continue
-            for ext, data in members.items():
-                if not ext.endswith("codes.npy"):  # codes of an earlier tokenizer are replaced
-                    _add(tar, f"{key}.{ext}", data)
-            for ext, data in codes.items():
-                _add(tar, f"{key}.{ext}", data)
+            # Codes of an earlier tokenizer are replaced.
+            write_sample(tar, key, {ext: data for ext, data in members.items() if not ext.endswith("codes.npy")})
+            write_sample(tar, key, codes)
             num_samples += 1
             duration_s += sample_s
     return {"name": name, "num_samples": num_samples, "duration_s": round(duration_s, 6),
             "sha256": file_sha256(tmp_path), "rejects": rejects, "dropped": dropped}
-
-
-def _run_jobs(jobs: List[tuple], workers: int) -> Iterator[dict]:
-    if workers <= 1 or len(jobs) <= 1:
-        yield from map(_tokenize_shard, jobs)
-        return
-    # forkserver: a fork of a process that already ran torch (e.g. under pytest) can hang in OpenMP.
-    ctx = multiprocessing.get_context("forkserver")
-    with ctx.Pool(min(workers, len(jobs)), initializer=_init_worker) as pool:
-        yield from pool.imap_unordered(_tokenize_shard, jobs)
 
 
 # --------------------------------------------------------------------------------------- one folder
@@ -154,10 +112,7 @@ def _read_json(path: str):
 
 
 def _write_json(path: str, value) -> None:
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=1, ensure_ascii=False)
-        f.write("\n")
-    os.replace(path + ".tmp", path)
+    atomic_write(path, json.dumps(value, indent=1, ensure_ascii=False) + "\n")
 
 
 def read_tokenizer_record(folder: str) -> Optional[dict]:
@@ -232,15 +187,15 @@ def _tokenize_folder(in_dir: str, names: List[str], out_dir: str, tok: AudioToke
     todo = [n for n in names if not finished(n)]
     jobs = [(os.path.join(in_dir, n), os.path.join(out_dir, n + ".tokenize.tmp"), spec) for n in todo]
     input_sha = {n: file_sha256(os.path.join(in_dir, n)) for n in todo} if not in_place else {}
-    with tqdm(total=len(jobs), desc=f"tokenize {os.path.basename(out_dir)}", unit="shard", file=sys.stderr,
-              disable=not progress) as bar:
-        for result in _run_jobs(jobs, workers):
-            name = result["name"]
-            # The state names the new checksum before the rename: a kill between them redoes this shard.
-            state["shards"][name] = {**result, "input_sha256": input_sha.get(name, "")}
-            _write_json(state_path, state)
-            os.replace(os.path.join(out_dir, name + ".tokenize.tmp"), os.path.join(out_dir, name))
-            bar.update(1)
+    results = map_in_processes(_tokenize_shard, jobs, workers, name=lambda job: job[0],
+                               desc=f"tokenize {os.path.basename(out_dir)}", unit="shard", progress=progress)
+    for result in results:
+        name = result["name"]
+        # The state names the new checksum before the rename: a kill between them redoes this shard. (So the
+        # worker's file is renamed here, after the state, rather than by data.files.atomic_path in the worker.)
+        state["shards"][name] = {**result, "input_sha256": input_sha.get(name, "")}
+        _write_json(state_path, state)
+        os.replace(os.path.join(out_dir, name + ".tokenize.tmp"), os.path.join(out_dir, name))
     done = {n: state["shards"][n] for n in all_names if n in state["shards"]}
     complete = all(n in done for n in all_names)
     index = _build_index(state["base_index"], all_names, done)
@@ -290,7 +245,7 @@ def fit_tokenizer(specs: List[str], num_codes: int, out: str, seed: int = 0, ite
     paths = local_shard_paths(list(specs), "data.tokenize fit")
     with tqdm(total=max_frames, desc="read frames", unit="frame", file=sys.stderr, disable=not progress) as bar:
         for path in paths:
-            for key, members in _read_samples(path):
+            for key, members in read_samples(path):
                 for ext, data in members.items():
                     if ext.rpartition(".")[2] not in ("flac", "wav") or total >= max_frames:
                         continue
@@ -349,7 +304,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         run = lambda: tokenize_shards(args.shards, args.tokenizer, args.out, args.workers, not args.no_progress)
     try:
         run()
-    except ValueError as exc:
+    except (ValueError, WorkerError) as exc:
+        if isinstance(exc, WorkerError) and not isinstance(exc.__cause__, ValueError):
+            raise  # not bad input but a fault: its traceback helps
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

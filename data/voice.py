@@ -26,6 +26,7 @@ from dataclasses import replace
 from typing import Dict, List, Optional, Tuple
 
 from data.demo import espeak_binary, make_sentences
+from data.files import atomic_path, atomic_write
 from data.formats import AUDIO_EXTENSIONS, Candidate, Corpus, PrepareError, Reject, read_folder, read_lines
 from data.prepare import prepare
 from data.shards import sanitize_key
@@ -165,9 +166,7 @@ def prepare_voice(root: str, out_dir: str, speaker: str, audio_tokenizer: str, t
                                     # data.tokenize's index keeps prepare's rejects and adds its own
                                     "rejects": tokenized["index"]["rejects"]}
     summary["num_rejects"] = sum(len(s["rejects"]) for s in summary["splits"].values())
-    with open(os.path.join(out_dir, SUMMARY_NAME + ".tmp"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=1, ensure_ascii=False)
-    os.replace(os.path.join(out_dir, SUMMARY_NAME + ".tmp"), os.path.join(out_dir, SUMMARY_NAME))
+    atomic_write(os.path.join(out_dir, SUMMARY_NAME), json.dumps(summary, indent=1, ensure_ascii=False))
     print(f"data.voice: {speaker}: " + ", ".join(f"{s} {v['num_samples']} samples ({v['duration_s']:.0f} s)"
                                                 for s, v in summary["splits"].items())
           + f"; {summary['num_rejects']} rejected (listed in {os.path.join(out_dir, SUMMARY_NAME)})", file=sys.stderr)
@@ -221,13 +220,12 @@ def speak_voices(out_dir: str, speakers: List[dict], per_speaker: int, seed: int
 
 def _speak_pitched(record: dict) -> None:
     # data.demo.speak has no pitch; a speaker's pitch is part of who it is here.
-    tmp = record["audio"] + ".tmp.wav"
-    proc = subprocess.run([espeak_binary(), "-v", record["voice"], "-p", str(record["pitch"]), "-s",
-                           str(record["speed"]), "-w", tmp, record["text"]], capture_output=True, text=True,
-                          check=False)
-    if proc.returncode != 0 or not os.path.isfile(tmp):
-        raise RuntimeError(f"espeak-ng failed for voice {record['voice']!r}: {proc.stderr.strip()}")
-    os.replace(tmp, record["audio"])
+    with atomic_path(record["audio"], suffix=".tmp.wav") as tmp:  # espeak-ng wants a .wav name
+        proc = subprocess.run([espeak_binary(), "-v", record["voice"], "-p", str(record["pitch"]), "-s",
+                               str(record["speed"]), "-w", tmp, record["text"]], capture_output=True, text=True,
+                              check=False)
+        if proc.returncode != 0 or not os.path.isfile(tmp):
+            raise RuntimeError(f"espeak-ng failed for voice {record['voice']!r}: {proc.stderr.strip()}")
 
 
 # ----------------------------------------------------------------------------------------------- CLI

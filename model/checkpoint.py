@@ -207,6 +207,8 @@ def save_stepfun(state_dict: Dict[str, torch.Tensor], config: StepAudio2Config, 
         _save_tokenizer(tokenizer, tmp_dir)
     config_dict = ship_remote_code(config.to_dict(), tmp_dir, *_stop_and_pad_ids(tokenizer, tmp_dir))
     (tmp_dir / CONFIG_NAME).write_text(json.dumps(config_dict, indent=2) + "\n")
+    # A folder replaced by another: moved aside first (a folder cannot be renamed over one that has files), so
+    # this is not data.files.atomic_path, which replaces one file. PID names let train.run_folder tell stale ones.
     old_dir = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
     if out_dir.exists():
         os.rename(out_dir, old_dir)

@@ -19,6 +19,8 @@ import torch
 import torchaudio
 from torch import nn
 
+from data.files import atomic_path
+
 STYLE_FORMAT = "stepaudio2.style_classifier"
 STYLE_VERSION = 1
 STYLES = ("normal", "slow", "fast", "high", "low", "whisper")
@@ -205,9 +207,9 @@ class StyleClassifier:
 
     def save(self, path: str) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        torch.save({"format": STYLE_FORMAT, "version": STYLE_VERSION, "config": self.config,
-                    "state": self.net.state_dict()}, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        with atomic_path(path) as tmp:
+            torch.save({"format": STYLE_FORMAT, "version": STYLE_VERSION, "config": self.config,
+                        "state": self.net.state_dict()}, tmp)
 
     @classmethod
     def load(cls, path: str) -> "StyleClassifier":

@@ -154,7 +154,7 @@ def test_a_resumed_run_logs_every_step_once(espeak_data, tmp_path):
     assert f"removed the stale temporary {export_tmp} (its process" in done.stderr
     assert f"removed the stale temporary {step_tmp} (unchanged since" in done.stderr
     assert not export_tmp.exists() and not step_tmp.exists()
-    assert f"{run_dir / 'metrics.jsonl'}: dropped 1 line(s) of steps after 3" in done.stderr
+    assert f"{run_dir / 'metrics.jsonl'}: dropped 1 line(s) of an earlier attempt from step 4 on" in done.stderr
 
     records = lines(run_dir / "metrics.jsonl")
     loss_lines = [r for r in records if "loss" in r]
@@ -174,3 +174,44 @@ def test_a_resumed_run_logs_every_step_once(espeak_data, tmp_path):
     assert sum(n for (epoch, _), n in seen.items() if epoch == 0) == 24
     assert len([k for (epoch, k) in seen if epoch == 0]) == 24
     assert sum(n for (epoch, _), n in seen.items() if epoch == 1) == 8 and set(seen.values()) == {1}
+
+
+def test_a_restart_before_the_first_checkpoint_logs_every_step_once(espeak_data, tmp_path):
+    """Killed after step 2, before the first checkpoint (step 3): the restart begins at step 0 again, and the
+    killed attempt's lines go (found by train.drill: they used to stay, so steps 1-2 were logged twice)."""
+    run_dir = tmp_path / "run"
+    assert launch(run_dir, espeak_data, fault="kill:2:0").returncode != 0
+    assert not (run_dir / "checkpoints" / "latest").exists()
+    assert steps_of([r for r in lines(run_dir / "metrics.jsonl") if "loss" in r]) == [1]
+    done = launch(run_dir, espeak_data)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert f"{run_dir / 'metrics.jsonl'}: dropped 1 line(s) of an earlier attempt from step 0 on" in done.stderr
+    assert steps_of([r for r in lines(run_dir / "metrics.jsonl") if "loss" in r]) == list(range(1, MAX_STEPS + 1))
+    for rank in (0, 1):
+        assert steps_of(lines(run_dir / "sample_keys" / f"rank_{rank}.jsonl")) == list(range(1, MAX_STEPS + 1))
+
+
+def test_a_rank_opens_its_watchdog_file_though_another_rank_removed_the_folder(tmp_path, monkeypatch):
+    """A rank whose run ends removes the empty watchdog/ folder; another rank, between its mkdir and its
+    open, must make the folder again (found by train.drill: FileNotFoundError on a resume with no steps left)."""
+    import builtins
+
+    from train.watchdog import Watchdog
+
+    dog = Watchdog(str(tmp_path), 1, 60.0)
+    real_open, calls = builtins.open, []
+
+    def racing_open(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 1:  # the other rank's stop() removes the folder just before our first open
+            (tmp_path / "watchdog").rmdir()
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", racing_open)
+    dog.beat()
+    monkeypatch.setattr(builtins, "open", real_open)
+    try:
+        assert len(calls) == 2 and (tmp_path / "watchdog" / "rank_1.txt").is_file()
+    finally:
+        dog.stop()
+    assert not (tmp_path / "watchdog").exists()

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from data.files import atomic_write
 from train.config import CheckpointConfig
 from train.faults import maybe_fault
 from train.rendezvous import run_once_on_rank0
@@ -121,12 +122,6 @@ def load_plain(path: Path, legacy: bool = False, allowed: Sequence[Any] = ()) ->
 
 def _stderr(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _from_rank0(obj: Any) -> Any:
@@ -329,8 +324,10 @@ class Checkpointer:
         if self.rank == 0:
             final = self.root / tag
             shutil.rmtree(final, ignore_errors=True)
+            # A folder that every rank (and DeepSpeed) wrote, verified by its manifest: renamed here, not through
+            # data.files.atomic_write, which writes one file.
             os.replace(tmp_dir, final)
-            _write_atomic(self.root / "latest", tag)
+            atomic_write(self.root / "latest", tag)
             self._prune()
         dist.barrier()
         return self.root / tag
@@ -354,7 +351,7 @@ class Checkpointer:
         everyone = _gathered(digests, self.world_size)
         if self.rank == 0:
             files = {rel: entry for share in everyone for rel, entry in share.items()}
-            _write_atomic(step_dir / MANIFEST_NAME, json.dumps({"files": dict(sorted(files.items()))}, indent=1))
+            atomic_write(step_dir / MANIFEST_NAME, json.dumps({"files": dict(sorted(files.items()))}, indent=1))
 
     def load(self, engine, folder: Path, tag: str,
              others: Optional[Dict[str, Any]] = None) -> Tuple[Dict[str, Any], Dict[str, Any]]:
@@ -424,7 +421,7 @@ class Checkpointer:
                 raise RuntimeError(f"converting {folder / tag} (written by {old_world} ranks) to DeepSpeed's "
                                    f"universal checkpoint failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
             (tmp / "DONE").write_text(tag, encoding="utf-8")
-            os.replace(tmp, out)  # DONE appears with the folder, complete
+            os.replace(tmp, out)  # a folder DeepSpeed's converter wrote: DONE appears with it, complete
 
         run_once_on_rank0(out / "DONE", convert, self.rank,
                           f"converting {folder / tag} to DeepSpeed's universal checkpoint",

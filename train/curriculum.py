@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -21,6 +20,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from data.files import atomic_write
 from train.config import InitPartsConfig, MetricsConfig, TrainConfig
 from train.engine import init_distributed
 from train.loop import run
@@ -117,9 +117,7 @@ def _summary(cfg: TrainConfig, plans: List[StagePlan]) -> Dict[str, Any]:
 
 
 def _write_json(path: Path, data: Dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=2))
 
 
 def run_curriculum(cfg: TrainConfig) -> Dict[str, Any]:

@@ -123,7 +123,7 @@ def init_parts_once(cfg: TrainConfig, tok, rank: int) -> TrainConfig:
         save_stepfun(model.state_dict(), model.config, tmp, tokenizer=tok)
         (tmp / "DONE").write_text(json.dumps({"qwen": parts.qwen, "audio_encoder": parts.audio_encoder}))
         shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)  # DONE appears with the folder, complete
+        os.replace(tmp, folder)  # a folder, not one file (data.files): DONE appears with it, complete
 
     run_once_on_rank0(folder / "DONE", build, rank, "building the initial model from parts",
                       failed=folder.with_name("init.FAILED"))
@@ -351,18 +351,17 @@ def _log_window(sink, engine, algorithm: Algorithm, window: _Window, state: RunS
 def _open_key_log(cfg: TrainConfig, rank: int, world_size: int, step: int):
     """RUN_DIR/sample_keys/rank_N.jsonl opened for appending (metrics.sample_keys), else None.
 
-    Training begins at step: lines of later steps (a killed attempt's, after its last checkpoint) go, as this
-    run repeats those steps."""
+    Training begins at step: lines of later steps (a killed attempt's, after its last checkpoint, or before
+    any checkpoint when step is 0) go, as this run repeats those steps."""
     if not cfg.metrics.sample_keys:
         return None
     folder = Path(cfg.run_dir) / "sample_keys"
     folder.mkdir(parents=True, exist_ok=True)
-    if step > 0:
-        logs = [folder / f"rank_{rank}.jsonl"]
-        if rank == 0:  # also the files of ranks that a resume on fewer ranks no longer has
-            logs += [p for p in folder.glob("rank_*.jsonl") if p.stem[5:].isdigit() and int(p.stem[5:]) >= world_size]
-        for log in logs:
-            drop_steps_after(log, step)
+    logs = [folder / f"rank_{rank}.jsonl"]
+    if rank == 0:  # also the files of ranks that a resume on fewer ranks no longer has
+        logs += [p for p in folder.glob("rank_*.jsonl") if p.stem[5:].isdigit() and int(p.stem[5:]) >= world_size]
+    for log in logs:
+        drop_steps_after(log, step)
     return open(folder / f"rank_{rank}.jsonl", "a", encoding="utf-8")
 
 
@@ -424,6 +423,7 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
         state = RunState(**{k: saved[k] for k in asdict(state) if k in saved})
         algorithm.load_state_dict(data_state)
         sink.message(f"resumed from {resume[0] / resume[1]} at step {state.step}")
+    sink.begin(state.step)
     metric = cfg.eval.metric
     t_start -= state.wall_s  # wall time counts every attempt: the ones before a resume, and this one
     generic_eval = bool(cfg.eval.shards) and cfg.kind != "reward_model"

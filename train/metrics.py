@@ -15,6 +15,7 @@ from train.run_folder import drop_steps_after
 
 
 class NullSink:
+    def begin(self, step: int) -> None: ...
     def start(self, step: int, total: int) -> None: ...
     def log(self, step: int, values: Dict[str, Any]) -> None: ...
     def advance(self, step: int, summary: str = "") -> None: ...
@@ -38,15 +39,19 @@ class MetricsSink(NullSink):
             self.wandb_run = wandb.init(project=cfg.wandb_project, dir=run_dir, config=run_config,
                                         name=Path(run_dir).name)
 
+    def begin(self, step: int) -> None:
+        """This attempt starts at step (the checkpoint's on a resume, else 0), before it logs anything: lines
+        of later steps, logged by an attempt killed after that checkpoint, leave metrics.jsonl, as this run logs
+        those steps again. At step 0 (a first start, or a restart before any checkpoint) every step's line
+        goes, the start evaluation's too."""
+        self.file.close()
+        dropped = drop_steps_after(self.path, step if step > 0 else -1)
+        self.file = open(self.path, "a", encoding="utf-8")
+        if dropped:
+            self.message(f"{self.path}: dropped {dropped} line(s) of an earlier attempt from step "
+                         f"{step + 1 if step > 0 else 0} on, which this run repeats")
+
     def start(self, step: int, total: int) -> None:
-        """Training begins at step (the checkpoint's, on a resume): lines of later steps, logged by an attempt
-        that was killed after that checkpoint, leave metrics.jsonl, as the resumed run logs those steps again."""
-        if step > 0:
-            self.file.close()
-            dropped = drop_steps_after(self.path, step)
-            self.file = open(self.path, "a", encoding="utf-8")
-            if dropped:
-                self.message(f"{self.path}: dropped {dropped} line(s) of steps after {step}, which this run repeats")
         if self.cfg.progress:
             from tqdm import tqdm
 

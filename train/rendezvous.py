@@ -8,7 +8,6 @@ a FAILED marker with the error before re-raising, so the waiting ranks stop with
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 import traceback
@@ -16,6 +15,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch.distributed as dist
+
+from data.files import atomic_write
 
 DEFAULT_TIMEOUT_S = 4 * 3600.0
 """How long a rank waits for rank 0's work before giving up: generous, an 8B model on a slow filesystem."""
@@ -27,13 +28,6 @@ class RankZeroFailed(RuntimeError):
 
 def _stderr(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def wait_for_file(done: Path, failed: Path, rank: int, what: str, timeout_s: float = DEFAULT_TIMEOUT_S,
@@ -85,6 +79,7 @@ def run_once_on_rank0(done: Path, work: Callable[[], None], rank: int, what: str
         if not done.exists():
             raise RuntimeError(f"{what} returned without writing its DONE marker {done}")
     except BaseException as e:  # also KeyboardInterrupt/SystemExit: the other ranks must not wait 4 h
-        _write_atomic(failed, f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}")
+        failed.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(failed, f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}")
         raise
     log(f"rank 0: {what} took {time.monotonic() - started:.0f} s")

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+from data.files import atomic_write
+
 # model.checkpoint.save_stepfun's names (the export, RUN_DIR/init's build): `.export.tmp-PID`, `.export.old-PID`.
 _PID_TEMPORARY = re.compile(r"^\..+\.(?:tmp|old)-(\d+)$")
 # The folders where this project writes temporaries, relative to the run folder.
@@ -67,8 +69,9 @@ def remove_stale_temporaries(run_dir: str, started: float) -> List[str]:
     """Removes what killed attempts left half-written in run_dir and returns a line per removal.
 
     Temporaries are `.NAME.tmp-PID` and `.NAME.old-PID` (the export, RUN_DIR/init's build), and `*.tmp`
-    (a checkpoint's `step_N.tmp`, `latest.tmp`, a universal conversion, RUN_DIR/init's build), in the run
-    folder, checkpoints/, checkpoints/universal/ and sample_keys/. One with a PID goes when no live process
+    (a checkpoint's `step_N.tmp`, `latest.tmp`, a universal conversion, RUN_DIR/init's build, any file written
+    through data.files, such as a log that drop_steps_after rewrites), in the run folder, checkpoints/,
+    checkpoints/universal/ and sample_keys/. One with a PID goes when no live process
     here has that PID; any goes when nothing in it changed since `started` (this attempt's start).
     Call it on one process (rank 0) before anything of this attempt writes into run_dir: a temporary that
     changed after `started` belongs to a process still running, and stays."""
@@ -113,7 +116,5 @@ def drop_steps_after(path: Path, step: int) -> int:
         else:
             kept.append(line + "\n")
     if dropped or text and not text.endswith("\n"):
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write(path, "".join(kept))
     return dropped

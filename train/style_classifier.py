@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from data.demo import STYLES as DEMO_STYLES
 from data.demo import TTS_VOICE, espeak_binary, make_sentences
+from data.files import atomic_path
 from data.voice import ESPEAK_ACCENTS, ESPEAK_VARIANTS
 from model.style import NUM_STATS, STYLES, StyleClassifier, StyleNet, batch_features, style_features
 
@@ -110,13 +111,13 @@ def render(folder: str, utterances: Sequence[dict], workers: int = 2) -> List[di
 
 
 def _speak(u: dict) -> None:
-    tmp = u["audio"] + ".tmp.wav"  # a killed run must not leave a half file that a re-run would reuse
-    proc = subprocess.run([espeak_binary(), "-v", u["voice"], "-p", str(u["pitch"]), "-s", str(u["speed"]), "-w",
-                           tmp, u["text"]], capture_output=True, text=True, check=False)
-    if proc.returncode != 0 or not os.path.isfile(tmp):
-        raise RuntimeError(f"espeak-ng failed for {u['voice']!r} -p {u['pitch']} -s {u['speed']}: "
-                           f"{proc.stderr.strip()}")
-    os.replace(tmp, u["audio"])
+    # A killed run must not leave a half file that a re-run would reuse; espeak-ng wants a .wav name.
+    with atomic_path(u["audio"], suffix=".tmp.wav") as tmp:
+        proc = subprocess.run([espeak_binary(), "-v", u["voice"], "-p", str(u["pitch"]), "-s", str(u["speed"]),
+                               "-w", tmp, u["text"]], capture_output=True, text=True, check=False)
+        if proc.returncode != 0 or not os.path.isfile(tmp):
+            raise RuntimeError(f"espeak-ng failed for {u['voice']!r} -p {u['pitch']} -s {u['speed']}: "
+                               f"{proc.stderr.strip()}")
 
 
 def codec_mel(wave_T: torch.Tensor, tokenizer) -> torch.Tensor:

@@ -19,7 +19,6 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -30,7 +29,7 @@ import torch
 from data.audio import decode_audio, read_audio
 from data.demo import VOICES, speak
 from data.features import SAMPLE_RATE
-from data.shards import local_shard_paths
+from data.shards import local_shard_paths, read_samples
 from data.tasks import TASKS, RenderOptions, Sample
 from data.templates import DEFAULT_ASR_INSTRUCTION
 from data.tasks.base import CODES
@@ -56,11 +55,8 @@ def read_records(folder: str, limit: Optional[int] = None) -> List[dict]:
     out: List[dict] = []
     for path in local_shard_paths([folder], "train.voice_demo"):
         members: Dict[str, Dict[str, bytes]] = {}
-        with tarfile.open(path) as tar:
-            for info in tar:
-                if info.isfile():
-                    key, _, ext = os.path.basename(info.name).partition(".")
-                    members.setdefault(key, {})[ext] = tar.extractfile(info).read()
+        for key, sample in read_samples(path):
+            members.setdefault(key, {}).update(sample)
         for key, m in members.items():
             wave_T, rate = decode_audio(m["flac"], f"{path}:{key}")
             assert rate == SAMPLE_RATE, "data.prepare writes 16 kHz"

@@ -23,10 +23,20 @@ class Watchdog:
         if self.timeout_s <= 0:
             return
         if self.file is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             # Opened now, not at the hang: a stuck process may be unable to open files.
-            self.file = open(self.path, "w", encoding="utf-8")
+            self.file = self._open()
         faulthandler.dump_traceback_later(self.timeout_s, exit=True, file=self.file)
+
+    def _open(self):
+        """The trace file, in a folder another rank's stop() may remove between our mkdir and open (it removes
+        the folder once its own empty file is gone): then make the folder again."""
+        for attempt in range(5):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                return open(self.path, "w", encoding="utf-8")
+            except FileNotFoundError:
+                if attempt == 4:
+                    raise
 
     def stop(self) -> None:
         if self.file is None:

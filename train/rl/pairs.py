@@ -6,7 +6,6 @@ reference's forward (the table itself is computed once before training, outside 
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -14,6 +13,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from data.files import atomic_path
 from data.loader import build_loader
 from model.score import last_token_scores
 from train.algorithm import Algorithm, StepResult
@@ -112,9 +112,9 @@ class DPOStep(Algorithm):
         table = _gather_table(table, self.world_size)
         if self.rank == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            torch.save({"pairs": list(table), "values": torch.tensor(list(table.values()), dtype=torch.float64)}, tmp)
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                torch.save({"pairs": list(table), "values": torch.tensor(list(table.values()), dtype=torch.float64)},
+                           tmp)
         self.sink.message(f"reference log-probabilities of {len(table)} pairs computed; the reference model is "
                           f"released")
         return table
