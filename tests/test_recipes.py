@@ -128,8 +128,9 @@ def test_demo_curriculum_stages_data_and_metrics():
     assert (st[2].data.datasets[3].task, st[4].data.task, st[4].eval.max_samples) == ("para_qa", "para_qa", 24)
     assert [one.run_dir for one in st] == [f"runs/demo/curriculum/stages/{i}-{n}"
                                            for i, n in enumerate(["asr", "tts", "mix", "dialogue", "para"])]
-    # The CPU budget: ~1.3 steps/s at batch 16 -> at most ~12 minutes of steps for the whole curriculum.
-    assert sum(one.max_steps * one.data.batch_size for one in st) / 16 / 1.3 <= 12 * 60
+    # The CPU budget: ~1.3 steps/s at batch 16 -> at most ~16 minutes of steps for the whole curriculum (ASR
+    # needs its 600 steps: at 360 its held-out WER was 67%; the dialogue 300 for answers that stop).
+    assert sum(one.max_steps * one.data.batch_size for one in st) / 16 / 1.3 <= 16 * 60
     assert all(one.model.preset == "demo" and one.data.audio_tokenizer == "kmeans:runs/demo/kmeans.pt" for one in st)
 
 
