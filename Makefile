@@ -32,7 +32,7 @@ test-deps:
 		$(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge; }
 
 test: setup test-deps
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 # The demo curriculum (recipes/demo/curriculum.yaml): ASR -> TTS on k-means codes -> a mixture with
 # translation and paralinguistic questions -> styled spoken dialogue SFT -> paralinguistic QA, on an espeak
