@@ -261,3 +261,6 @@ def _rank_main(root: Path, out: Path) -> None:
 
 if __name__ == "__main__":
     _rank_main(Path(sys.argv[1]), Path(sys.argv[2]))
+    from train.engine import exit_process
+
+    exit_process(0)  # a finished rank exits 0 (train.engine.exit_process says why)

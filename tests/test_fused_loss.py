@@ -268,3 +268,6 @@ def test_zero3_gradients_equal_one_process(tmp_path, monkeypatch):
 
 if __name__ == "__main__":
     _z3_rank_main(Path(sys.argv[1]))
+    from train.engine import exit_process
+
+    exit_process(0)  # a finished rank exits 0 (train.engine.exit_process says why)

@@ -116,8 +116,8 @@ def preference_pairs(out: Path, paths: Dict[str, Any], limit: int, seed: int = 0
         lines.append({"id": r["id"], "style": r["style"], "text": assistant["text"],
                       "messages": [system, {"role": "user", "audio": str((base / user["audio"]).resolve())}],
                       "chosen": {"text": assistant["text"], "audio": str((base / assistant["audio"]).resolve())},
-                      "rejected": {"text": assistant["text"], "audio": str(rejected.resolve()),
-                                   "style": other}})
+                      "rejected": {"text": assistant["text"], "audio": str(rejected.resolve())},
+                      "rejected_style": other})
     jsonl = folder / "pairs.jsonl"
     jsonl.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
     py = sys.executable

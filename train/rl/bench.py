@@ -285,4 +285,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from train.engine import exit_process
+
+    exit_process(main())  # not sys.exit: see train.engine.exit_process
