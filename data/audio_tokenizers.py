@@ -18,7 +18,7 @@ import torch
 import torchaudio
 
 from data.features import SAMPLE_RATE, log_mel
-from data.files import atomic_path
+from data.files import load_versioned, save_versioned
 from data.shards import file_sha256
 
 KMEANS_FORMAT = "stepaudio2.kmeans_audio_tokenizer"
@@ -151,22 +151,11 @@ class KMeansTokenizer(AudioTokenizer):
 
     @classmethod
     def load(cls, path: str) -> "KMeansTokenizer":
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # a wrong or damaged file: say which and what was expected
-            raise ValueError(f"{path} is not a k-means tokenizer file ({type(exc).__name__}: {exc})") from None
-        if not isinstance(blob, dict) or blob.get("format") != KMEANS_FORMAT:
-            raise ValueError(f"{path} is not a k-means tokenizer file: expected format {KMEANS_FORMAT!r} "
-                             "(written by `python -m data.tokenize fit`)")
-        if blob.get("version") != KMEANS_VERSION:
-            raise ValueError(f"{path}: k-means tokenizer version {blob.get('version')!r}, expected {KMEANS_VERSION}")
+        blob = load_versioned(path, KMEANS_FORMAT, KMEANS_VERSION, "k-means tokenizer", "python -m data.tokenize fit")
         return cls(blob["centroids_KM"], blob.get("config"))
 
     def save(self, path: str) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with atomic_path(path) as tmp:
-            torch.save({"format": KMEANS_FORMAT, "version": KMEANS_VERSION, "centroids_KM": self.centroids_KM,
-                        "config": self.config}, tmp)
+        save_versioned(path, KMEANS_FORMAT, KMEANS_VERSION, centroids_KM=self.centroids_KM, config=self.config)
 
     def hash(self) -> str:
         # The centroids and the framing decide the codes; training details (seed, corpus size) do not.

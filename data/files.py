@@ -32,3 +32,31 @@ def atomic_write(path: PathLike, data: Union[bytes, str]) -> None:
     """Writes `data` (a str as UTF-8) to `path` through atomic_path: the old content or the new, never a part."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(data.encode("utf-8") if isinstance(data, str) else data)
+
+
+def save_versioned(path: PathLike, fmt: str, version: int, **fields) -> None:
+    """torch.save of {"format": fmt, "version": version, **fields} (tensors and plain data only, so it loads
+    with weights_only=True), written atomically, its folder made."""
+    import torch
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save({"format": fmt, "version": version, **fields}, tmp)
+
+
+def load_versioned(path: PathLike, fmt: str, version: int, what: str, made_by: str) -> dict:
+    """The dict save_versioned wrote, loaded with weights_only=True (a file that would run code is refused).
+    A file of another kind or version is a ValueError naming the file, what was expected and the command that
+    writes one (`made_by`)."""
+    import torch
+
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a wrong or damaged file: say which and what was expected
+        raise ValueError(f"{path} is not a {what} file ({type(exc).__name__}: {exc})") from None
+    if not isinstance(blob, dict) or blob.get("format") != fmt:
+        raise ValueError(f"{path} is not a {what} file: expected format {fmt!r} (written by `{made_by}`)")
+    if blob.get("version") != version:
+        raise ValueError(f"{path}: {what} version {blob.get('version')!r}, expected {version} (write it again with "
+                         f"`{made_by}`)")
+    return blob

@@ -9,7 +9,6 @@ alike two voices sound to a net that learned to tell espeak voices apart, not hu
 from __future__ import annotations
 
 import math
-import os
 import sys
 from typing import Optional, Sequence
 
@@ -17,6 +16,8 @@ import torch
 import torch.nn.functional as F
 import torchaudio
 from torch import nn
+
+from data.files import load_versioned, save_versioned
 
 SPEAKER_FORMAT = "stepaudio2.speaker_encoder"
 SPEAKER_VERSION = 1
@@ -85,21 +86,13 @@ class SpeakerEncoder:
         return float(F.cosine_similarity(mean_a, mean_b, dim=0))
 
     def save(self, path: str) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         state = {k: v for k, v in self.net.state_dict().items() if k != "classes"}
-        torch.save({"format": SPEAKER_FORMAT, "version": SPEAKER_VERSION, "config": self.config, "state": state},
-                   path + ".tmp")
-        os.replace(path + ".tmp", path)
+        save_versioned(path, SPEAKER_FORMAT, SPEAKER_VERSION, config=self.config, state=state)
 
     @classmethod
     def load(cls, path: str) -> "SpeakerEncoder":
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # a wrong or damaged file: say which and what was expected
-            raise ValueError(f"{path} is not a speaker encoder file ({type(exc).__name__}: {exc})") from None
-        if not isinstance(blob, dict) or blob.get("format") != SPEAKER_FORMAT or blob.get("version") != SPEAKER_VERSION:
-            raise ValueError(f"{path} is not a speaker encoder file: expected format {SPEAKER_FORMAT!r} version "
-                             f"{SPEAKER_VERSION} (written by `python -m train.speaker_encoder fit`)")
+        blob = load_versioned(path, SPEAKER_FORMAT, SPEAKER_VERSION, "speaker encoder",
+                              "python -m train.speaker_encoder fit")
         cfg = blob["config"]
         net = SpeakerNet(cfg["n_mels"], cfg["channels"], cfg["dim"])
         net.load_state_dict(blob["state"])

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import List, Sequence, Tuple
 
 import torch
 import torchaudio
 from torch import nn
 
-from data.files import atomic_path
+from data.files import load_versioned, save_versioned
 
 STYLE_FORMAT = "stepaudio2.style_classifier"
 STYLE_VERSION = 1
@@ -206,20 +205,12 @@ class StyleClassifier:
         return torch.cat(out) if out else torch.zeros(0, len(self.styles))
 
     def save(self, path: str) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with atomic_path(path) as tmp:
-            torch.save({"format": STYLE_FORMAT, "version": STYLE_VERSION, "config": self.config,
-                        "state": self.net.state_dict()}, tmp)
+        save_versioned(path, STYLE_FORMAT, STYLE_VERSION, config=self.config, state=self.net.state_dict())
 
     @classmethod
     def load(cls, path: str) -> "StyleClassifier":
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # a wrong or damaged file: say which and what was expected
-            raise ValueError(f"{path} is not a style classifier file ({type(exc).__name__}: {exc})") from None
-        if not isinstance(blob, dict) or blob.get("format") != STYLE_FORMAT or blob.get("version") != STYLE_VERSION:
-            raise ValueError(f"{path} is not a style classifier file: expected format {STYLE_FORMAT!r} version "
-                             f"{STYLE_VERSION} (written by `python -m train.style_classifier fit`)")
+        blob = load_versioned(path, STYLE_FORMAT, STYLE_VERSION, "style classifier",
+                              "python -m train.style_classifier fit")
         cfg = blob["config"]
         net = StyleNet(cfg["in_channels"], cfg["num_stats"], cfg["channels"], len(cfg["styles"]))
         net.load_state_dict(blob["state"])

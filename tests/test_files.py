@@ -52,3 +52,25 @@ def test_a_shard_writer_that_fails_keeps_its_finished_shards_and_leaves_no_tempo
             assert sorted(os.listdir(tmp_path)) == ["shard-000000.tar", "shard-000001.tar.tmp"]
             raise RuntimeError("decoder died")
     assert os.listdir(tmp_path) == ["shard-000000.tar"]
+
+
+def test_versioned_files_round_trip_and_name_what_is_wrong(tmp_path):
+    import pytest
+    import torch
+
+    from data.files import load_versioned, save_versioned
+
+    path = tmp_path / "sub" / "m.pt"
+    save_versioned(path, "demo.thing", 2, state={"w": torch.arange(3)}, config={"n": 3})
+    blob = load_versioned(path, "demo.thing", 2, "thing", "python -m make.thing")
+    assert blob["config"] == {"n": 3} and torch.equal(blob["state"]["w"], torch.arange(3))
+    assert sorted(p.name for p in path.parent.iterdir()) == ["m.pt"]  # no temporary left
+    with pytest.raises(ValueError, match=r"m.pt: thing version 2, expected 3 \(write it again with `python -m "
+                                         r"make.thing`\)"):
+        load_versioned(path, "demo.thing", 3, "thing", "python -m make.thing")
+    with pytest.raises(ValueError, match=r"m.pt is not a other file: expected format 'demo.other' \(written by "
+                                         r"`python -m make.other`\)"):
+        load_versioned(path, "demo.other", 2, "other", "python -m make.other")
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match=r"junk.pt is not a thing file \(UnpicklingError"):
+        load_versioned(tmp_path / "junk.pt", "demo.thing", 2, "thing", "python -m make.thing")

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import subprocess
 import sys
@@ -38,8 +37,10 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from data.demo import STYLES, TTS_VOICE, speak
+from data.files import atomic_write
 from train.rl.rollout import RolloutSample
-from train.rl.speech_eval import (Answer, answer, espeak_reference, heldout_requests, measure, write_wavs)
+from train.rl.speech_eval import (Answer, answer, espeak_reference, heldout_requests, measure, summarize,
+                                  write_wavs)
 
 RECIPE = "recipes/demo/rlhf.yaml"
 REWARD_WEIGHTS = {"style": 1.0, "words": 1.0, "guard": 0.5}  # as in RECIPE; rewards_override() writes them
@@ -200,25 +201,26 @@ def evaluate(name: str, model_dir: Path, requests: Sequence[Dict[str, Any]], pat
     if best_of > 1:
         sampled = answer(model, tok, ids, requests, args.max_new_tokens, temperature=1.0, seed=args.sample_seed,
                          num_samples=best_of, batch_size=args.batch_size, keep_logprobs=True)
-        scores = reward_scores(sampled, requests, paths, style_model)["total"]
-        answers = [max(range(k, k + best_of), key=lambda i: scores[i]) for k in range(0, len(sampled), best_of)]
-        answers = [sampled[i] for i in answers]
+        scored = reward_scores(sampled, requests, paths, style_model)
+        best = [max(range(k, k + best_of), key=lambda i: scored["total"][i]) for k in range(0, len(sampled), best_of)]
+        answers = [sampled[i] for i in best]
+        rewards = {name: [values[i] for i in best] for name, values in scored.items()}  # not scored again
     else:
         answers = answer(model, tok, ids, requests, args.max_new_tokens, batch_size=args.batch_size,
                          keep_logprobs=True)
+        rewards = reward_scores(answers, requests, paths, style_model)
     del model
     measured = measure(answers, requests, paths["codes"], str(paths["asr"]), reference, batch_size=args.batch_size)
-    rewards = reward_scores(answers, requests, paths, style_model)
     summary = measured["summary"]
     summary["reward"] = {k: round(sum(v) / len(v), 4) for k, v in rewards.items()}
     for group in ("heldout", "unseen"):
-        rows = [row for row, a in zip(measured["answers"], answers) if a.key.startswith("unseen-") == (group == "unseen")]
+        rows = [row for row, a in zip(measured["answers"], answers)
+                if a.key.startswith("unseen-") == (group == "unseen")]
         if rows:
-            from train.rl.speech_eval import summarize
             summary[group] = summarize(rows)
     wavs = write_wavs([a for a in answers if not a.key.startswith("unseen-")], str(out / "wavs" / name),
                       paths["codes"], limit=args.wavs)
-    for row, i in zip(measured["answers"], range(len(answers))):
+    for i, row in enumerate(measured["answers"]):
         row.update({f"reward_{k}": round(v[i], 4) for k, v in rewards.items()})
     return {"model": str(model_dir), "best_of": best_of, "summary": summary, "answers": measured["answers"],
             "wavs": wavs}
@@ -323,11 +325,9 @@ def main(argv: Optional[List[str]] = None) -> int:
               "requests": [{k: r[k] for k in ("key", "text", "style")} for r in requests],
               "settings": {**{k: v for k, v in vars(args).items()}, "recipe": RECIPE, "rewards": REWARD_WEIGHTS},
               "seconds": {"training": round(t_train, 1), "total": round(time.time() - t0, 1)}}
-    with open(out / "report.json.tmp", "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=1)
-    os.replace(out / "report.json.tmp", out / "report.json")
+    atomic_write(out / "report.json", json.dumps(report, indent=1))
     table = format_report(report)
-    (out / "report.md").write_text(f"# make rlhf-demo\n\n{table}\n\n{report['seconds']}\n", encoding="utf-8")
+    atomic_write(out / "report.md", f"# make rlhf-demo\n\n{table}\n\n{report['seconds']}\n")
     print(table)
     print(f"[rlhf-demo] wrote {out / 'report.json'} and report.md in {time.time() - t0:.0f} s")
     return 0

@@ -32,6 +32,7 @@ from data.audio import encode_flac, read_audio
 from data.batching import pad_mels
 from data.demo import (_HELDOUT_SEED_OFFSET, _TASK_SEEDS, DEFAULT_PITCH, STYLES, TTS_VOICE, _dialogue, _wav,
                        make_sentences, speak)
+from data.files import atomic_write
 from data.samples import render_raw
 from model.generate import generate, split_ta4
 from train.rl.rollout import AUDIO_CODES_PER_S, left_padded
@@ -471,9 +472,7 @@ def main(argv: Optional[List[str]] = None) -> int:
               "wavs": write_wavs(answers, os.path.join(args.out, "wavs"), args.codes, args.wavs)}
     report["seconds"] = round(time.time() - t0, 1)
     path = os.path.join(args.out, "speech_eval.json")
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=1)
-    os.replace(path + ".tmp", path)
+    atomic_write(path, json.dumps(report, indent=1))
     print(json.dumps(report, indent=1) if args.json else format_table(report) + f"\n\nwrote {path}")
     return 0
 
