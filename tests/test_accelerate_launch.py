@@ -93,14 +93,19 @@ def test_accelerate_environment_becomes_overrides_and_a_lone_process_is_refused(
             lone = None
         except ValueError as e:
             lone = str(e)
-        print("PROBE " + json.dumps({"rank": os.environ.get("RANK"), "overrides": accelerate_overrides(), "lone": lone}))
+        record = {"rank": os.environ.get("RANK"), "overrides": accelerate_overrides(), "lone": lone}
+        with open(os.path.join(os.environ["PROBE_DIR"], f"{os.getpid()}.json"), "w") as f:
+            json.dump(record, f)
         """))
-    env = {**CPU, "PYTHONPATH": str(REPO)}
+    runs = iter(range(100))
 
     def probe_run(*launch_args: str) -> list:
-        proc = run_cli(ACCELERATE, "launch", *launch_args, "--main_process_port", free_port(), str(probe), env=env)
-        return sorted((json.loads(line[6:]) for line in proc.stdout.splitlines() if line.startswith("PROBE ")),
-                      key=lambda r: str(r["rank"]))
+        # One file per process: two ranks printing to one pipe can interleave their lines.
+        out = tmp_path / f"probe_{next(runs)}"
+        out.mkdir()
+        env = {**CPU, "PYTHONPATH": str(REPO), "PROBE_DIR": str(out)}
+        run_cli(ACCELERATE, "launch", *launch_args, "--main_process_port", free_port(), str(probe), env=env)
+        return sorted((json.loads(p.read_text()) for p in out.glob("*.json")), key=lambda r: str(r["rank"]))
 
     ds = probe_run("--config_file", str(tmp_path / "ds.yaml"), "--num_processes", "2")
     assert [r["rank"] for r in ds] == ["0", "1"] and {r["lone"] for r in ds} == {None}
