@@ -16,6 +16,7 @@ import copy
 import functools
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -89,9 +90,17 @@ class DataConfig:
     computes log-mels for its share of the batches; one or two per rank keep a GPU fed on these tasks, and
     together with worker_threads they should leave the training process its cores."""
     worker_threads: int = 1
-    """torch intra-op threads of each worker process (decoding, resampling, log-mel). 1 keeps the workers off
-    the cores the training process computes on (torch's default, one thread per core in every worker,
-    oversubscribes them: on 2 cores the demo ran 3-4x slower); 0 = torch's default."""
+    """torch intra-op threads of each worker process (decoding, resampling, log-mel). 1 (torch's own choice
+    for DataLoader workers; 0 keeps it) keeps the workers off the cores the training process computes on.
+    More than 1 starts the workers from a forkserver rather than by fork (a forked process that computes with
+    several OpenMP threads can hang), a few seconds more at each start of the loader."""
+    worker_priority: str = "auto"
+    """CPU scheduling of the worker processes. idle: Linux SCHED_IDLE, a worker runs only on a core the
+    training process leaves free, so it never preempts the training threads (on CPU every core computes, and
+    a preempted thread stalls its whole parallel region; `python -m train.bench`: 4-6% more tokens/s on 2
+    cores, though the loop then waits for its loader ~6% of the time). normal: the OS default. auto: idle when
+    training on CPU (no CUDA, or STEPAUDIO_DEVICE=cpu), normal with a GPU, whose host threads mostly wait and
+    whose workers must keep up."""
     min_audio_s: float = 0.0
     """Samples with shorter audio input are skipped and counted as "too_short"."""
     max_audio_s: float = 30.0
@@ -115,10 +124,35 @@ class DataConfig:
 
 # ---------------------------------------------------------------------------------------------- loader
 
-def _worker_threads(threads: int, worker_id: int) -> None:
-    """A DataLoader worker's start: its torch thread count (data.worker_threads; 0 keeps torch's default)."""
+WORKER_PRIORITIES = ("auto", "normal", "idle")
+
+
+def resolved_worker_priority(priority: str) -> str:
+    """data.worker_priority with auto decided: idle when the training process computes on the CPU."""
+    if priority != "auto":
+        return priority
+    on_cpu = os.environ.get("STEPAUDIO_DEVICE", "").lower() == "cpu" or not torch.cuda.is_available()
+    return "idle" if on_cpu else "normal"
+
+
+def _worker_context(threads: int) -> Optional[str]:
+    """How workers start. torch's DataLoader forks them and gives each one thread; a forked worker that then
+    computes with more (data.worker_threads > 1) can hang for ever in its first parallel region (GNU OpenMP
+    is not fork-safe once the parent has used its thread pool). Those workers start from a forkserver
+    instead: a clean process, a few seconds more at start."""
+    return "forkserver" if threads > 1 else None
+
+
+def _start_worker(threads: int, priority: str, worker_id: int) -> None:
+    """A DataLoader worker's start: its torch thread count (data.worker_threads; 0 keeps torch's default) and
+    its scheduling class (data.worker_priority, already resolved)."""
     if threads > 0:
         torch.set_num_threads(threads)
+    if priority == "idle":
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        except (AttributeError, OSError):  # not Linux: the lowest nice value instead
+            os.nice(19)
 
 
 class ShardLoader:
@@ -158,8 +192,10 @@ class ShardLoader:
             seeds = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rank * 1009 + self._generation)
             self._iterator = iter(DataLoader(streams, batch_size=None, num_workers=self.cfg.num_workers,
                                              generator=seeds,
-                                             worker_init_fn=functools.partial(_worker_threads,
-                                                                              self.cfg.worker_threads)))
+                                             multiprocessing_context=_worker_context(self.cfg.worker_threads),
+                                             worker_init_fn=functools.partial(
+                                                 _start_worker, self.cfg.worker_threads,
+                                                 resolved_worker_priority(self.cfg.worker_priority))))
             self._waiting = {w: collections.deque() for w in range(self._num_streams)}
         # Batches go round-robin over workers; after a restart the DataLoader begins again at worker 0,
         # so hold batches until the worker an uninterrupted run would read next has delivered.
@@ -294,6 +330,8 @@ def _check_config(cfg: DataConfig, rank: int, world_size: int) -> None:
         raise ValueError(f"rank={rank} with world_size={world_size}: expected 0 <= rank < world_size")
     if cfg.batching not in BATCHING_MODES:
         raise ValueError(f"data.batching={cfg.batching!r}: expected one of {list(BATCHING_MODES)}")
+    if cfg.worker_priority not in WORKER_PRIORITIES:
+        raise ValueError(f"data.worker_priority={cfg.worker_priority!r}: expected one of {list(WORKER_PRIORITIES)}")
     if cfg.render not in RENDER_MODES:
         raise ValueError(f"data.render={cfg.render!r}: expected one of {list(RENDER_MODES)}")
     if cfg.render != "full" and cfg.batching != "fixed":

@@ -4,7 +4,6 @@ a process it started alone although two were asked for is recognised."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import sys
 import textwrap

@@ -4,6 +4,10 @@ Also the builders test_loader_mix.py and test_loader_world.py share (text-only T
 import io
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -324,6 +328,7 @@ def test_bare_tars_are_counted_by_one_scan(tmp_path, tok_dir):
     ({"batching": "packed", "max_seq_len": 512, "max_tokens": 256}, "data.max_seq_len=512 is larger than"),
     ({"min_audio_s": 40.0}, r"data.min_audio_s=40.0: expected seconds >= 0 and below data.max_audio_s=30.0"),
     ({"worker_threads": -1}, r"data.worker_threads=-1: expected an integer >= 0"),
+    ({"worker_priority": "low"}, r"data.worker_priority='low': expected one of \['auto', 'normal', 'idle'\]"),
 ])
 def test_config_errors_name_the_key(tmp_path, tok_dir, overrides, message):
     _dataset(tmp_path / "ds", 1, 2)
@@ -358,11 +363,11 @@ def test_eval_samples_in_file_order(tmp_path, tok_dir):
     assert got[1]["prompt_ids"].count(ids.audio_patch) == 313 + num_audio_tokens(mel_frames(SAMPLE_RATE // 2))
 
 
-@pytest.mark.parametrize("threads", [1, 3])
-def test_workers_take_the_configured_thread_count(tmp_path, tok_dir, threads, monkeypatch):
-    """A worker computes log-mels with data.worker_threads torch threads (1: off the training process's
-    cores), whatever the training process runs with. Each worker writes what it runs with (fork carries the
-    patch)."""
+@pytest.mark.parametrize("priority, policy", [("auto", "SCHED_IDLE"), ("normal", "SCHED_OTHER"), ("idle", "SCHED_IDLE")])
+def test_workers_take_one_thread_and_the_configured_priority(tmp_path, tok_dir, priority, policy, monkeypatch):
+    """A worker computes log-mels with one torch thread (off the training process's cores), whatever the
+    training process runs with, and at data.worker_priority (auto: idle here, with no GPU; the training
+    process keeps its own class). Each worker writes what it runs with (fork carries the patch)."""
     from data import streams
 
     _dataset(tmp_path / "ds", 2, 4)
@@ -372,16 +377,45 @@ def test_workers_take_the_configured_thread_count(tmp_path, tok_dir, threads, mo
 
     def recording(self):
         info = torch.utils.data.get_worker_info()
-        (seen / str(info.id)).write_text(str(torch.get_num_threads()))
+        (seen / str(info.id)).write_text(f"{torch.get_num_threads()} {os.sched_getscheduler(0)}")
         return original(self)
 
     monkeypatch.setattr(streams.WorkerStreams, "__iter__", recording)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        loader = build_loader(_cfg(tok_dir, [str(tmp_path / "ds")], worker_threads=threads), 0, 1, 0)
+        loader = build_loader(_cfg(tok_dir, [str(tmp_path / "ds")], worker_priority=priority), 0, 1, 0)
         next(loader)
     finally:
         torch.set_num_threads(before)
-    counts = sorted(int(p.read_text()) for p in seen.iterdir())
-    assert counts == [threads, threads]
+    assert sorted(p.read_text() for p in seen.iterdir()) == [f"1 {getattr(os, policy)}"] * 2
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
+
+
+def test_workers_with_several_threads_start_clean_and_give_the_same_batches(tmp_path, tok_dir):
+    """data.worker_threads > 1: a forked worker that computes with several OpenMP threads after its parent
+    used its own pool can hang in its first parallel region (it did here: this test hung before the workers
+    started from a forkserver). They now start clean, with the configured threads and priority, and the
+    batches are the one-thread workers'."""
+    from data.loader import _worker_context
+
+    _dataset(tmp_path / "ds", 2, 4)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.randn(256, 256) @ torch.randn(256, 256)  # the parent's OpenMP pool is up
+        batches = {}
+        for threads in (1, 3):
+            loader = build_loader(_cfg(tok_dir, [str(tmp_path / "ds")], worker_threads=threads), 0, 1, 0)
+            batches[threads] = [next(loader) for _ in range(3)]
+    finally:
+        torch.set_num_threads(before)
+    assert _worker_context(1) is None and _worker_context(3) == "forkserver"
+    for one, three in zip(batches[1], batches[3]):
+        assert one["keys"] == three["keys"]
+        assert torch.equal(one["input_ids"], three["input_ids"]) and torch.equal(one["mels"], three["mels"])
+    probe = ("import os, torch; from data.loader import _start_worker; _start_worker(3, 'idle', 0); "
+             "print(torch.get_num_threads(), os.sched_getscheduler(0) == os.SCHED_IDLE)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.split() == ["3", "True"]

@@ -1,11 +1,15 @@
-"""LoRA under ZeRO-2 and ZeRO-3 on two gloo ranks: adapter-only checkpoints that resume exactly, and an
-adapter that peft loads."""
+"""LoRA under ZeRO-2 and ZeRO-3 on two gloo ranks: adapter-only checkpoints that resume exactly, an adapter
+that peft loads, and a ZeRO-3 base built partitioned."""
 from __future__ import annotations
+
+import json
+import sys
 
 import pytest
 import torch
 
 from model.checkpoint import load_stepfun
+from tests.conftest import REPO, run_cli
 from tests.test_lora import base_dir, losses, torchrun  # noqa: F401  (base_dir is a fixture)
 
 
@@ -44,3 +48,22 @@ def test_adapter_only_checkpoint_resumes_exactly(stage, espeak_data, base_dir, t
         out_base = load_stepfun(base_dir)(input_ids=input_ids).logits
     torch.testing.assert_close(out, out_whole, rtol=0, atol=1e-6)
     assert (out - out_base).abs().max() > 1e-4
+
+
+def test_zero3_lora_builds_the_base_partitioned_and_matches_the_plain_model(espeak_data, base_dir, tmp_path):  # noqa: F811
+    """Under ZeRO-3 a LoRA run's base is built partitioned and filled tensor by tensor, as full fine-tuning's
+    is: never whole on a rank. The most ever whole at once is the largest tensor, or the embedding and lm_head
+    together, gathered while peft copies the audio rows out of them; the loss through the engine is the plain
+    model's."""
+    out = tmp_path / "ranks"
+    run_cli(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            str(REPO / "tests" / "lora_zero3_ranks.py"), str(base_dir), str(espeak_data["tokenizer"]), str(out),
+            timeout=300)
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for got in ranks:
+        assert got["whole_after_build"] == []  # every base parameter partitioned
+        # One gather per stored tensor, plus the one of both vocabulary matrices for the audio rows.
+        assert got["gathers"] == got["base_params"] + 1
+        assert got["most_whole"] == max(got["largest"], got["heads_numel"]) < got["base_numel"] / 3
+        assert got["zero3_loss"] == pytest.approx(got["plain_loss"], rel=1e-6)
+    assert ranks[0]["plain_loss"] == ranks[1]["plain_loss"]

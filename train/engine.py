@@ -134,6 +134,14 @@ def gathered_for_write(params):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
+def gathered_for_read(params):
+    """Makes ZeRO-3 partitioned parameters whole on every rank for reading; they are partitioned again on exit
+    with nothing written back."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
 SCORE_HEAD_PREFIX = "score."
 
 

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -28,8 +29,8 @@ from train import evaluate as evaluation
 from train.algorithm import Algorithm, StepResult, TaskLosses
 from train.checkpoint import Checkpointer, seed_host_generators
 from train.config import InitPartsConfig, TrainConfig
-from train.engine import (Engine, compute_dtype, gathered_for_write, inference_model, init_distributed,
-                          model_init_context, to_device)
+from train.engine import (Engine, compute_dtype, gathered_for_read, gathered_for_write, inference_model,
+                          init_distributed, model_init_context, to_device)
 from train.faults import maybe_fault
 from train.flops import device_peak_flops, mfu, step_flops, training_passes
 from train.lora import apply_lora, audio_rows, load_adapter, save_adapter
@@ -56,8 +57,7 @@ def build_model(cfg: TrainConfig, tok, score: bool = False, init_from: Optional[
     init_from = cfg.lora.init_from if cfg.lora.enabled else cfg.model.init_from
     if init_from:
         # Under ZeRO-3 the model is built partitioned and filled tensor by tensor: never whole on a rank.
-        # Not yet for LoRA: peft's trainable audio rows index the embedding, which is empty when partitioned.
-        partitioned = cfg.engine.zero_stage == 3 and not cfg.lora.enabled
+        partitioned = cfg.engine.zero_stage == 3
         model = load_stepfun(init_from, build_context=model_init_context(cfg) if partitioned else None,
                              gather=gathered_for_write if partitioned else None,
                              gradient_checkpointing=cfg.model.gradient_checkpointing,
@@ -70,9 +70,7 @@ def build_model(cfg: TrainConfig, tok, score: bool = False, init_from: Optional[
             raise ValueError(f"{key} {init_from} has {model.config.vocab_size} vocabulary rows, fewer than the "
                              f"tokenizer {cfg.data.tokenizer} ({len(tok)} tokens)")
         if cfg.lora.enabled:
-            apply_lora(model, cfg.lora, audio_rows(ids.first_audio_code, ids.num_audio_codes))
-            if cfg.lora.adapter_init:
-                load_adapter(model, cfg.lora.adapter_init)
+            _apply_lora(model, cfg, ids, partitioned)
         return model
     vocab_size = cfg.model.vocab_size or padded_vocab_size(len(tok))
     if vocab_size < len(tok):
@@ -98,9 +96,22 @@ def _build_score_model(cfg: TrainConfig, tok, init_from: Optional[str], frozen: 
         raise ValueError(f"{init_from} has {model.config.vocab_size} vocabulary rows, fewer than the tokenizer "
                          f"{cfg.data.tokenizer} ({len(tok)} tokens)")
     if cfg.lora.enabled and not frozen:
-        ids = special_ids(tok)
-        apply_lora(model, cfg.lora, audio_rows(ids.first_audio_code, ids.num_audio_codes))
+        _apply_lora(model, cfg, special_ids(tok), partitioned, adapter_init=False)
     return model
+
+
+def _apply_lora(model: torch.nn.Module, cfg: TrainConfig, ids, partitioned: bool, adapter_init: bool = True) -> None:
+    """LoRA (and lora.adapter_init's weights) into a built model. On a ZeRO-3 partitioned base only the
+    tensors peft reads are made whole meanwhile: the embedding and lm_head rows the trainable audio rows start
+    from (with lora.train_audio_rows; peft's own ZeRO-3 path assumes CUDA and HF's DeepSpeed config). The
+    adapters themselves are built whole and small; DeepSpeed partitions them with the engine."""
+    rows = audio_rows(ids.first_audio_code, ids.num_audio_codes)
+    heads = (model.model.embed_tokens, getattr(model, "lm_head", None))  # a score model has no lm_head
+    read = [m.weight for m in heads if m is not None] if partitioned and cfg.lora.train_audio_rows else []
+    with gathered_for_read(read) if read else nullcontext():
+        apply_lora(model, cfg.lora, rows)
+    if adapter_init and cfg.lora.adapter_init:
+        load_adapter(model, cfg.lora.adapter_init)
 
 
 def init_parts_once(cfg: TrainConfig, tok, rank: int) -> TrainConfig:
