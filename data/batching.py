@@ -10,7 +10,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import torch
 
 from data.features import N_MELS
-from data.templates import IGNORE_INDEX
+from data.tasks.pieces import IGNORE_INDEX
 
 BATCHING_MODES = ("fixed", "tokens", "packed")
 

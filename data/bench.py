@@ -32,8 +32,8 @@ from data.prepare import prepare_manifest
 from data.shards import shard_paths
 from data.tasks import TASKS, RenderOptions, Sample
 from data.tasks.speech import PARA_CAPTION_SYSTEM, PARA_QA_SYSTEM, PARA_QUESTIONS
-from data.templates import DEFAULT_ASR_INSTRUCTION
-from data.tokenizer import build_text_tokenizer, extend_tokenizer, load_tokenizer, special_ids
+from data.tasks.pieces import DEFAULT_ASR_INSTRUCTION
+from data.text_tokenizer import build_text_tokenizer, extend_tokenizer, load_tokenizer, special_ids
 
 GOAL_RT_PER_WORKER = 500.0
 GOAL_SPEEDUP = 3.0

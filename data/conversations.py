@@ -4,7 +4,7 @@ candidates for data.prepare: every audio part becomes a member ("turn2.flac") th
 A turn is {"role", "content": str | [{"type": "text", "text"} | {"type": "audio", "audio": PATH}]}, or
 uses the shortcuts "text" / "audio"; an assistant turn may carry "tool_call": {"name", "arguments"}.
 An assistant turn with audio is a speech answer: its text is what the audio says, and the template
-reads its codes ("turn2.codes.npy", written by data.tokenize) rather than the audio.
+reads its codes ("turn2.codes.npy", written by data.audio_codes) rather than the audio.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from data.formats import Candidate, Corpus, Reject, _file_key, read_jsonl
 from data.tasks import TASKS
 from data.tasks.chat import parse_messages
-from data.templates import TemplateError
+from data.tasks.pieces import TemplateError
 
 DEFAULT_TASK = "sft"
 # What users write -> the chat format's role; "user" and "tool" are the common spellings of the others.
@@ -31,7 +31,7 @@ def audio_member(turn: int) -> str:
 
 
 def codes_member(turn: int) -> str:
-    """The member data.tokenize writes beside audio_member(turn): the speech answer's codes."""
+    """The member data.audio_codes writes beside audio_member(turn): the speech answer's codes."""
     return f"turn{turn}.codes.npy"
 
 

@@ -2,7 +2,7 @@
 -> OUT_DIR/wav/ and OUT_DIR/<task>/{train,heldout}.jsonl for ASR, TTS, S2TT (English speech -> German
 text), styled spoken dialogue (conversations for `data.prepare conversations`) and paralinguistic
 questions (the voice's gender, speed and pitch), plus texts.jsonl, every text the templates will write, for
-`data.tokenizer build`. OUT_DIR/{train,heldout}.jsonl repeat the ASR manifests. On request (`--tasks
+`data.text_tokenizer build`. OUT_DIR/{train,heldout}.jsonl repeat the ASR manifests. On request (`--tasks
 timbre`): speech in a retrieved voice (task timbre_search: the found clip and the answer in one voice).
 
 Sentences follow one template over a small vocabulary, so a tiny model can learn them; held-out
@@ -255,7 +255,7 @@ def _template_texts(tasks: Sequence[str]) -> List[str]:
     paralinguistic questions and labels, the audio-search tool)."""
     from data.tasks.dialogue import DIALOGUE_SYSTEM as DEFAULT_SYSTEM
     from data.tasks.speech import PARA_QA_SYSTEM, PARA_QUESTIONS, TTS_SYSTEM
-    from data.templates import DEFAULT_ASR_INSTRUCTION
+    from data.tasks.pieces import DEFAULT_ASR_INSTRUCTION
     texts = [DEFAULT_ASR_INSTRUCTION, TTS_SYSTEM, f"Translate the speech into {TARGET_LANGUAGE}.", DEFAULT_SYSTEM,
              DIALOGUE_SYSTEM, "system\n", "human\n", "assistant\n"]
     if "para" in tasks:

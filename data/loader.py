@@ -29,8 +29,8 @@ from data.samples import SkipSample, render_raw, sample_name
 from data.shard_reader import check_audio_tokenizer, read_shard, resolve_shards, shard_counts
 from data.streams import MAX_SKIPPED_KEYS, DatasetShards, WorkerStreams, new_slot_state
 from data.tasks import DEFAULT_TASK, TASKS
-from data.templates import DEFAULT_ASR_INSTRUCTION
-from data.tokenizer import SpecialIds, load_tokenizer, special_ids
+from data.tasks.pieces import DEFAULT_ASR_INSTRUCTION
+from data.text_tokenizer import SpecialIds, load_tokenizer, special_ids
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class DataConfig:
     datasets: List[DatasetConfig] = field(default_factory=list)
     """Several datasets mixed by weight; empty = the one dataset data.shards names."""
     tokenizer: str = ""
-    """Folder of the extended tokenizer (`python -m data.tokenizer build`)."""
+    """Folder of the extended tokenizer (`python -m data.text_tokenizer build`)."""
     task: str = DEFAULT_TASK
     """Task of records whose JSON names none in its "task" field (see data.tasks.TASKS)."""
     batching: str = "fixed"

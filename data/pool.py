@@ -1,4 +1,4 @@
-"""The process pool of the data commands (data.prepare decodes audio, data.tokenize encodes whole shards):
+"""The process pool of the data commands (data.prepare decodes audio, data.audio_codes encodes whole shards):
 results in input order, a bounded window of work in flight, a progress bar, and an error that names its item."""
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ into candidates for data.prepare (task "preference", data/tasks/preference.py).
 
 "messages" are turns as in data.conversations; the last is the human turn both answers reply to. An answer
 is {"text": str, "audio": optional path of the spoken answer}; its audio becomes the member "chosen.flac" or
-"rejected.flac", and the record names the codes data.tokenize writes beside it ("chosen.codes.npy"), which
+"rejected.flac", and the record names the codes data.audio_codes writes beside it ("chosen.codes.npy"), which
 the template reads as a TA4 speech answer. Every other field ("style", "speaker", a reference "text", ...)
 is kept as the record's metadata, for rewards and filters.
 """
@@ -17,7 +17,7 @@ from data.conversations import _Bad, _turn
 from data.formats import Candidate, Corpus, Reject, _file_key, read_jsonl
 from data.tasks.chat import parse_messages
 from data.tasks import ANSWERS
-from data.templates import TemplateError
+from data.tasks.pieces import TemplateError
 
 TASK = "preference"
 _ANSWER_KEYS = ("text", "audio")
@@ -29,7 +29,7 @@ def answer_audio_member(answer: str) -> str:
 
 
 def answer_codes_member(answer: str) -> str:
-    """The member data.tokenize writes beside answer_audio_member(answer)."""
+    """The member data.audio_codes writes beside answer_audio_member(answer)."""
     return f"{answer}.codes.npy"
 
 

@@ -19,7 +19,7 @@ from webdataset.tariterators import base_plus_ext
 from data import remote
 from data.audio_tokenizers import audio_tokenizer_hash
 from data.shards import INDEX_NAME, MissingIndexError, read_index, shard_paths
-from data.tokenize import TOKENIZER_NAME, read_tokenizer_record
+from data.audio_codes import TOKENIZER_NAME, read_tokenizer_record
 
 logger = logging.getLogger(__name__)
 
@@ -54,14 +54,14 @@ def check_audio_tokenizer(paths: List[str], expected: Optional[str]) -> None:
         elif not found.startswith(want):
             raise ValueError(f"dataset folder {folder!r} has audio codes from tokenizer {found} "
                              f"({record.get('name')}), but data.audio_tokenizer names {want}; re-run "
-                             "`python -m data.tokenize` on it with that tokenizer")
+                             "`python -m data.audio_codes` on it with that tokenizer")
         elif not record.get("complete", True):
-            raise ValueError(f"dataset folder {folder!r}: data.tokenize with tokenizer {found} has not finished "
+            raise ValueError(f"dataset folder {folder!r}: data.audio_codes with tokenizer {found} has not finished "
                              "(tokenizer.json says complete=false); re-run it to tokenize the remaining shards")
 
 
 def _tokenizer_record(folder: str) -> Optional[Dict[str, Any]]:
-    """The folder's tokenizer.json (data.tokenize.read_tokenizer_record), the folder a path or a URL."""
+    """The folder's tokenizer.json (data.audio_codes.read_tokenizer_record), the folder a path or a URL."""
     if not remote.is_url(folder):
         return read_tokenizer_record(folder)
     url = remote.join(folder, TOKENIZER_NAME)
@@ -73,7 +73,7 @@ def _tokenizer_record(folder: str) -> Optional[Dict[str, Any]]:
         record = None
     if not isinstance(record, dict) or not isinstance(record.get("hash"), str):
         raise ValueError(f"{url} is not an audio tokenizer record: expected JSON with a 'hash' "
-                         "(written by `python -m data.tokenize`)")
+                         "(written by `python -m data.audio_codes`)")
     return record
 
 

@@ -230,7 +230,7 @@ def local_shard_paths(spec: Union[str, Sequence[str]], command: str,
                       why: str = "reads its shards as local files") -> list[str]:
     """shard_paths for a command that needs its shards on this machine (it writes beside them, or opens them
     as files): a URL or pipe: spec is refused before any work, naming it, rather than failing later on a
-    path that does not exist. `command` and `why` start the message ("data.tokenize writes next to its
+    path that does not exist. `command` and `why` start the message ("data.audio_codes writes next to its
     shards")."""
     specs = [spec] if isinstance(spec, str) else list(spec)
     for item in specs:

@@ -15,8 +15,8 @@ from typing import Any, Dict, List, Optional, Tuple
 from data.samples import SkipSample, render_pair, render_raw
 from data.shard_reader import read_shard, resolve_shards
 from data.tasks import TASKS
-from data.templates import AUDIO_PER_GROUP, DEFAULT_ASR_INSTRUCTION, IGNORE_INDEX, TEXT_PER_GROUP
-from data.tokenizer import SpecialIds, load_tokenizer, special_ids
+from data.tasks.pieces import AUDIO_PER_GROUP, DEFAULT_ASR_INSTRUCTION, IGNORE_INDEX, TEXT_PER_GROUP
+from data.text_tokenizer import SpecialIds, load_tokenizer, special_ids
 
 LEGEND = "L = labelled (loss falls there); a TA4 group is: text token | audio codes (pad = audio pad)"
 
@@ -139,7 +139,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("key", help="sample key")
     parser.add_argument("--task", default=None, choices=sorted(TASKS),
                         help="render as this task (default: the record's \"task\" field, else asr)")
-    parser.add_argument("--tokenizer", required=True, help="tokenizer folder (python -m data.tokenizer build)")
+    parser.add_argument("--tokenizer", required=True, help="tokenizer folder (python -m data.text_tokenizer build)")
     parser.add_argument("--asr-instruction", default=DEFAULT_ASR_INSTRUCTION, help="instruction of ASR samples")
     args = parser.parse_args(argv)
     try:

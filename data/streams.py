@@ -19,7 +19,7 @@ from data import epochs, remote
 from data.batching import Batcher
 from data.samples import SkipSample, render_pair, render_raw, sample_name
 from data.shard_reader import read_shard
-from data.tokenizer import load_tokenizer, special_ids
+from data.text_tokenizer import load_tokenizer, special_ids
 
 MAX_SKIPPED_KEYS = 20
 """Skipped samples a slot's batch, and the loader's stats, name at most ("SHARD:KEY (reason)", the latest)."""

@@ -1,7 +1,7 @@
 """The Step-Audio 2 vocabulary beyond text: special token names, audio code tokens, reference ids.
 
 Code looks special tokens up by name in the tokenizer it is given; the released model's ids are kept
-here to lay out a Qwen2 tokenizer's extension (data.tokenizer.extend_qwen2_tokenizer) and to check a real
+here to lay out a Qwen2 tokenizer's extension (data.text_tokenizer.extend_qwen2_tokenizer) and to check a real
 tokenizer. An id no public file shows is our choice, listed in UNVERIFIED_IDS: one edit here fixes it.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ def audio_code_token(code: int) -> str:
     return f"<audio_{code}>"
 
 
-# Special tokens in the order data.tokenizer.extend_tokenizer packs them right after a small text vocabulary.
+# Special tokens in the order data.text_tokenizer.extend_tokenizer packs them right after a small text vocabulary.
 # The order is ours and stays fixed (tokenizers and golden tests built with it keep their ids); the release's
 # ids, REFERENCE_IDS below, are laid out by extend_qwen2_tokenizer.
 SPECIAL_TOKENS = (END_OF_TEXT, BOT, EOT, AUDIO_START, AUDIO_END, AUDIO_PATCH, TTS_PAD, TTS_START, TTS_END)

@@ -8,7 +8,7 @@ DIR holds audio files with a .txt/.lab transcript beside each (as `data.prepare 
 transcripts come from one file of `name: text` lines (the asterisk-core-sounds form; `;` starts a comment,
 a name may hold a subfolder like `digits/1`, gzip is read as such; a bad line is rejected by itself, named).
 OUT_DIR gets raw/{train,heldout} (data.prepare's shards, 16 kHz FLAC) and train/ and heldout/ (the same with
-audio codes, data.tokenize's output), so a killed run resumes where either left off. voice.json sums up
+audio codes, data.audio_codes's output), so a killed run resumes where either left off. voice.json sums up
 counts and rejects.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ from data.files import atomic_path, atomic_write
 from data.formats import AUDIO_EXTENSIONS, Candidate, Corpus, PrepareError, Reject, read_folder, read_lines
 from data.prepare import prepare
 from data.shards import sanitize_key
-from data.tokenize import tokenize_shards
+from data.audio_codes import tokenize_shards
 
 SUMMARY_NAME = "voice.json"
 # "[ascending tones]", "at [@]", "(1 second of silence)": descriptions of the sound, not words spoken.
@@ -163,7 +163,7 @@ def prepare_voice(root: str, out_dir: str, speaker: str, audio_tokenizer: str, t
         summary["splits"][split] = {"shards": split_dir, "num_samples": tokenized["index"]["num_samples"],
                                     "duration_s": tokenized["index"]["total_duration_s"],
                                     "keys": [c.key for c in part.candidates] if split == "heldout" else None,
-                                    # data.tokenize's index keeps prepare's rejects and adds its own
+                                    # data.audio_codes's index keeps prepare's rejects and adds its own
                                     "rejects": tokenized["index"]["rejects"]}
     summary["num_rejects"] = sum(len(s["rejects"]) for s in summary["splits"].values())
     atomic_write(os.path.join(out_dir, SUMMARY_NAME), json.dumps(summary, indent=1, ensure_ascii=False))

@@ -20,7 +20,7 @@ from data.audio import AudioError, read_audio
 from data.features import log_mel, num_audio_tokens, split_chunks
 from data.tasks.base import RenderOptions, Sample
 from data.tasks.chat import Message, render_chat
-from data.tokenizer import load_tokenizer, special_ids
+from data.text_tokenizer import load_tokenizer, special_ids
 from model.checkpoint import CONFIG_NAME, load_stepfun
 from model.generate import generate, split_ta4
 from model.vocoder import Vocoder, load_vocoder

@@ -159,7 +159,7 @@ def _save_tokenizer(tokenizer: Any, out_dir: Path) -> None:
 
 def _stop_and_pad_ids(tokenizer: Any, folder: Path) -> Tuple[Optional[List[int]], Optional[int]]:
     """(ids generation stops on, pad id) of the tokenizer given or written into folder; None where unknown."""
-    from data.tokenizer import load_tokenizer, special_ids, stop_token_ids
+    from data.text_tokenizer import load_tokenizer, special_ids, stop_token_ids
 
     if tokenizer is None and (folder / "tokenizer.json").is_file():
         tokenizer = load_tokenizer(str(folder))

@@ -23,7 +23,7 @@ def is_stepfun_folder(path: Path) -> bool:
 
 
 def load_tokenizer(path: str):
-    from data.tokenizer import load_tokenizer as load
+    from data.text_tokenizer import load_tokenizer as load
 
     return load(path)
 

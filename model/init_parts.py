@@ -126,13 +126,13 @@ def init_from_parts(qwen_dir: Union[str, Path], audio_dir: Union[str, Path], tok
                     seed: int = 0) -> StepAudio2ForCausalLM:
     """Step-Audio 2 with Qwen2.5's decoder, Qwen2-Audio's encoder and a fresh adapter, sized to `tokenizer`.
 
-    tokenizer: a Qwen2 tokenizer extended with data.tokenizer.extend_qwen2_tokenizer (rows below its first
+    tokenizer: a Qwen2 tokenizer extended with data.text_tokenizer.extend_qwen2_tokenizer (rows below its first
     added id are the decoder's text rows). config: None derives the sizes from the folders (vocabulary:
     the tokenizer rounded up to 512, 158720 for the release's layout); a preset name or a config is checked
     against the folders. dtype: None keeps the decoder's stored dtype. Built on the meta device, so the
     weights are in memory once.
     """
-    from data.tokenizer import first_extension_id, special_ids
+    from data.text_tokenizer import first_extension_id, special_ids
 
     qwen_dir, audio_dir = Path(qwen_dir), Path(audio_dir)
     patch_id = special_ids(tokenizer).audio_patch

@@ -32,7 +32,7 @@ def espeak_data(tmp_path_factory) -> dict:
     py = sys.executable
     run_cli(py, "-m", "data.demo", str(root / "corpus"), "--num-train", "24", "--num-heldout", "6",
             "--tasks", "asr")
-    run_cli(py, "-m", "data.tokenizer", "build", "--manifest", str(root / "corpus" / "train.jsonl"),
+    run_cli(py, "-m", "data.text_tokenizer", "build", "--manifest", str(root / "corpus" / "train.jsonl"),
             "--out", str(root / "tokenizer"), "--vocab-size", "300", "--num-audio-codes", "16")
     run_cli(py, "-m", "data.prepare", "manifest", str(root / "corpus" / "train.jsonl"), str(root / "train"),
             "--shard-size", "6")

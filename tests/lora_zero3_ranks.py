@@ -16,7 +16,7 @@ import torch
 
 os.environ.setdefault("STEPAUDIO_DEVICE", "cpu")
 
-from data.tokenizer import load_tokenizer, special_ids  # noqa: E402
+from data.text_tokenizer import load_tokenizer, special_ids  # noqa: E402
 from model.checkpoint import load_stepfun  # noqa: E402
 from train import loop  # noqa: E402
 from train.engine import Engine, exit_process, init_distributed  # noqa: E402

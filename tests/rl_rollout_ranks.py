@@ -14,7 +14,7 @@ import torch
 
 os.environ.setdefault("STEPAUDIO_DEVICE", "cpu")
 
-from data.tokenizer import SpecialIds  # noqa: E402
+from data.text_tokenizer import SpecialIds  # noqa: E402
 from model.config import preset_config  # noqa: E402
 from model.generate import generate  # noqa: E402
 from model.lalm import StepAudio2ForCausalLM  # noqa: E402

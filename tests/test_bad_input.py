@@ -17,7 +17,7 @@ import torchaudio
 from data.features import SAMPLE_RATE, log_mel, mel_frames, num_audio_tokens
 from data.loader import DataConfig, build_loader
 from data.shards import INDEX_FORMAT, ShardWriter, write_index
-from data.tokenizer import build_text_tokenizer, extend_tokenizer, load_tokenizer, special_ids
+from data.text_tokenizer import build_text_tokenizer, extend_tokenizer, load_tokenizer, special_ids
 
 torch.set_num_threads(1)
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]

@@ -13,7 +13,7 @@ import torch
 import model.chat as chat
 from data.audio_tokenizers import KMeansTokenizer, fit_kmeans, pooled_mel_NM
 from data.features import SAMPLE_RATE, log_mel, num_audio_tokens
-from data.tokenizer import build_text_tokenizer, extend_tokenizer, special_ids
+from data.text_tokenizer import build_text_tokenizer, extend_tokenizer, special_ids
 from model.checkpoint import save_stepfun
 from model.config import padded_vocab_size, preset_config
 from model.generate import generate, split_ta4
@@ -105,7 +105,7 @@ def test_token2wav_wrapper_passes_codes_and_prompt_and_decodes_bytes(tmp_path):
 
 def expected_answer(ckpt: Path, wav: Path, text: str, max_new_tokens: int):
     """What model.generate answers for the hand-built prompt `<|BOT|>human\\n{text}{audio}<|EOT|><|BOT|>assistant\\n`."""
-    from data.tokenizer import load_tokenizer
+    from data.text_tokenizer import load_tokenizer
     from model.checkpoint import load_stepfun
     tok = load_tokenizer(str(ckpt))
     ids = special_ids(tok)
@@ -130,7 +130,7 @@ def test_chat_cli_prints_what_generate_answers(ckpt, wav, tmp_path):
 
 
 def test_chat_speech_writes_the_codes_as_a_wav(ckpt, wav, kmeans_file, tmp_path, monkeypatch, capsys):
-    from data.tokenizer import load_tokenizer
+    from data.text_tokenizer import load_tokenizer
     tok = load_tokenizer(str(ckpt))
     ids = special_ids(tok)
     hi = tok.encode("fine", add_special_tokens=False)

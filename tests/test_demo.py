@@ -145,7 +145,7 @@ def test_demo_corpus_end_to_end(tmp_path, capsys):
 def test_paralinguistic_and_timbre_records(tmp_path):
     from data.demo import PARA_PITCHES, PARA_SPEEDS, VOICE_GENDERS, _wav, voice_description
     from data.samples import render_raw
-    from data.tokenizer import build_text_tokenizer, extend_tokenizer, special_ids
+    from data.text_tokenizer import build_text_tokenizer, extend_tokenizer, special_ids
 
     out = tmp_path / "demo"
     splits = make_demo(str(out), 8, 2, seed=1, tasks=("para", "timbre"), num_task_train={"para": 2, "timbre": 3})

@@ -13,8 +13,8 @@ from data.demo import make_demo
 from data.prepare import prepare_manifest
 from data.shard_reader import read_shard, resolve_shards
 from data.shards import ShardWriter
-from data.tokenize import fit_tokenizer, tokenize_shards
-from data.tokenizer import build_text_tokenizer, extend_tokenizer, special_ids
+from data.audio_codes import fit_tokenizer, tokenize_shards
+from data.text_tokenizer import build_text_tokenizer, extend_tokenizer, special_ids
 from model.config import preset_config
 from model.lalm import StepAudio2ForCausalLM
 from model.speaker import SpeakerEncoder, SpeakerNet
@@ -174,7 +174,7 @@ def test_speaker_similarity_on_the_real_model_and_its_errors(timbre, tmp_path):
     with pytest.raises(ValueError, match="^speaker_similarity needs a speaker encoder at '/nowhere/s.pt': train one "
                                          "with `python -m train.speaker_encoder fit /nowhere/s.pt`$"):
         run_eval("speaker_similarity", model, tok, ids, timbre["shards"], "", 2, 4, speaker_model="/nowhere/s.pt")
-    # Shards with no record of their codec (no data.tokenize): say so, or take the codec named.
+    # Shards with no record of their codec (no data.audio_codes): say so, or take the codec named.
     bare = tmp_path / "bare"
     bare.mkdir()
     for path in resolve_shards(timbre["shards"]) + [f"{timbre['shards'][0]}/index.json"]:

@@ -16,7 +16,7 @@ from data.audio import encode_flac
 from data.samples import render_raw
 from data.shard_reader import read_shard, resolve_shards
 from data.shards import ShardWriter
-from data.tokenizer import build_text_tokenizer, extend_tokenizer, special_ids
+from data.text_tokenizer import build_text_tokenizer, extend_tokenizer, special_ids
 from model.config import preset_config
 from model.lalm import StepAudio2ForCausalLM
 from train.evaluate import run_eval

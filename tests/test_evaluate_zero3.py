@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from data.loader import iter_eval_samples
-from data.tokenizer import load_tokenizer, special_ids
+from data.text_tokenizer import load_tokenizer, special_ids
 from model.config import preset_config
 from model.generate import generate
 from model.lalm import StepAudio2ForCausalLM

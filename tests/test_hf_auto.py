@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.tokenizer import build_text_tokenizer, extend_tokenizer, load_tokenizer, special_ids, stop_token_ids
+from data.text_tokenizer import build_text_tokenizer, extend_tokenizer, load_tokenizer, special_ids, stop_token_ids
 from model.checkpoint import load_stepfun, read_layout, save_stepfun, stepfun_param_names
 from model.config import STEPFUN_TEXT_KEYS, StepAudio2Config, padded_vocab_size, preset_config
 from model.convert import convert

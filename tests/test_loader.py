@@ -20,8 +20,8 @@ from data.features import SAMPLE_RATE, log_mel, mel_frames, num_audio_tokens
 from data.loader import DataConfig, DatasetConfig, build_loader, iter_eval_samples
 from data.shard_reader import resolve_shards, shard_counts
 from data.shards import INDEX_FORMAT
-from data.templates import render_asr
-from data.tokenizer import (
+from data.tasks.pieces import render_asr
+from data.text_tokenizer import (
     build_text_tokenizer,
     extend_tokenizer,
     load_tokenizer,

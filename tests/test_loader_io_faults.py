@@ -22,7 +22,7 @@ from data.features import SAMPLE_RATE
 from data.loader import DataConfig, build_loader
 from data.shard_reader import read_shard, resolve_shards, scan_sample_count, shard_counts
 from data.shards import INDEX_FORMAT, INDEX_NAME, ShardWriter, write_index
-from data.tokenizer import build_text_tokenizer, extend_tokenizer
+from data.text_tokenizer import build_text_tokenizer, extend_tokenizer
 
 torch.set_num_threads(1)
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]

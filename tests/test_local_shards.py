@@ -1,11 +1,11 @@
-"""Commands that open shards as local files (data.tokenize, its fit, data.stats, the speaker-similarity codec
+"""Commands that open shards as local files (data.audio_codes, its fit, data.stats, the speaker-similarity codec
 lookup) refuse a URL or pipe: spec at the start, naming it, before any request or other work."""
 from __future__ import annotations
 
 import pytest
 
 import data.remote
-from data import stats, tokenize
+from data import audio_codes, stats
 from data.shards import local_shard_paths
 from train import eval_voice
 
@@ -24,16 +24,16 @@ def no_network(monkeypatch):
 def test_tokenize_refuses_a_url_before_loading_its_tokenizer(tmp_path, capsys):
     url = "https://example.com/corpus/train"
     # The tokenizer file does not exist either: the shards are named first.
-    assert tokenize.main([url, "--tokenizer", f"kmeans:{tmp_path / 'missing.pt'}", "--no-progress"]) == 2
-    assert capsys.readouterr().err == f"error: data.tokenize writes next to its shards: {url} {ADVICE}\n"
+    assert audio_codes.main([url, "--tokenizer", f"kmeans:{tmp_path / 'missing.pt'}", "--no-progress"]) == 2
+    assert capsys.readouterr().err == f"error: data.audio_codes writes next to its shards: {url} {ADVICE}\n"
 
 
 def test_tokenize_fit_refuses_a_bucket_url_among_local_shards(tmp_path, capsys):
     (tmp_path / "shard-000000.tar").write_bytes(b"")
     url = "s3://bucket/corpus/shard-{000000..000003}.tar"
     out = tmp_path / "kmeans.pt"
-    assert tokenize.main(["fit", str(tmp_path / "shard-000000.tar"), url, "--out", str(out), "--no-progress"]) == 2
-    assert capsys.readouterr().err == f"error: data.tokenize fit reads its shards as local files: {url} {ADVICE}\n"
+    assert audio_codes.main(["fit", str(tmp_path / "shard-000000.tar"), url, "--out", str(out), "--no-progress"]) == 2
+    assert capsys.readouterr().err == f"error: data.audio_codes fit reads its shards as local files: {url} {ADVICE}\n"
     assert not out.exists()
 
 

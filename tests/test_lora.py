@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data.tokenizer import load_tokenizer, special_ids
+from data.text_tokenizer import load_tokenizer, special_ids
 from model.checkpoint import load_stepfun, save_stepfun, stepfun_param_names
 from model.config import padded_vocab_size, preset_config
 from model.lalm import StepAudio2ForCausalLM

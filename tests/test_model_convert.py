@@ -16,7 +16,7 @@ import safetensors.torch
 import torch
 
 import model.checkpoint as checkpoint
-from data.tokenizer import build_text_tokenizer, extend_tokenizer
+from data.text_tokenizer import build_text_tokenizer, extend_tokenizer
 from model.checkpoint import load_stepfun, read_layout, save_stepfun, stepfun_param_names
 from model.config import StepAudio2Config, preset_config
 from model.convert import convert, main
@@ -144,7 +144,7 @@ _TRAIN_SCRIPT = textwrap.dedent("""
     import sys, torch, safetensors.torch
     torch.set_num_threads(1)
     from omegaconf import OmegaConf
-    from data.tokenizer import load_tokenizer
+    from data.text_tokenizer import load_tokenizer
     from train.checkpoint import Checkpointer
     from train.config import TrainConfig
     from train.engine import Engine, init_distributed

@@ -9,7 +9,7 @@ from transformers import (PreTrainedTokenizerFast, Qwen2AudioConfig, Qwen2AudioF
                           Qwen2Config, Qwen2ForCausalLM)
 
 from data import vocab
-from data.tokenizer import extend_qwen2_tokenizer, first_extension_id, special_ids, stop_token_ids
+from data.text_tokenizer import extend_qwen2_tokenizer, first_extension_id, special_ids, stop_token_ids
 from model.init_parts import init_from_parts, read_safetensors_folder
 
 torch.set_num_threads(1)

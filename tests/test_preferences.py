@@ -1,4 +1,4 @@
-"""Preference pairs: JSONL -> shards (`python -m data.prepare preferences`) -> answer codes (data.tokenize) ->
+"""Preference pairs: JSONL -> shards (`python -m data.prepare preferences`) -> answer codes (data.audio_codes) ->
 the "preference" template (chosen or rejected answer) -> `python -m data.show`.
 
 Expected sequences are spelled from the tokenizer's own pieces (special ids by name, text by encode), so
@@ -22,9 +22,9 @@ from data.samples import render_pair, render_raw
 from data.shards import read_index, shard_paths
 from data.show import main as show_main
 from data.tasks import TASKS, RenderOptions, Sample
-from data.templates import IGNORE_INDEX, speech_answer
-from data.tokenize import tokenize_shards
-from data.tokenizer import build_text_tokenizer, extend_tokenizer, special_ids
+from data.tasks.pieces import IGNORE_INDEX, speech_answer
+from data.audio_codes import tokenize_shards
+from data.text_tokenizer import build_text_tokenizer, extend_tokenizer, special_ids
 
 torch.set_num_threads(1)
 

@@ -16,8 +16,8 @@ from data.loader import DataConfig, build_loader
 from data.samples import render_raw
 from data.shard_reader import read_shard
 from data.shards import INDEX_FORMAT
-from data.templates import IGNORE_INDEX
-from data.tokenizer import build_text_tokenizer, extend_tokenizer, load_tokenizer, special_ids
+from data.tasks.pieces import IGNORE_INDEX
+from data.text_tokenizer import build_text_tokenizer, extend_tokenizer, load_tokenizer, special_ids
 
 torch.set_num_threads(1)
 
@@ -72,7 +72,7 @@ def _text_pair(i):
 
 
 def _audio_pair(i, duration_s):
-    """A preference record heard as speech and answered in speech (codes as data.tokenize writes them)."""
+    """A preference record heard as speech and answered in speech (codes as data.audio_codes writes them)."""
     return (f"a{i}", {"turn0.flac": _flac(duration_s, 200 + 40 * i),
                       "chosen.codes.npy": _npy([i % 8, 3, 5, 7, 1]), "rejected.codes.npy": _npy([2, 4, (i + 3) % 8]),
                       "json": _json(task="preference", speaker=f"spk{i}", text=WORDS[i % 7],
@@ -244,7 +244,7 @@ def test_prompt_only_records_render_a_prompt_and_ask_for_speech_when_told(tok_di
     prompt (with <tts_start> when "speech_answer": true), and is refused for training with an answer."""
     from data.tasks import TASKS
     from data.tasks.base import RenderOptions, Sample
-    from data.templates import TemplateError
+    from data.tasks.pieces import TemplateError
 
     tok = load_tokenizer(str(tok_dir))
     ids = special_ids(tok)

@@ -65,7 +65,7 @@ def test_generation_flops_by_hand():
 def step_main(kind: str, out: Path) -> None:
     """One RL step of `kind` on the tiny model (ZeRO-0, CPU); writes its counted FLOPs and the rollout's
     (prompt, answer) lengths to OUT/step.json."""
-    from data.tokenizer import SpecialIds
+    from data.text_tokenizer import SpecialIds
     from model.lalm import StepAudio2ForCausalLM
     from model.score import StepAudio2ForScore
     from train.config import RewardConfig, TrainConfig

@@ -14,7 +14,7 @@ import torch
 
 from data.batching import pad_mels
 from data.loader import iter_rendered
-from data.tokenizer import load_tokenizer, special_ids
+from data.text_tokenizer import load_tokenizer, special_ids
 from model.checkpoint import load_stepfun, save_stepfun
 from model.config import padded_vocab_size, preset_config
 from model.generate import generate, split_ta4

@@ -18,7 +18,7 @@ from data.prepare import prepare_conversations
 from data.samples import render_raw
 from data.shards import shard_paths
 from data.tasks import TASKS, RenderOptions, Sample
-from data.tokenizer import build_text_tokenizer, extend_tokenizer, special_ids
+from data.text_tokenizer import build_text_tokenizer, extend_tokenizer, special_ids
 from tests.test_tasks import TEXTS
 
 
@@ -116,7 +116,7 @@ def test_golden_render_labels_every_assistant_turn(golden_shards, tok_ids):
                                  RenderOptions(with_answer=False))
     assert prompt.input_ids == GOLDEN_IDS[:48]
 
-    # Through the loader's own decoding (mels from the stored FLAC), with codes as data.tokenize adds them.
+    # Through the loader's own decoding (mels from the stored FLAC), with codes as data.audio_codes adds them.
     buffer = io.BytesIO()
     np.save(buffer, np.array([1, 2, 3, 4, 5], dtype=np.int64))
     sample = render_raw({**raw, "turn4.codes.npy": buffer.getvalue()}, tok, ids, "", max_audio_s=30.0)

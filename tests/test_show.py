@@ -10,7 +10,7 @@ import webdataset
 
 from data.features import SAMPLE_RATE
 from data.show import main
-from data.tokenizer import build_text_tokenizer, extend_tokenizer
+from data.text_tokenizer import build_text_tokenizer, extend_tokenizer
 
 
 def _member(write, *args, **kw):
@@ -86,4 +86,4 @@ def test_errors_name_the_sample(data, capsys):
     assert capsys.readouterr().err == f"error: no sample with key 'zz' in ['{tar}'] (2 samples searched)\n"
     assert main([tar, "a0", "--task", "tts", "--tokenizer", str(data / "tok")]) == 2
     assert capsys.readouterr().err == ("error: sample 'a0' cannot be rendered as task tts: missing_codes: no member "
-                                       "'codes.npy' (run data.tokenize on the shards)\n")
+                                       "'codes.npy' (run data.audio_codes on the shards)\n")

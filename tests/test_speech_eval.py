@@ -14,7 +14,7 @@ import torch
 import data.demo as demo
 from data.audio import read_audio
 from data.audio_tokenizers import KMeansTokenizer, fit_kmeans, pooled_mel_NM
-from data.tokenizer import build_text_tokenizer, extend_tokenizer, special_ids
+from data.text_tokenizer import build_text_tokenizer, extend_tokenizer, special_ids
 from model.config import padded_vocab_size, preset_config
 from model.lalm import StepAudio2ForCausalLM
 from train.rl import speech_eval as se

@@ -12,7 +12,7 @@ from data.audio import read_audio
 from data.audio_tokenizers import KMeansTokenizer, fit_kmeans, pooled_mel_NM
 from data.demo import STYLES as DEMO_STYLES
 from data.demo import speak
-from data.tokenizer import build_text_tokenizer, extend_tokenizer, special_ids
+from data.text_tokenizer import build_text_tokenizer, extend_tokenizer, special_ids
 from model.checkpoint import save_stepfun
 from model.config import padded_vocab_size, preset_config
 from model.lalm import StepAudio2ForCausalLM

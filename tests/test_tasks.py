@@ -7,8 +7,8 @@ The tokenizer is trained here on fixed texts, so the ids below are stable: text 
 import pytest
 
 from data.tasks import TASKS, RenderOptions, Sample
-from data.templates import TemplateError
-from data.tokenizer import build_text_tokenizer, extend_tokenizer, special_ids
+from data.tasks.pieces import TemplateError
+from data.text_tokenizer import build_text_tokenizer, extend_tokenizer, special_ids
 
 TEXTS = ["system\nTranscribe the speech.", "human\nRead the text aloud.", "assistant\nthe cat sat",
          "Describe the speaker's voice.", "Listen to the speech and answer the question.",

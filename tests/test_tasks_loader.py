@@ -14,7 +14,7 @@ from data.features import SAMPLE_RATE, log_mel, mel_frames
 from data.loader import DataConfig, build_loader
 from data.shards import INDEX_FORMAT
 from data.tasks import TASKS, RenderOptions, Sample
-from data.tokenizer import build_text_tokenizer, extend_tokenizer, load_tokenizer, special_ids
+from data.text_tokenizer import build_text_tokenizer, extend_tokenizer, load_tokenizer, special_ids
 
 
 def _flac(duration_s, freq_hz=220.0):

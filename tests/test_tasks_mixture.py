@@ -19,8 +19,8 @@ from data.features import SAMPLE_RATE, mel_frames
 from data.loader import DataConfig, build_loader
 from data.shards import INDEX_FORMAT
 from data.tasks import TASKS, RenderOptions, Sample
-from data.templates import TemplateError
-from data.tokenizer import build_text_tokenizer, extend_tokenizer, load_tokenizer, special_ids
+from data.tasks.pieces import TemplateError
+from data.text_tokenizer import build_text_tokenizer, extend_tokenizer, load_tokenizer, special_ids
 
 TEXTS = ["system\nTranslate the text into German and speak the translation.", "human\nthe cat sat",
          "assistant\ndie Katze", "and then it ran away"]

@@ -9,8 +9,8 @@ from data.loader import DataConfig, build_loader
 from data.prepare import prepare_manifest
 from data.shards import shard_paths
 from data.tasks import TASKS, RenderOptions, Sample
-from data.templates import TemplateError
-from data.tokenizer import build_text_tokenizer, extend_tokenizer, load_tokenizer, special_ids
+from data.tasks.pieces import TemplateError
+from data.text_tokenizer import build_text_tokenizer, extend_tokenizer, load_tokenizer, special_ids
 
 TEXTS = ["the cat sat on the mat", "a dog ran", "Transcribe the speech."]
 

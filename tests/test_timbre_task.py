@@ -10,8 +10,8 @@ import pytest
 from data.tasks import TASKS, RenderOptions, Sample
 from data.tasks.chat import tool_call_text, tool_schemas_text
 from data.tasks.timbre import AUDIO_SEARCH_SCHEMA, TIMBRE_SYSTEM, timbre_request
-from data.templates import TemplateError
-from data.tokenizer import build_text_tokenizer, extend_tokenizer, special_ids
+from data.tasks.pieces import TemplateError
+from data.text_tokenizer import build_text_tokenizer, extend_tokenizer, special_ids
 
 TEXTS = ["system\nhi", "tool_json_schemas\n" + tool_schemas_text([{"name": "audio_search"}]),
          "human\n" + timbre_request("the cat sat", "a tall man"),

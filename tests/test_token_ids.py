@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from data import vocab
-from data.templates import speech_answer
-from data.tokenizer import extend_qwen2_tokenizer, special_ids, stop_token_ids
+from data.tasks.pieces import speech_answer
+from data.text_tokenizer import extend_qwen2_tokenizer, special_ids, stop_token_ids
 from model.chat import build_prompt
 from model.config import preset_config
 from model.hf import GENERATION_CONFIG_NAME, ship_remote_code
@@ -67,7 +67,7 @@ def test_exports_of_the_reference_layout_stop_on_stepfuns_eos_ids(tok, tmp_path)
 
 
 def test_no_reference_token_id_is_a_number_outside_the_vocabulary_module():
-    # Code looks ids up by name (data.tokenizer.special_ids); the release's ids live in data/vocab.py only.
+    # Code looks ids up by name (data.text_tokenizer.special_ids); the release's ids live in data/vocab.py only.
     allowed = {REPO / "data" / "vocab.py", REPO / "model" / "hf" / "configuration_step_audio_2.py"}
     first, last = vocab.REFERENCE_IDS[vocab.END_OF_TEXT], vocab.REFERENCE_FIRST_AUDIO_CODE_ID + vocab.REFERENCE_NUM_AUDIO_CODES
     found = []

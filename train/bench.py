@@ -52,7 +52,7 @@ def _layout(folder: Path) -> Dict[str, Any]:
 
 
 def _complete(paths: Dict[str, Any]) -> bool:
-    from data.tokenize import read_tokenizer_record
+    from data.audio_codes import read_tokenizer_record
 
     if not all((p / "index.json").is_file() for p in paths["shards"].values()):
         return False
@@ -66,8 +66,8 @@ def ensure_data(folder: str, num_samples: int, seed: int = 0) -> Dict[str, Any]:
     --num-samples or seed is rebuilt; espeak's wavs are reused."""
     from data.demo import make_demo
     from data.prepare import prepare_manifest
-    from data.tokenize import fit_tokenizer, tokenize_shards
-    from data.tokenizer import build_text_tokenizer, extend_tokenizer
+    from data.audio_codes import fit_tokenizer, tokenize_shards
+    from data.text_tokenizer import build_text_tokenizer, extend_tokenizer
 
     root = Path(folder).resolve()
     paths = _layout(root)
@@ -313,7 +313,7 @@ def _result(setup: Dict[str, Any], times: List[float], real: List[int], computed
 def _build(setup: Dict[str, Any]):
     """The config (the same recipe and overrides as ours) and the model with ours' initial weights and frozen
     groups."""
-    from data.tokenizer import load_tokenizer
+    from data.text_tokenizer import load_tokenizer
     from train.recipe import load_config
     from train.engine import param_groups
     from train.loop import build_model
@@ -377,7 +377,7 @@ def hf_worker(setup: Dict[str, Any], strategy: str) -> Dict[str, Any]:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from data.batching import collate
-    from data.tokenizer import load_tokenizer, special_ids
+    from data.text_tokenizer import load_tokenizer, special_ids
 
     cfg, model, _ = _build(setup)
     pad_id = special_ids(load_tokenizer(cfg.data.tokenizer)).end_of_text

@@ -63,7 +63,7 @@ def ensure_data(folder: Path) -> Dict[str, Path]:
     espeak_data), built under `folder` once."""
     from data.demo import make_demo
     from data.prepare import prepare_manifest
-    from data.tokenizer import build_text_tokenizer, extend_tokenizer
+    from data.text_tokenizer import build_text_tokenizer, extend_tokenizer
 
     paths = {"train": folder / "train", "tokenizer": folder / "tokenizer"}
     done = folder / "DONE"

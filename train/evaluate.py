@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 from data.batching import pad_mels
 from data.loader import iter_eval_samples, iter_rendered
-from data.templates import IGNORE_INDEX
-from data.tokenizer import SpecialIds
+from data.tasks.pieces import IGNORE_INDEX
+from data.text_tokenizer import SpecialIds
 from model.generate import generate
 from train import eval_voice
 from train.engine import to_device
@@ -192,7 +192,7 @@ def _summary(metric: str, records: List[Dict[str, Any]], shards: List[str]) -> D
         total = sum(r["total"] for r in records)
         if total == 0:
             raise ValueError(f"eval.shards {shards} hold no sample with audio codes in its answer (run "
-                             f"data.tokenize on them, or pick another metric)")
+                             f"data.audio_codes on them, or pick another metric)")
         return {"value": sum(r["correct"] for r in records) / total, "nll": sum(r["nll"] for r in records) / total,
                 "num_codes": total, "num_samples": len(records), "examples": examples}
     if not records:

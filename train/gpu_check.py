@@ -74,15 +74,15 @@ def prepare_data(out: Path, num_train: int = 32, num_heldout: int = 8) -> Path:
     corpus = out / "corpus"
     cli("data.demo", str(corpus), "--num-train", str(num_train), "--num-heldout", str(num_heldout),
         "--tasks", ",".join(TASKS))
-    cli("data.tokenizer", "build", "--manifest", str(corpus / "texts.jsonl"), "--out", str(out / "tokenizer"),
+    cli("data.text_tokenizer", "build", "--manifest", str(corpus / "texts.jsonl"), "--out", str(out / "tokenizer"),
         "--vocab-size", "1024", "--num-audio-codes", "256")
     for task in TASKS:
         for split in ("train", "heldout"):
             cli("data.prepare", "manifest", str(corpus / task / f"{split}.jsonl"), str(out / task / split),
                 "--shard-size", "100", "--workers", "1", "--no-progress")
-    cli("data.tokenize", "fit", str(out / "tts" / "train"), "--num-codes", "256", "--out", str(out / "kmeans.pt"),
+    cli("data.audio_codes", "fit", str(out / "tts" / "train"), "--num-codes", "256", "--out", str(out / "kmeans.pt"),
         "--no-progress")
-    cli("data.tokenize", str(out / "tts" / "train"), str(out / "tts" / "heldout"), "--tokenizer",
+    cli("data.audio_codes", str(out / "tts" / "train"), str(out / "tts" / "heldout"), "--tokenizer",
         f"kmeans:{out / 'kmeans.pt'}", "--no-progress")
     shutil.rmtree(corpus / "wav", ignore_errors=True)  # the shards hold the audio; keep the folder small
     (out / "DONE").write_text("ok\n")
@@ -233,7 +233,7 @@ def packed_vs_alone(model, batch: Dict[str, Any], device, dtype, patch_id: int) 
 
 
 def check_kernels(data: Path, device: torch.device, dtype: torch.dtype, preset: str = "demo") -> Dict[str, Any]:
-    from data.tokenizer import load_tokenizer, special_ids
+    from data.text_tokenizer import load_tokenizer, special_ids
     from model.lalm import flash_attention_status, resolve_attention
     from train.engine import model_inputs
 
@@ -331,7 +331,7 @@ def check_syncs(data: Path, out: Path, device: torch.device, stages=(0, 1, 2, 3)
     """Host-device syncs of one bf16 training step (packed batch) under each ZeRO stage, by where they come
     from. This project's own code must cause none; DeepSpeed's are reported (they differ by stage)."""
     from data.loader import build_loader
-    from data.tokenizer import load_tokenizer
+    from data.text_tokenizer import load_tokenizer
     from train.engine import Engine, init_distributed
     from train.loop import build_model
 

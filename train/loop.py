@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 
 from data.loader import build_loader
-from data.templates import IGNORE_INDEX
-from data.tokenizer import load_tokenizer, special_ids
+from data.tasks.pieces import IGNORE_INDEX
+from data.text_tokenizer import load_tokenizer, special_ids
 from model.checkpoint import load_stepfun, save_stepfun
 from model.config import padded_vocab_size, preset_config
 from model.attention import VARLEN_KERNELS

@@ -124,7 +124,7 @@ def preference_pairs(out: Path, paths: Dict[str, Any], limit: int, seed: int = 0
     py = sys.executable
     _run([py, "-m", "data.prepare", "preferences", str(jsonl), str(shards), "--workers", "1", "--no-progress"],
          out / "logs" / "pairs_prepare.log")
-    _run([py, "-m", "data.tokenize", str(shards), "--tokenizer", paths["codes"], "--workers", "1", "--no-progress"],
+    _run([py, "-m", "data.audio_codes", str(shards), "--tokenizer", paths["codes"], "--workers", "1", "--no-progress"],
          out / "logs" / "pairs_tokenize.log")
     return shards
 
@@ -302,7 +302,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                for name, overrides in planned_runs(args, pairs).items()}
     t_train = time.time() - t0
 
-    from data.tokenizer import load_tokenizer, special_ids
+    from data.text_tokenizer import load_tokenizer, special_ids
     from model.checkpoint import load_stepfun
 
     torch.manual_seed(0)

@@ -31,9 +31,9 @@ from data.demo import VOICES, speak
 from data.features import SAMPLE_RATE
 from data.shards import local_shard_paths, read_samples
 from data.tasks import TASKS, RenderOptions, Sample
-from data.templates import DEFAULT_ASR_INSTRUCTION
+from data.tasks.pieces import DEFAULT_ASR_INSTRUCTION
 from data.tasks.base import CODES
-from data.tokenizer import SpecialIds, load_tokenizer, special_ids
+from data.text_tokenizer import SpecialIds, load_tokenizer, special_ids
 from data.voice import prepare_voice
 from model.checkpoint import load_stepfun
 from model.generate import generate, split_ta4

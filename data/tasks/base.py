@@ -7,11 +7,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from transformers import PreTrainedTokenizerFast
 
-from data.templates import DEFAULT_ASR_INSTRUCTION, Rendered, TemplateError
-from data.tokenizer import SpecialIds
+from data.tasks.pieces import DEFAULT_ASR_INSTRUCTION, Rendered, TemplateError
+from data.text_tokenizer import SpecialIds
 
 # Shard members (the part of a tar member's name after the sample key), as data.prepare and
-# data.tokenize write them.
+# data.audio_codes write them.
 AUDIO = "flac"
 TARGET_AUDIO = "target.flac"
 CODES = "codes.npy"

@@ -14,8 +14,8 @@ from typing import Any, Dict, List, Optional
 from transformers import PreTrainedTokenizerFast
 
 from data.tasks.base import RenderOptions, Sample
-from data.templates import Builder, Rendered, TemplateError, audio_spans, speech_answer, text_ids
-from data.tokenizer import SpecialIds
+from data.tasks.pieces import Builder, Rendered, TemplateError, audio_spans, speech_answer, text_ids
+from data.text_tokenizer import SpecialIds
 
 ROLES = ("system", "human", "assistant", "input", "tool_json_schemas")
 # UNVERIFIED (reference file): how tool use is written. A call is `<tool_call>function\n{name}\n{json}

@@ -4,7 +4,7 @@ audio, or after `<tts_start>`), ending at `<|endoftext|>`."""
 from __future__ import annotations
 
 from data.tasks.base import AUDIO, CODES, TARGET_CODES, RenderOptions, Sample, Task, text_field
-from data.templates import Builder, Rendered, TemplateError, audio_spans, speech_answer, text_ids
+from data.tasks.pieces import Builder, Rendered, TemplateError, audio_spans, speech_answer, text_ids
 
 
 def _audio_continuation(s: Sample, tok, ids, opt: RenderOptions) -> Rendered:

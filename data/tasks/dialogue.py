@@ -7,7 +7,7 @@ from typing import Any, Dict, List
 from data.tasks.base import RenderOptions, Sample, Task, text_field
 from data.tasks.chat import TOOL_SCHEMAS_ROLE, Message, message_members, parse_messages, prompt_members, \
     render_chat, tool_schemas_text
-from data.templates import Rendered, TemplateError
+from data.tasks.pieces import Rendered, TemplateError
 
 DIALOGUE_SYSTEM = "You are a helpful assistant."
 

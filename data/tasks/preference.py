@@ -8,7 +8,7 @@ from typing import Any, Dict, List
 from data.tasks.base import ANSWERS, RenderOptions, Sample, Task
 from data.tasks.chat import Message, message_members, render_chat
 from data.tasks.dialogue import dialogue_messages
-from data.templates import Rendered, TemplateError
+from data.tasks.pieces import Rendered, TemplateError
 
 
 def answer_message(meta: Dict[str, Any], answer: str) -> Message:

@@ -7,7 +7,7 @@ from typing import Any, Dict, List
 
 from data.tasks.base import AUDIO, CODES, TARGET_CODES, RenderOptions, Sample, Task, text_field
 from data.tasks.chat import Message, render_chat
-from data.templates import Rendered, TemplateError, render_asr
+from data.tasks.pieces import Rendered, TemplateError, render_asr
 
 TTS_SYSTEM = "Read the text aloud."
 PARA_CAPTION_SYSTEM = "Describe the speaker's voice."

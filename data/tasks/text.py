@@ -6,7 +6,7 @@ conversation of text-only turns (a "messages" record, data.conversations) is the
 from __future__ import annotations
 
 from data.tasks.base import RenderOptions, Sample, Task, text_field
-from data.templates import Builder, Rendered, TemplateError, text_ids
+from data.tasks.pieces import Builder, Rendered, TemplateError, text_ids
 
 TEXT_TASK = "text"
 

@@ -13,7 +13,7 @@ from typing import Any, Dict, List
 
 from data.tasks.base import AUDIO, TARGET_CODES, RenderOptions, Sample, Task, text_field
 from data.tasks.chat import TOOL_RESULT_ROLE, TOOL_SCHEMAS_ROLE, Message, render_chat, tool_schemas_text
-from data.templates import Rendered, TemplateError
+from data.tasks.pieces import Rendered, TemplateError
 
 TIMBRE_TASK = "timbre_search"
 TIMBRE_SYSTEM = "You are a helpful assistant. Find voices with the audio_search tool and speak in them."

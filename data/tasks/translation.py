@@ -11,7 +11,7 @@ from typing import Any, Dict
 from data.tasks.base import RenderOptions, Sample, Task, text_field
 from data.tasks.chat import Message, render_chat
 from data.tasks.speech import tts_codes
-from data.templates import Rendered
+from data.tasks.pieces import Rendered
 
 
 def t2st_system(meta: Dict[str, Any]) -> str:

@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from data.tokenizer import SpecialIds
+from data.text_tokenizer import SpecialIds
 from model.config import StepAudio2Config, preset_config
 from model.generate import generate
 from model.lalm import StepAudio2ForCausalLM

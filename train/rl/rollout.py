@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from data.batching import collate
-from data.templates import IGNORE_INDEX
+from data.tasks.pieces import IGNORE_INDEX
 from model.generate import generate, split_ta4
 from train.engine import inference_model
 
@@ -114,7 +114,7 @@ def sample_answers(engine, prompts: List[Dict[str, Any]], ids, tok, num_generati
                    batch_size: Optional[int] = None) -> Rollout:
     """num_generations sampled answers to each prompt, decoded on engine's device with its parameters gathered
     once (a collective: every rank calls it). batch_size: rows decoded together (default: all of them)."""
-    # A speech answer ends <tts_end><|EOT|> (data.templates.speech_answer), a base-format ASR answer with
+    # A speech answer ends <tts_end><|EOT|> (data.tasks.pieces.speech_answer), a base-format ASR answer with
     # <|endoftext|>: stopping at <tts_end> would leave out the <|EOT|> the answer must learn to end with.
     stops = [ids.eot, ids.end_of_text]
     flat = [p for p in prompts for _ in range(num_generations)]

@@ -446,7 +446,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             parser.error(f"{flag} {path!r} is not a model export (no config.json)")
     if not args.codes.startswith("kmeans:") or not os.path.isfile(args.codes.partition(":")[2]):
         parser.error(f"--codes {args.codes!r}: expected kmeans:FILE.pt naming an existing file")
-    from data.tokenizer import load_tokenizer, special_ids
+    from data.text_tokenizer import load_tokenizer, special_ids
     from model.checkpoint import load_stepfun
     t0 = time.time()
     tok = load_tokenizer(args.model)

@@ -92,7 +92,7 @@ def _classifier(path: str):
 
 @functools.lru_cache(maxsize=2)
 def _asr(path: str, device: str):
-    from data.tokenizer import load_tokenizer, special_ids
+    from data.text_tokenizer import load_tokenizer, special_ids
     from model.checkpoint import load_stepfun
     tok = load_tokenizer(path)
     return load_stepfun(path, device=device).eval(), tok, special_ids(tok)
@@ -168,7 +168,7 @@ def transcribe(waves: Sequence[torch.Tensor], asr_model: str, device: str = "cpu
     train.evaluate prompts ASR: instruction, one audio span per 25 s chunk, then the transcript."""
     from data.batching import pad_mels
     from data.features import log_mel, num_audio_tokens, split_chunks
-    from data.templates import DEFAULT_ASR_INSTRUCTION, render_asr
+    from data.tasks.pieces import DEFAULT_ASR_INSTRUCTION, render_asr
     from model.generate import generate
     model, tok, ids = _asr(asr_model, device)
     dtype = next(model.parameters()).dtype

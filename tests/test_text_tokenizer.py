@@ -4,7 +4,7 @@ import json
 import pytest
 
 from data import vocab
-from data.tokenizer import (build_text_tokenizer, extend_tokenizer, load_tokenizer, main, special_ids,
+from data.text_tokenizer import (build_text_tokenizer, extend_tokenizer, load_tokenizer, main, special_ids,
                             stop_token_ids)
 
 TEXTS = ["the quick brown fox jumps over the lazy dog", "hello world, hello speech",

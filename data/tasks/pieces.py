@@ -12,7 +12,7 @@ from typing import List, Sequence
 from transformers import PreTrainedTokenizerFast
 
 from data.features import num_audio_tokens
-from data.tokenizer import SpecialIds
+from data.text_tokenizer import SpecialIds
 
 IGNORE_INDEX = -100
 DEFAULT_ASR_INSTRUCTION = "Transcribe the speech."

@@ -1,6 +1,6 @@
 """The text tokenizer: a locally trained byte-level BPE, extended with Step-Audio 2's special and audio tokens.
 
-`python -m data.tokenizer build --manifest A.jsonl --out DIR` trains one from manifest transcripts.
+`python -m data.text_tokenizer build --manifest A.jsonl --out DIR` trains one from manifest transcripts.
 """
 from __future__ import annotations
 
@@ -134,7 +134,7 @@ def special_ids(tok: PreTrainedTokenizerFast) -> SpecialIds:
 
     def lookup(name: str) -> int:
         if name not in table:
-            raise ValueError(f"tokenizer has no token {name!r}: was it built with data.tokenizer.extend_tokenizer?")
+            raise ValueError(f"tokenizer has no token {name!r}: was it built with data.text_tokenizer.extend_tokenizer?")
         return table[name]
 
     named = dict(
@@ -171,7 +171,7 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerFast:
     """Load a tokenizer folder written by `save_pretrained` (no hub lookups)."""
     if not os.path.isfile(os.path.join(path, "tokenizer.json")):
         raise ValueError(f"tokenizer folder {path!r} has no tokenizer.json: build one with "
-                         f"`python -m data.tokenizer build --manifest M.jsonl --out {path}`")
+                         f"`python -m data.text_tokenizer build --manifest M.jsonl --out {path}`")
     return PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
 
 
@@ -191,7 +191,7 @@ def _manifest_texts(paths: list[str]) -> Iterable[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m data.tokenizer", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m data.text_tokenizer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="train a byte-level BPE on manifest texts and add audio tokens")
     build.add_argument("--manifest", action="append", required=True, help="JSONL with a \"text\" field; repeatable")

@@ -2,8 +2,8 @@
 import pytest
 
 from data.features import num_audio_tokens
-from data.templates import IGNORE_INDEX, render_asr
-from data.tokenizer import build_text_tokenizer, extend_tokenizer, special_ids
+from data.tasks.pieces import IGNORE_INDEX, render_asr
+from data.text_tokenizer import build_text_tokenizer, extend_tokenizer, special_ids
 
 TEXTS = ["transcribe the speech", "the cat sat on the mat", "a cat and a dog"] * 3
 
