@@ -42,20 +42,20 @@ demo: demo-data
 	$(PY) -m train.report $(DEMO)/curriculum
 
 demo-data: setup
-	$(PY) -m data.demo $(DEMO)/corpus
+	$(PY) -m data.tools.demo $(DEMO)/corpus
 	$(PY) -m data.text_tokenizer build --manifest $(DEMO)/corpus/texts.jsonl --out $(DEMO)/tokenizer \
 		--vocab-size 1024 --num-audio-codes 256
 	for t in asr tts s2tt para; do for s in train heldout; do \
-		$(PY) -m data.prepare manifest $(DEMO)/corpus/$$t/$$s.jsonl $(DEMO)/shards/$$t/$$s --shard-size 100 \
+		$(PY) -m data.corpus.prepare manifest $(DEMO)/corpus/$$t/$$s.jsonl $(DEMO)/shards/$$t/$$s --shard-size 100 \
 			--workers 1 --no-progress || exit 1; done; done
 	for s in train heldout; do \
-		$(PY) -m data.prepare conversations $(DEMO)/corpus/dialogue/$$s.jsonl $(DEMO)/shards/dialogue/$$s \
+		$(PY) -m data.corpus.prepare conversations $(DEMO)/corpus/dialogue/$$s.jsonl $(DEMO)/shards/dialogue/$$s \
 			--shard-size 100 --workers 1 --no-progress || exit 1; done
 	# The codes are fitted on all the speech they will encode: the TTS voice and the dialogue's requests and
 	# styled answers (slow, quick, high), so that pitch and speed survive the codec.
-	$(PY) -m data.audio_codes fit $(DEMO)/shards/tts/train $(DEMO)/shards/dialogue/train --num-codes 256 \
+	$(PY) -m data.codes fit $(DEMO)/shards/tts/train $(DEMO)/shards/dialogue/train --num-codes 256 \
 		--out $(DEMO)/kmeans.pt --no-progress
-	$(PY) -m data.audio_codes $(DEMO)/shards/tts/train $(DEMO)/shards/tts/heldout $(DEMO)/shards/dialogue/train \
+	$(PY) -m data.codes $(DEMO)/shards/tts/train $(DEMO)/shards/tts/heldout $(DEMO)/shards/dialogue/train \
 		$(DEMO)/shards/dialogue/heldout --tokenizer kmeans:$(DEMO)/kmeans.pt --no-progress
 
 # RLHF on the demo's styled spoken dialogue (after `make demo`): GRPO x 3 seeds, a placebo, PPO and DPO from

@@ -1,4 +1,4 @@
-"""The process pool of the data commands (data.prepare decodes audio, data.audio_codes encodes whole shards):
+"""The process pool of the data commands (data.corpus.prepare decodes audio, data.codes encodes whole shards):
 results in input order, a bounded window of work in flight, a progress bar, and an error that names its item."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ Result = TypeVar("Result")
 
 WINDOW_PER_WORKER = 4
 """Items handed to the pool ahead of the one whose result is awaited, per worker: enough to keep every worker
-busy while an earlier item is slow, few enough that a lazy input (data.prepare reads dataset audio into its
+busy while an earlier item is slow, few enough that a lazy input (data.corpus.prepare reads dataset audio into its
 items) is not read whole into the pool's queue, as Pool.imap would."""
 
 

@@ -2,7 +2,7 @@
 
 A dataset folder holds shard-000000.tar, ... and index.json (counts, durations, checksums, rejects);
 see `ShardWriter`, `read_index` and `shard_paths`. Writers write local folders; readers also take the
-folder or its shards as URLs or pipe: commands (data.remote), except the commands that open shards as
+folder or its shards as URLs or pipe: commands (data.loading.remote), except the commands that open shards as
 files, which take `local_shard_paths`.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import braceexpand
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 from webdataset.writer import TarWriter
 
-from data import remote
+from data.loading import remote
 from data.files import atomic_path, atomic_write
 
 INDEX_NAME = "index.json"
@@ -71,7 +71,7 @@ def read_samples(path: str, exts: Optional[Collection[str]] = None) -> Iterator[
     `__name__` members, and raises ValueError on a member repeated within a sample. With `exts`, only those
     members are kept (a sample with none of them still comes out, empty).
 
-    The loader reads shards with data.shard_reader.read_shard instead, which does more: it retries I/O errors
+    The loader reads shards with data.loading.shard_reader.read_shard instead, which does more: it retries I/O errors
     and resumes after the samples already delivered, and ends a broken tar with a marker sample."""
     with open(path, "rb") as f:
         files = ({**member, "__url__": path} for member in tar_file_iterator(f))
@@ -183,7 +183,7 @@ def read_index(out_dir: str) -> dict:
 
 def _read_index_text(out_dir: str, path: str) -> str:
     missing = MissingIndexError(f"dataset folder {out_dir!r} has no {INDEX_NAME}: expected the output of "
-                                "`python -m data.prepare`")
+                                "`python -m data.corpus.prepare`")
     if remote.is_url(out_dir):
         try:
             return remote.read_bytes(path).decode("utf-8")
@@ -230,7 +230,7 @@ def local_shard_paths(spec: Union[str, Sequence[str]], command: str,
                       why: str = "reads its shards as local files") -> list[str]:
     """shard_paths for a command that needs its shards on this machine (it writes beside them, or opens them
     as files): a URL or pipe: spec is refused before any work, naming it, rather than failing later on a
-    path that does not exist. `command` and `why` start the message ("data.audio_codes writes next to its
+    path that does not exist. `command` and `why` start the message ("data.codes writes next to its
     shards")."""
     specs = [spec] if isinstance(spec, str) else list(spec)
     for item in specs:

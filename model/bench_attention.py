@@ -1,7 +1,7 @@
 """`python -m model.bench_attention [--json]`: packed rows under the dense block-diagonal mask ("sdpa") against
 the per-sample kernel ("varlen_sdpa"), on this machine's CPU threads.
 
-Rows come from data.batching's packer (max_seq_len 512, 4 rows a batch) fed samples of 30-150 tokens, and the
+Rows come from data.loading.batching's packer (max_seq_len 512, 4 rows a batch) fed samples of 30-150 tokens, and the
 model is the demo preset (hidden 256, 4 heads, 2 key/value heads, 4 layers). Two figures per kernel: one
 attention call per packed row (the decoder layer's q/k/v shapes), and a whole training forward + backward
 of the decoder per batch (real tokens/s). Timings interleave the kernels and report medians (and the
@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from data.batching import Batcher
+from data.loading.batching import Batcher
 from model.attention import VARLEN_SDPA, varlen_sdpa_forward
 from model.config import preset_config
 from model.lalm import StepAudio2ForCausalLM, packed_attention

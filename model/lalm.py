@@ -18,7 +18,7 @@ from torch import nn
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Model
 from transformers.utils.generic import ModelOutput
 
-from data.batching import packed_cu_seq_lens
+from data.loading.batching import packed_cu_seq_lens
 from model.attention import VARLEN_SDPA, segment_lengths, varlen_layout
 from model.checks import check
 from model.config import ADAPTER_HIDDEN, StepAudio2Config
@@ -304,7 +304,7 @@ class StepAudio2ForCausalLM(nn.Module):
         inside itself; it then replaces attention_mask, and position_ids default to restarting per sample.
         Audio chunks (mels) are listed in row-major order of their patch rows, packed or not.
         num_loss_tokens (labelled positions), cu_seq_lens and max_length (packed rows under flash-attention,
-        see packed_cu_seq_lens) are host-side facts the collate already knows (data.batching): given, the
+        see packed_cu_seq_lens) are host-side facts the collate already knows (data.loading.batching): given, the
         forward needs no host-device sync to learn them. num_loss_chunks: see chunked_loss (ZeRO-3).
         token_logprobs=True (with labels; RL): instead of the loss, the log-probability and entropy of every
         labelled token at `temperature`, computed in the same chunks as the loss (see token_logprobs).

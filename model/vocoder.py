@@ -14,7 +14,7 @@ import torch
 import torchaudio
 
 from data.audio import decode_audio
-from data.audio_tokenizers import KMEANS_FRAMES_PER_CODE, KMeansTokenizer
+from data.codes.tokenizers import KMEANS_FRAMES_PER_CODE, KMeansTokenizer
 from data.features import HOP, N_FFT, N_MELS, SAMPLE_RATE
 
 # Samples of output per code: each code is 4 mel frames of 160 samples (10 ms) at 16 kHz.

@@ -30,13 +30,13 @@ def espeak_data(tmp_path_factory) -> dict:
     """24 training and 6 held-out sentences spoken by espeak-ng, a tokenizer, and shards of both."""
     root = tmp_path_factory.mktemp("espeak")
     py = sys.executable
-    run_cli(py, "-m", "data.demo", str(root / "corpus"), "--num-train", "24", "--num-heldout", "6",
+    run_cli(py, "-m", "data.tools.demo", str(root / "corpus"), "--num-train", "24", "--num-heldout", "6",
             "--tasks", "asr")
     run_cli(py, "-m", "data.text_tokenizer", "build", "--manifest", str(root / "corpus" / "train.jsonl"),
             "--out", str(root / "tokenizer"), "--vocab-size", "300", "--num-audio-codes", "16")
-    run_cli(py, "-m", "data.prepare", "manifest", str(root / "corpus" / "train.jsonl"), str(root / "train"),
+    run_cli(py, "-m", "data.corpus.prepare", "manifest", str(root / "corpus" / "train.jsonl"), str(root / "train"),
             "--shard-size", "6")
-    run_cli(py, "-m", "data.prepare", "manifest", str(root / "corpus" / "heldout.jsonl"),
+    run_cli(py, "-m", "data.corpus.prepare", "manifest", str(root / "corpus" / "heldout.jsonl"),
             str(root / "heldout"))
     return {"root": root, "tokenizer": root / "tokenizer", "train": root / "train", "heldout": root / "heldout"}
 

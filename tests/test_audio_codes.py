@@ -1,4 +1,4 @@
-"""Audio codes: k-means fit and encode, S3 wrapper framing with a stand-in model, data.audio_codes over real
+"""Audio codes: k-means fit and encode, S3 wrapper framing with a stand-in model, data.codes over real
 shards (codes equal encode(), resume shard by shard, bad samples dropped and counted, tokenizer.json),
 and the loader refusing codes from another tokenizer."""
 import hashlib
@@ -13,14 +13,14 @@ import pytest
 import torch
 
 from data.audio import decode_audio, encode_flac
-from data.audio_tokenizers import (S3_NUM_CODES, KMeansTokenizer, S3Tokenizer, audio_tokenizer_hash, fit_kmeans,
+from data.codes.tokenizers import (S3_NUM_CODES, KMeansTokenizer, S3Tokenizer, audio_tokenizer_hash, fit_kmeans,
                                    load_audio_tokenizer, pooled_mel_NM)
 from data.features import SAMPLE_RATE
-from data.loader import DataConfig, build_loader
-from data.shard_reader import check_audio_tokenizer
+from data.loading.loader import DataConfig, build_loader
+from data.loading.shard_reader import check_audio_tokenizer
 from data.shards import ShardWriter, read_index, write_index
-from data.stats import Counts
-from data.audio_codes import fit_tokenizer, main, read_tokenizer_record, tokenize_shards
+from data.corpus.stats import Counts
+from data.codes.encode import fit_tokenizer, main, read_tokenizer_record, tokenize_shards
 from data.text_tokenizer import build_text_tokenizer, extend_tokenizer
 
 torch.set_num_threads(1)
@@ -238,7 +238,7 @@ def test_tokenize_in_place_is_deterministic(dataset, kmeans_file, tmp_path):
     half = read_index(str(work))
     assert half["shards"][2] == read_index(str(dataset / "train"))["shards"][2]
     assert half["shards"][0]["sha256"] == hashlib.sha256((work / "shard-000000.tar").read_bytes()).hexdigest()
-    with pytest.raises(ValueError, match="data.audio_codes with tokenizer [0-9a-f]{64} has not finished"):
+    with pytest.raises(ValueError, match="data.codes with tokenizer [0-9a-f]{64} has not finished"):
         check_audio_tokenizer([str(work / "shard-000000.tar")], kmeans_file)
     stat1 = os.stat(work / "shard-000001.tar")
     done = tokenize_shards([str(work)], kmeans_file, None, workers=1, progress=False)
@@ -261,7 +261,7 @@ def test_loader_refuses_codes_of_another_tokenizer(dataset, kmeans_file, tmp_pat
     check_audio_tokenizer(shards, good[:16])
     wrong = "ab" * 32
     expected = (f"dataset folder {out!r} has audio codes from tokenizer {good} (kmeans), but "
-                f"data.audio_tokenizer names {wrong}; re-run `python -m data.audio_codes` on it with that tokenizer")
+                f"data.audio_tokenizer names {wrong}; re-run `python -m data.codes` on it with that tokenizer")
     with pytest.raises(ValueError) as err:
         check_audio_tokenizer(shards, wrong)
     assert str(err.value) == expected
@@ -276,7 +276,7 @@ def test_loader_refuses_codes_of_another_tokenizer(dataset, kmeans_file, tmp_pat
 
 
 def test_a_new_audio_tokenizer_kind_is_one_register_call(kmeans_file, tmp_path, monkeypatch):
-    from data import audio_tokenizers as A
+    from data.codes import tokenizers as A
 
     monkeypatch.setattr(A, "AUDIO_TOKENIZERS", dict(A.AUDIO_TOKENIZERS))
     A.register_audio_tokenizer("mine", A.TokenizerKind(KMeansTokenizer.load, lambda path: "ab" * 32, suffix=".mine"))

@@ -15,7 +15,7 @@ import torch
 import torchaudio
 
 from data.features import SAMPLE_RATE, log_mel, mel_frames, num_audio_tokens
-from data.loader import DataConfig, build_loader
+from data.loading.loader import DataConfig, build_loader
 from data.shards import INDEX_FORMAT, ShardWriter, write_index
 from data.text_tokenizer import build_text_tokenizer, extend_tokenizer, load_tokenizer, special_ids
 
@@ -73,7 +73,7 @@ def tok_dir(tmp_path_factory):
 
 
 def _write(folder, shards):
-    """shards: lists of (key, members); a dataset folder as data.prepare writes it (tars + index.json)."""
+    """shards: lists of (key, members); a dataset folder as data.corpus.prepare writes it (tars + index.json)."""
     writer = ShardWriter(str(folder), max_samples=10_000)
     stats = []
     for shard in shards:

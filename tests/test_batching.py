@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from data.batching import (BATCHING_MODES, Batcher, budget_fill, collate, collate_packed, encoder_frames,
+from data.loading.batching import (BATCHING_MODES, Batcher, budget_fill, collate, collate_packed, encoder_frames,
                            packing_efficiency)
 
 PAD = 7

@@ -1,14 +1,14 @@
-"""`python -m data.bench --json` on a tiny mixture: the figures exist, are sane, and packing beats padding."""
+"""`python -m data.tools.bench --json` on a tiny mixture: the figures exist, are sane, and packing beats padding."""
 import json
 import math
 import sys
 
 from conftest import run_cli
-from data.bench import build_mixture
+from data.tools.bench import build_mixture
 
 
 def test_bench_json_figures(tmp_path):
-    proc = run_cli(sys.executable, "-m", "data.bench", "--json", "--samples", "24", "--epochs", "1",
+    proc = run_cli(sys.executable, "-m", "data.tools.bench", "--json", "--samples", "24", "--epochs", "1",
                    "--max-seq-len", "512", "--rows", "2", "--buffer", "16", "--data", str(tmp_path / "mix"),
                    timeout=300)
     lines = proc.stdout.strip().splitlines()

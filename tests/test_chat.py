@@ -11,7 +11,7 @@ import soundfile as sf
 import torch
 
 import model.chat as chat
-from data.audio_tokenizers import KMeansTokenizer, fit_kmeans, pooled_mel_NM
+from data.codes.tokenizers import KMeansTokenizer, fit_kmeans, pooled_mel_NM
 from data.features import SAMPLE_RATE, log_mel, num_audio_tokens
 from data.text_tokenizer import build_text_tokenizer, extend_tokenizer, special_ids
 from model.checkpoint import save_stepfun

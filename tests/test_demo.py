@@ -8,10 +8,10 @@ import pytest
 import soundfile as sf
 import webdataset as wds
 
-from data import demo
+from data.tools import demo
 from data.audio import read_audio
-from data.demo import SLOTS, STYLES, TTS_VOICE, make_demo, make_sentences, speak, translate_to_german
-from data.prepare import prepare_conversations, prepare_manifest
+from data.tools.demo import SLOTS, STYLES, TTS_VOICE, make_demo, make_sentences, speak, translate_to_german
+from data.corpus.prepare import prepare_conversations, prepare_manifest
 from data.shards import shard_paths
 
 
@@ -143,8 +143,8 @@ def test_demo_corpus_end_to_end(tmp_path, capsys):
 
 
 def test_paralinguistic_and_timbre_records(tmp_path):
-    from data.demo import PARA_PITCHES, PARA_SPEEDS, VOICE_GENDERS, _wav, voice_description
-    from data.samples import render_raw
+    from data.tools.demo import PARA_PITCHES, PARA_SPEEDS, VOICE_GENDERS, _wav, voice_description
+    from data.loading.samples import render_raw
     from data.text_tokenizer import build_text_tokenizer, extend_tokenizer, special_ids
 
     out = tmp_path / "demo"
@@ -174,7 +174,7 @@ def test_paralinguistic_and_timbre_records(tmp_path):
     assert {"How fast does the speaker talk?", "female", "slow", "high"} <= texts
     assert f"In the voice of {timbre[0]['query']}, say: {timbre[0]['text']}" in texts
 
-    # Through data.prepare and the para_qa template: each record answers its own question with its label.
+    # Through data.corpus.prepare and the para_qa template: each record answers its own question with its label.
     prepare_manifest(str(out / "para" / "train.jsonl"), str(tmp_path / "para"), workers=1, progress=False)
     tok = extend_tokenizer(build_text_tokenizer(sorted(texts) * 2, vocab_size=300), 8)
     ids = special_ids(tok)

@@ -27,18 +27,18 @@ def demo_root(tmp_path_factory) -> Path:
     """A folder laid out as `make demo-data` lays out runs/demo, at a few samples per task."""
     root = tmp_path_factory.mktemp("demo_curriculum")
     demo, py = root / "runs" / "demo", sys.executable
-    run_cli(py, "-m", "data.demo", str(demo / "corpus"), "--num-train", "12", "--num-heldout", "3",
+    run_cli(py, "-m", "data.tools.demo", str(demo / "corpus"), "--num-train", "12", "--num-heldout", "3",
             "--num-tts", "12", "--num-s2tt", "12", "--num-dialogue", "8", "--num-para", "4")
     run_cli(py, "-m", "data.text_tokenizer", "build", "--manifest", str(demo / "corpus" / "texts.jsonl"),
             "--out", str(demo / "tokenizer"), "--vocab-size", "400", "--num-audio-codes", "16")
     for task in ("asr", "tts", "s2tt", "dialogue", "para"):
         fmt = "conversations" if task == "dialogue" else "manifest"
         for split in ("train", "heldout"):
-            run_cli(py, "-m", "data.prepare", fmt, str(demo / "corpus" / task / f"{split}.jsonl"),
+            run_cli(py, "-m", "data.corpus.prepare", fmt, str(demo / "corpus" / task / f"{split}.jsonl"),
                     str(demo / "shards" / task / split), "--workers", "1", "--no-progress")
-    run_cli(py, "-m", "data.audio_codes", "fit", str(demo / "shards" / "tts" / "train"), "--num-codes", "16",
+    run_cli(py, "-m", "data.codes", "fit", str(demo / "shards" / "tts" / "train"), "--num-codes", "16",
             "--out", str(demo / "kmeans.pt"), "--no-progress")
-    run_cli(py, "-m", "data.audio_codes", *(str(demo / "shards" / t / s) for t in ("tts", "dialogue")
+    run_cli(py, "-m", "data.codes", *(str(demo / "shards" / t / s) for t in ("tts", "dialogue")
                                          for s in ("train", "heldout")),
             "--tokenizer", f"kmeans:{demo / 'kmeans.pt'}", "--no-progress")
     return root

@@ -9,7 +9,7 @@ import sys
 import torch
 
 from conftest import REPO, data_overrides
-from data.batching import collate, collate_packed, packed_cu_seq_lens
+from data.loading.batching import collate, collate_packed, packed_cu_seq_lens
 from train.engine import model_inputs
 
 

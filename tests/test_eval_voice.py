@@ -1,6 +1,6 @@
 """The voice metrics of train.evaluate.run_eval on answers known in advance: paralinguistic accuracy per
 attribute (hand-built records, replayed answers), and speaker similarity between a spoken answer and the
-clip an audio search returned (real espeak voices through data.demo, prepare and tokenize)."""
+clip an audio search returned (real espeak voices through data.tools.demo, prepare and tokenize)."""
 import io
 import json
 
@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from data.audio import encode_flac
-from data.demo import make_demo
-from data.prepare import prepare_manifest
-from data.shard_reader import read_shard, resolve_shards
+from data.tools.demo import make_demo
+from data.corpus.prepare import prepare_manifest
+from data.loading.shard_reader import read_shard, resolve_shards
 from data.shards import ShardWriter
-from data.audio_codes import fit_tokenizer, tokenize_shards
+from data.codes.encode import fit_tokenizer, tokenize_shards
 from data.text_tokenizer import build_text_tokenizer, extend_tokenizer, special_ids
 from model.config import preset_config
 from model.lalm import StepAudio2ForCausalLM
@@ -106,7 +106,7 @@ def test_paralinguistic_without_samples_names_the_shards(para, tmp_path):
 
 @pytest.fixture(scope="module")
 def timbre(tmp_path_factory):
-    """data.demo's timbre corpus (3 held-out records in 3 espeak voices), prepared and tokenized with a
+    """data.tools.demo's timbre corpus (3 held-out records in 3 espeak voices), prepared and tokenized with a
     16-code k-means codec; a speaker encoder (untrained: fixed random weights are enough for exact values)."""
     root = tmp_path_factory.mktemp("timbre")
     splits = make_demo(str(root / "corpus"), num_train=4, num_heldout=3, tasks=("timbre",), workers=1)
@@ -174,7 +174,7 @@ def test_speaker_similarity_on_the_real_model_and_its_errors(timbre, tmp_path):
     with pytest.raises(ValueError, match="^speaker_similarity needs a speaker encoder at '/nowhere/s.pt': train one "
                                          "with `python -m train.speaker_encoder fit /nowhere/s.pt`$"):
         run_eval("speaker_similarity", model, tok, ids, timbre["shards"], "", 2, 4, speaker_model="/nowhere/s.pt")
-    # Shards with no record of their codec (no data.audio_codes): say so, or take the codec named.
+    # Shards with no record of their codec (no data.codes): say so, or take the codec named.
     bare = tmp_path / "bare"
     bare.mkdir()
     for path in resolve_shards(timbre["shards"]) + [f"{timbre['shards'][0]}/index.json"]:

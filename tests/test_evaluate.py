@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from data.audio import encode_flac
-from data.samples import render_raw
-from data.shard_reader import read_shard, resolve_shards
+from data.loading.samples import render_raw
+from data.loading.shard_reader import read_shard, resolve_shards
 from data.shards import ShardWriter
 from data.text_tokenizer import build_text_tokenizer, extend_tokenizer, special_ids
 from model.config import preset_config

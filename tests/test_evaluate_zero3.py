@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.loader import iter_eval_samples
+from data.loading.loader import iter_eval_samples
 from data.text_tokenizer import load_tokenizer, special_ids
 from model.config import preset_config
 from model.generate import generate
@@ -172,8 +172,8 @@ def test_zero3_evaluation_on_two_ranks(setup):
 def _rank_main(root: Path, out: Path) -> None:
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-    from data.batching import pad_mels
-    from data.loader import iter_rendered
+    from data.loading.batching import pad_mels
+    from data.loading.loader import iter_rendered
     from train.config import EngineConfig, OptimConfig, TrainConfig
     from train.engine import Engine, inference_model, init_distributed, shutdown_distributed
 

@@ -4,7 +4,7 @@ import time
 import pytest
 import torch
 
-from data.batching import collate, collate_packed
+from data.loading.batching import collate, collate_packed
 from model.config import preset_config
 from train import flops as F
 from train.config import LoraConfig

@@ -200,7 +200,7 @@ Z3_VOCAB, Z3_TOKENS, Z3_CHUNK_ROWS = 128, 150, 64
 
 
 def _z3_batch(rank: int) -> dict:
-    from data.batching import collate
+    from data.loading.batching import collate
 
     g = torch.Generator().manual_seed(10 + rank)
     ids = torch.randint(0, Z3_VOCAB - 1, (Z3_TOKENS,), generator=g).tolist()

@@ -15,10 +15,10 @@ import soundfile
 import torch
 import webdataset
 
-import data.samples
+import data.loading.samples
 from data.features import SAMPLE_RATE, log_mel, mel_frames, num_audio_tokens
-from data.loader import DataConfig, DatasetConfig, build_loader, iter_eval_samples
-from data.shard_reader import resolve_shards, shard_counts
+from data.loading.loader import DataConfig, DatasetConfig, build_loader, iter_eval_samples
+from data.loading.shard_reader import resolve_shards, shard_counts
 from data.shards import INDEX_FORMAT
 from data.tasks.pieces import render_asr
 from data.text_tokenizer import (
@@ -229,8 +229,8 @@ def test_resume_skips_without_decoding(tmp_path, tok_dir, monkeypatch):
     assert state["workers"][0]["pending"] == []  # a fixed batcher holds nothing right after a batch
 
     decoded = []
-    real_decode = data.samples.decode_audio
-    monkeypatch.setattr(data.samples, "decode_audio", lambda b, name: decoded.append(name) or real_decode(b, name))
+    real_decode = data.loading.samples.decode_audio
+    monkeypatch.setattr(data.loading.samples, "decode_audio", lambda b, name: decoded.append(name) or real_decode(b, name))
     resumed = build_loader(cfg, 0, 1, seed=1)
     resumed.load_state_dict(state)
     assert next(resumed)["keys"] == next(first)["keys"]
@@ -368,7 +368,7 @@ def test_workers_take_one_thread_and_the_configured_priority(tmp_path, tok_dir, 
     """A worker computes log-mels with one torch thread (off the training process's cores), whatever the
     training process runs with, and at data.worker_priority (auto: idle here, with no GPU; the training
     process keeps its own class). Each worker writes what it runs with (fork carries the patch)."""
-    from data import streams
+    from data.loading import streams
 
     _dataset(tmp_path / "ds", 2, 4)
     seen = tmp_path / "threads"
@@ -397,7 +397,7 @@ def test_workers_with_several_threads_start_clean_and_give_the_same_batches(tmp_
     used its own pool can hang in its first parallel region (it did here: this test hung before the workers
     started from a forkserver). They now start clean, with the configured threads and priority, and the
     batches are the one-thread workers'."""
-    from data.loader import _worker_context
+    from data.loading.loader import _worker_context
 
     _dataset(tmp_path / "ds", 2, 4)
     before = torch.get_num_threads()
@@ -414,7 +414,7 @@ def test_workers_with_several_threads_start_clean_and_give_the_same_batches(tmp_
     for one, three in zip(batches[1], batches[3]):
         assert one["keys"] == three["keys"]
         assert torch.equal(one["input_ids"], three["input_ids"]) and torch.equal(one["mels"], three["mels"])
-    probe = ("import os, torch; from data.loader import _start_worker; _start_worker(3, 'idle', 0); "
+    probe = ("import os, torch; from data.loading.loader import _start_worker; _start_worker(3, 'idle', 0); "
              "print(torch.get_num_threads(), os.sched_getscheduler(0) == os.SCHED_IDLE)")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])

@@ -1,4 +1,4 @@
-"""I/O faults while reading shards and their index: injected at the loader's one open (data.shard_reader.open_shard).
+"""I/O faults while reading shards and their index: injected at the loader's one open (data.loading.shard_reader.open_shard).
 
 A transient OSError (open or read) is retried after IO_RETRY_DELAYS_S and loses or repeats no sample; one
 that outlasts the retries skips the rest of that shard counted as "io_error"; a corrupt tar is not retried;
@@ -17,10 +17,10 @@ import pytest
 import soundfile
 import torch
 
-import data.shard_reader
+import data.loading.shard_reader
 from data.features import SAMPLE_RATE
-from data.loader import DataConfig, build_loader
-from data.shard_reader import read_shard, resolve_shards, scan_sample_count, shard_counts
+from data.loading.loader import DataConfig, build_loader
+from data.loading.shard_reader import read_shard, resolve_shards, scan_sample_count, shard_counts
 from data.shards import INDEX_FORMAT, INDEX_NAME, ShardWriter, write_index
 from data.text_tokenizer import build_text_tokenizer, extend_tokenizer
 
@@ -52,7 +52,7 @@ def tok_dir(tmp_path_factory):
 
 @pytest.fixture
 def folder(tmp_path):
-    """Two shards as data.prepare writes them: s0_0..s0_3 and s1_0..s1_5 (flac then json), and index.json."""
+    """Two shards as data.corpus.prepare writes them: s0_0..s0_3 and s1_0..s1_5 (flac then json), and index.json."""
     stats = []
     for s, size in enumerate(SHARD_SIZES):
         writer = ShardWriter(str(tmp_path / "ds"), max_samples=10_000, first_index=s)
@@ -77,7 +77,7 @@ class _Clock:
 @pytest.fixture
 def clock(monkeypatch):
     clock = _Clock()
-    monkeypatch.setattr(data.shard_reader, "time", clock)
+    monkeypatch.setattr(data.loading.shard_reader, "time", clock)
     return clock
 
 
@@ -126,7 +126,7 @@ def _inject(monkeypatch, target, fail_at=None, open_faults=0, read_faults=0):
             raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
         return open(path, "rb") if fail_at is None else _FlakyFile(path, fail_at, read_left)
 
-    monkeypatch.setattr(data.shard_reader, "open_shard", fake_open)
+    monkeypatch.setattr(data.loading.shard_reader, "open_shard", fake_open)
     return opened
 
 
@@ -149,7 +149,7 @@ def test_read_fault_mid_shard_once_keeps_keys_and_order(folder, monkeypatch, clo
     path = str(folder / "shard-000001.tar")
     clean = _members(read_shard(path))
     opened = _inject(monkeypatch, path, fail_at=_data_offset(path, "s1_3"), read_faults=1)
-    with caplog.at_level(logging.WARNING, logger="data.shard_reader"):
+    with caplog.at_level(logging.WARNING, logger="data.loading.shard_reader"):
         assert _members(read_shard(path)) == clean  # same keys, same bytes, same order: none twice, none lost
     assert opened == [path] * 2 and clock.waits == [0.5]
     # s1_3 was being read: s1_0..s1_2 had come out, the re-open skipped them.
@@ -170,7 +170,7 @@ def test_retries_start_afresh_after_progress(folder, monkeypatch, clock):
         # Open k fails in sample k's data; the seventh reads through.
         return _FlakyFile(p, offsets[len(opens) - 1] if len(opens) <= 6 else math.inf, [1])
 
-    monkeypatch.setattr(data.shard_reader, "open_shard", fake_open)
+    monkeypatch.setattr(data.loading.shard_reader, "open_shard", fake_open)
     assert _members(read_shard(path)) == clean
     assert len(opens) == 7 and clock.waits == [0.5] * 6
 
@@ -178,7 +178,7 @@ def test_retries_start_afresh_after_progress(folder, monkeypatch, clock):
 def test_persistent_read_fault_skips_the_rest_as_io_error(folder, monkeypatch, clock, caplog):
     path = str(folder / "shard-000001.tar")
     _inject(monkeypatch, path, fail_at=_data_offset(path, "s1_3"), read_faults=100)
-    with caplog.at_level(logging.WARNING, logger="data.shard_reader"):
+    with caplog.at_level(logging.WARNING, logger="data.loading.shard_reader"):
         raws = list(read_shard(path))
     assert [r["__key__"] for r in raws] == ["s1_0", "s1_1", "s1_2", "s1_3"]
     assert {k: raws[-1][k] for k in ("__error__", "__reason__")} == {
@@ -210,7 +210,7 @@ def test_marker_names_the_undelivered_sample_when_reopening_fails(folder, monkey
             raise FileNotFoundError(errno.ENOENT, "No such file or directory", p)
         return _FlakyFile(p, fail_at, [1])
 
-    monkeypatch.setattr(data.shard_reader, "open_shard", fake_open)
+    monkeypatch.setattr(data.loading.shard_reader, "open_shard", fake_open)
     raws = list(read_shard(path))
     assert [r["__key__"] for r in raws] == ["s1_0", "s1_1", "s1_2", "s1_3"]
     assert (raws[-1]["__reason__"], raws[-1]["__error__"]) == (
@@ -289,14 +289,14 @@ def test_scan_count_of_a_corrupt_tar_stops_without_retrying(folder, monkeypatch,
 
 def _counts_with_scans(monkeypatch, folder):
     scanned = []
-    real = data.shard_reader.scan_sample_count
-    monkeypatch.setattr(data.shard_reader, "scan_sample_count", lambda p: scanned.append(os.path.basename(p)) or real(p))
+    real = data.loading.shard_reader.scan_sample_count
+    monkeypatch.setattr(data.loading.shard_reader, "scan_sample_count", lambda p: scanned.append(os.path.basename(p)) or real(p))
     paths = [str(folder / "shard-000000.tar"), str(folder / "shard-000001.tar")]
     return shard_counts(paths), scanned
 
 
 def test_intact_or_absent_index_gives_no_warning(folder, monkeypatch, caplog):
-    with caplog.at_level(logging.WARNING, logger="data.shard_reader"):
+    with caplog.at_level(logging.WARNING, logger="data.loading.shard_reader"):
         assert _counts_with_scans(monkeypatch, folder) == ([4, 6], [])
         (folder / INDEX_NAME).unlink()
         assert _counts_with_scans(monkeypatch, folder) == ([4, 6], ["shard-000000.tar", "shard-000001.tar"])
@@ -306,7 +306,7 @@ def test_intact_or_absent_index_gives_no_warning(folder, monkeypatch, caplog):
 def test_invalid_json_index_is_warned_about_then_scanned(folder, tok_dir, monkeypatch, caplog):
     index = folder / INDEX_NAME
     index.write_text('{"format": 1, "shards": [')
-    with caplog.at_level(logging.WARNING, logger="data.shard_reader"):
+    with caplog.at_level(logging.WARNING, logger="data.loading.shard_reader"):
         assert _counts_with_scans(monkeypatch, folder) == ([4, 6], ["shard-000000.tar", "shard-000001.tar"])
     assert [r.getMessage() for r in caplog.records] == [
         f"{index} is not valid JSON (Expecting value: line 1 column 26 (char 25)); the samples of its folder's "
@@ -315,7 +315,7 @@ def test_invalid_json_index_is_warned_about_then_scanned(folder, tok_dir, monkey
     caplog.clear()
     cfg = DataConfig(shards=[str(folder / "*.tar")], tokenizer=tok_dir, batch_size=1, num_workers=0,
                      shuffle_buffer=0)
-    with caplog.at_level(logging.WARNING, logger="data.shard_reader"):
+    with caplog.at_level(logging.WARNING, logger="data.loading.shard_reader"):
         loader = build_loader(cfg, rank=0, world_size=1, seed=0)
     assert str(index) in caplog.records[0].getMessage()
     assert sorted(next(loader)["keys"][0] for _ in range(10)) == sorted(
@@ -325,7 +325,7 @@ def test_invalid_json_index_is_warned_about_then_scanned(folder, tok_dir, monkey
 def test_index_without_shards_field_is_warned_about(folder, monkeypatch, caplog):
     index = folder / INDEX_NAME
     index.write_text(json.dumps({"format": INDEX_FORMAT}))
-    with caplog.at_level(logging.WARNING, logger="data.shard_reader"):
+    with caplog.at_level(logging.WARNING, logger="data.loading.shard_reader"):
         assert _counts_with_scans(monkeypatch, folder) == ([4, 6], ["shard-000000.tar", "shard-000001.tar"])
     assert [r.getMessage() for r in caplog.records] == [
         f"{index}: 'shards' must be a list of {{'name': ..., ...}}, got None; the samples of its folder's shards "
@@ -337,7 +337,7 @@ def test_index_shard_without_count_is_warned_about_and_scanned_alone(folder, mon
     record = json.loads(index.read_text())
     del record["shards"][1]["num_samples"]
     index.write_text(json.dumps(record))
-    with caplog.at_level(logging.WARNING, logger="data.shard_reader"):
+    with caplog.at_level(logging.WARNING, logger="data.loading.shard_reader"):
         assert _counts_with_scans(monkeypatch, folder) == ([4, 6], ["shard-000001.tar"])
     assert [r.getMessage() for r in caplog.records] == [
         f"{index}: 1 shard(s) without a valid sample count (shard-000001.tar: num_samples=None); they are counted "

@@ -4,9 +4,9 @@ import collections
 
 import pytest
 
-import data.streams
-from data import epochs
-from data.loader import DatasetConfig, build_loader
+import data.loading.streams
+from data.loading import epochs
+from data.loading.loader import DatasetConfig, build_loader
 from tests.test_loader import _cfg, _tts, _write, make_tokenizer
 
 
@@ -70,8 +70,8 @@ def test_every_rank_gets_the_same_batches_per_epoch(tmp_path, tok_dir):
 def test_each_slot_reads_only_its_share(tmp_path, tok_dir, monkeypatch):
     _text_dataset(tmp_path / "ds", "k", 8, 6)  # 48 records in 8 shards; 4 ranks read 2 shards each per epoch
     opened = []
-    real = data.streams.read_shard
-    monkeypatch.setattr(data.streams, "read_shard", lambda path: opened.append(path) or real(path))
+    real = data.loading.streams.read_shard
+    monkeypatch.setattr(data.loading.streams, "read_shard", lambda path: opened.append(path) or real(path))
     cfg = _cfg(tok_dir, [str(tmp_path / "ds")], batch_size=6, num_workers=0)
     per_rank = []
     for rank in range(4):

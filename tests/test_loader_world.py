@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from data.loader import DatasetConfig, build_loader
+from data.loading.loader import DatasetConfig, build_loader
 from tests.test_loader import _cfg, _tts, _write, make_tokenizer
 
 

@@ -1,11 +1,12 @@
-"""Commands that open shards as local files (data.audio_codes, its fit, data.stats, the speaker-similarity codec
+"""Commands that open shards as local files (data.codes, its fit, data.corpus.stats, the speaker-similarity codec
 lookup) refuse a URL or pipe: spec at the start, naming it, before any request or other work."""
 from __future__ import annotations
 
 import pytest
 
-import data.remote
-from data import audio_codes, stats
+import data.loading.remote
+from data.codes import encode as audio_codes
+from data.corpus import stats
 from data.shards import local_shard_paths
 from train import eval_voice
 
@@ -17,15 +18,15 @@ ADVICE = ("is not a local folder or file; copy the shards to a local folder firs
 def no_network(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a local-only command made a request")
-    monkeypatch.setattr(data.remote, "open_stream", refuse)
-    monkeypatch.setattr(data.remote, "read_bytes", refuse)
+    monkeypatch.setattr(data.loading.remote, "open_stream", refuse)
+    monkeypatch.setattr(data.loading.remote, "read_bytes", refuse)
 
 
 def test_tokenize_refuses_a_url_before_loading_its_tokenizer(tmp_path, capsys):
     url = "https://example.com/corpus/train"
     # The tokenizer file does not exist either: the shards are named first.
     assert audio_codes.main([url, "--tokenizer", f"kmeans:{tmp_path / 'missing.pt'}", "--no-progress"]) == 2
-    assert capsys.readouterr().err == f"error: data.audio_codes writes next to its shards: {url} {ADVICE}\n"
+    assert capsys.readouterr().err == f"error: data.codes writes next to its shards: {url} {ADVICE}\n"
 
 
 def test_tokenize_fit_refuses_a_bucket_url_among_local_shards(tmp_path, capsys):
@@ -33,7 +34,7 @@ def test_tokenize_fit_refuses_a_bucket_url_among_local_shards(tmp_path, capsys):
     url = "s3://bucket/corpus/shard-{000000..000003}.tar"
     out = tmp_path / "kmeans.pt"
     assert audio_codes.main(["fit", str(tmp_path / "shard-000000.tar"), url, "--out", str(out), "--no-progress"]) == 2
-    assert capsys.readouterr().err == f"error: data.audio_codes fit reads its shards as local files: {url} {ADVICE}\n"
+    assert capsys.readouterr().err == f"error: data.codes fit reads its shards as local files: {url} {ADVICE}\n"
     assert not out.exists()
 
 
@@ -41,7 +42,7 @@ def test_tokenize_fit_refuses_a_bucket_url_among_local_shards(tmp_path, capsys):
 def test_stats_refuses_a_url_or_pipe(spec, capsys):
     assert stats.main([spec, "--json"]) == 2
     captured = capsys.readouterr()
-    assert captured.err == f"error: data.stats reads its shards as local files: {spec} {ADVICE}\n"
+    assert captured.err == f"error: data.corpus.stats reads its shards as local files: {spec} {ADVICE}\n"
     assert captured.out == ""
 
 
@@ -55,5 +56,5 @@ def test_speaker_similarity_refuses_to_look_for_the_codec_at_a_url():
 def test_local_specs_resolve_as_shard_paths_does(tmp_path):
     for i in range(2):
         (tmp_path / f"shard-{i:06d}.tar").write_bytes(b"")
-    assert local_shard_paths(str(tmp_path / "shard-*.tar"), "data.stats") == [
+    assert local_shard_paths(str(tmp_path / "shard-*.tar"), "data.corpus.stats") == [
         str(tmp_path / "shard-000000.tar"), str(tmp_path / "shard-000001.tar")]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from data.batching import collate_packed
+from data.loading.batching import collate_packed
 from data.features import num_audio_tokens
 from model.config import preset_config
 from model.lalm import StepAudio2ForCausalLM, packed_attention, packed_position_ids
@@ -47,7 +47,7 @@ def _mel_batch(mels: list):
 
 
 def _pack(rows: list, length: int) -> dict:
-    """rows: lists of sample names packed left to right and padded to `length`, as data.batching lays them out."""
+    """rows: lists of sample names packed left to right and padded to `length`, as data.loading.batching lays them out."""
     B = len(rows)
     batch = {"input_ids": torch.full((B, length), PAD), "labels": torch.full((B, length), -100),
              "segment_ids": torch.zeros(B, length, dtype=torch.long),
@@ -104,7 +104,7 @@ def test_packed_logits_and_loss_equal_each_sample_alone(attention, layout):
 @pytest.mark.parametrize("attention", ["sdpa", "varlen_sdpa"])
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_batches_from_collate_packed_keep_samples_apart(layout, attention):
-    # data.batching lists mels sample by sample, row by row: the order the model fills patch rows in.
+    # data.loading.batching lists mels sample by sample, row by row: the order the model fills patch rows in.
     rows = [[{"key": name, "input_ids": SAMPLES[name]["input_ids"].tolist(), "num_audio_s": 0.0,
               "labels": SAMPLES[name]["labels"].tolist(), "mels": SAMPLES[name]["mels"]} for name in row]
             for row in LAYOUTS[layout]]

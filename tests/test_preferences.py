@@ -1,5 +1,5 @@
-"""Preference pairs: JSONL -> shards (`python -m data.prepare preferences`) -> answer codes (data.audio_codes) ->
-the "preference" template (chosen or rejected answer) -> `python -m data.show`.
+"""Preference pairs: JSONL -> shards (`python -m data.corpus.prepare preferences`) -> answer codes (data.codes) ->
+the "preference" template (chosen or rejected answer) -> `python -m data.tools.show`.
 
 Expected sequences are spelled from the tokenizer's own pieces (special ids by name, text by encode), so
 they say what the chat format is rather than which ids a tokenizer layout happens to give.
@@ -14,16 +14,16 @@ import soundfile as sf
 import torch
 
 from data.audio import decode_audio
-from data.audio_tokenizers import KMeansTokenizer
+from data.codes.tokenizers import KMeansTokenizer
 from data.features import mel_frames, num_audio_tokens
-from data.prepare import main as prepare_main
-from data.preferences import read_preferences
-from data.samples import render_pair, render_raw
+from data.corpus.prepare import main as prepare_main
+from data.corpus.preferences import read_preferences
+from data.loading.samples import render_pair, render_raw
 from data.shards import read_index, shard_paths
-from data.show import main as show_main
+from data.tools.show import main as show_main
 from data.tasks import TASKS, RenderOptions, Sample
 from data.tasks.pieces import IGNORE_INDEX, speech_answer
-from data.audio_codes import tokenize_shards
+from data.codes.encode import tokenize_shards
 from data.text_tokenizer import build_text_tokenizer, extend_tokenizer, special_ids
 
 torch.set_num_threads(1)
@@ -228,7 +228,7 @@ def test_spoken_pair_through_the_loader_renders_ta4_answers(tokenized, tok_ids):
 
 
 def _raws(folder):
-    from data.shard_reader import read_shard
+    from data.loading.shard_reader import read_shard
     return [raw for path in shard_paths(str(folder)) for raw in read_shard(path)]
 
 

@@ -15,7 +15,7 @@ import torchaudio
 import webdataset as wds
 
 from data.audio import AudioError, decode_audio, encode_flac, read_audio
-from data.prepare import prepare_manifest
+from data.corpus.prepare import prepare_manifest
 from data.shards import ShardWriter, read_index, shard_paths
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,7 +89,7 @@ def test_shards_hold_exact_audio_metadata_and_checksums(corpus, tmp_path):
 
     lengths = [len(p) for p in pcm.values()] + [8000]
     assert index == read_index(str(out))
-    assert index["format"] == 1 and index["created_by"] == "data.prepare" and index["source"] == manifest
+    assert index["format"] == 1 and index["created_by"] == "data.corpus.prepare" and index["source"] == manifest
     assert index["num_samples"] == 5 and index["rejects"] == []
     assert index["total_duration_s"] == pytest.approx(sum(lengths) / 16000, abs=1e-6)
     assert [s["num_samples"] for s in index["shards"]] == [2, 2, 1]
@@ -160,7 +160,7 @@ def test_bad_lines_are_rejected_with_line_and_reason(tmp_path, capsys):
 def test_manifest_without_usable_line_exits_2(tmp_path):
     manifest = _write_manifest(tmp_path / "m.jsonl", [{"audio": "nope.wav", "text": "x"}, "not json"])
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "data.prepare", "manifest", manifest, str(out), "--workers", "1"]
+    command = [sys.executable, "-m", "data.corpus.prepare", "manifest", manifest, str(out), "--workers", "1"]
     proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert (f"error: manifest {manifest!r} has no usable line (2 rejected); first reasons: line 1: file not "

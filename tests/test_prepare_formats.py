@@ -12,12 +12,12 @@ import pytest
 import soundfile as sf
 import webdataset as wds
 
-import data.prepare as prepare_module
+import data.corpus.prepare as prepare_module
 from data.audio import decode_audio
-from data.conversations import read_conversations
-from data.formats import read_folder, read_hf, read_hf_pairs, read_kaldi, read_manifest
-from data.preferences import read_preferences
-from data.prepare import PrepareError, prepare, prepare_manifest
+from data.corpus.conversations import read_conversations
+from data.corpus.formats import read_folder, read_hf, read_hf_pairs, read_kaldi, read_manifest
+from data.corpus.preferences import read_preferences
+from data.corpus.prepare import PrepareError, prepare, prepare_manifest
 from data.shards import read_index, shard_paths
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,7 +40,7 @@ def _pcm_of(flac):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "data.prepare", *args, "--workers", "1", "--no-progress"],
+    return subprocess.run([sys.executable, "-m", "data.corpus.prepare", *args, "--workers", "1", "--no-progress"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
@@ -262,7 +262,7 @@ def test_killed_run_resumes_shard_by_shard_and_rerun_writes_nothing(tmp_path, mo
     index_mtime = os.stat(out / "index.json").st_mtime_ns
     assert prepare_manifest(str(manifest), str(out), shard_size=3, workers=1, progress=False) == index
     assert calls == [] and os.stat(out / "index.json").st_mtime_ns == index_mtime
-    assert f"data.prepare: {out} is up to date (3 shards); nothing written" in capsys.readouterr().err
+    assert f"data.corpus.prepare: {out} is up to date (3 shards); nothing written" in capsys.readouterr().err
 
     # A lost or damaged shard is rewritten alone, from the candidates it held (line 5's reject included).
     (out / "shard-000001.tar").unlink()
@@ -441,7 +441,7 @@ def test_the_lora_s2st_recipes_data_command_runs_as_written(tmp_path):
     import pyarrow.parquet as pq
     text = open(os.path.join(REPO, "recipes", "lora", "s2st.yaml"), encoding="utf-8").read()
     lines = [line.lstrip("# ").rstrip() for line in text.splitlines()]
-    start = next(i for i, line in enumerate(lines) if line.startswith("python -m data.prepare s2st"))
+    start = next(i for i, line in enumerate(lines) if line.startswith("python -m data.corpus.prepare s2st"))
     command = ""
     for line in lines[start:]:
         command += " " + line.rstrip("\\")
@@ -669,7 +669,7 @@ def test_common_voice_tsv_keeps_good_lines_and_rejects_each_bad_one_by_line(tmp_
 
 
 def test_csv_with_quotes_an_audio_dir_and_named_columns(tmp_path):
-    from data.formats import read_csv
+    from data.corpus.formats import read_csv
 
     audio = tmp_path / "audio"
     audio.mkdir()

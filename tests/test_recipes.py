@@ -142,6 +142,6 @@ def test_lora_s2st_recipe_trains_speech_translation_from_the_release():
                                                                     cfg.lora.init_from)
     assert (cfg.eval.metric, cfg.eval.shards) == ("code_accuracy", ["runs/s2st/shards/heldout"])
     assert cfg.engine.zero_stage == 2 and cfg.checkpoint.export
-    # The data command its comments give is the one data.prepare has.
+    # The data command its comments give is the one data.corpus.prepare has.
     text = (REPO / "recipes/lora/s2st.yaml").read_text()
-    assert "python -m data.prepare s2st /data/pairs/train.parquet runs/s2st/shards/train" in text
+    assert "python -m data.corpus.prepare s2st /data/pairs/train.parquet runs/s2st/shards/train" in text

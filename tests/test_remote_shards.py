@@ -15,10 +15,10 @@ import threading
 import pytest
 import torch
 
-import data.remote
-import data.shard_reader
-from data.loader import DataConfig, build_loader
-from data.shard_reader import check_audio_tokenizer, read_shard, resolve_shards, shard_counts
+import data.loading.remote
+import data.loading.shard_reader
+from data.loading.loader import DataConfig, build_loader
+from data.loading.shard_reader import check_audio_tokenizer, read_shard, resolve_shards, shard_counts
 from data.shards import INDEX_FORMAT, ShardWriter, write_index
 from tests.test_loader import _good, make_tokenizer
 
@@ -88,7 +88,7 @@ def tok_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    """ROOT/ds as data.prepare writes it: 3 shards of 8 ASR records (FLAC + JSON), index.json with counts."""
+    """ROOT/ds as data.corpus.prepare writes it: 3 shards of 8 ASR records (FLAC + JSON), index.json with counts."""
     root = tmp_path_factory.mktemp("store")
     writer = ShardWriter(str(root / "ds"), max_samples=PER_SHARD)
     for i in range(NUM_SHARDS * PER_SHARD):
@@ -169,7 +169,7 @@ def test_http_folder_reads_what_the_local_folder_holds(root, server, tok_dir):
                          ids=["range_requests_twice", "server_without_range"])
 def test_dropped_connection_resumes_where_it_stood(root, server, tok_dir, monkeypatch, caplog, ranges, cuts):
     clock = _Clock()
-    monkeypatch.setattr(data.remote, "time", clock)
+    monkeypatch.setattr(data.loading.remote, "time", clock)
     url = f"{_base(server)}{SHARD}"
     size = os.path.getsize(root / SHARD.lstrip("/"))
     with tarfile.open(root / SHARD.lstrip("/")) as tar:
@@ -177,7 +177,7 @@ def test_dropped_connection_resumes_where_it_stood(root, server, tok_dir, monkey
     assert sum(cuts) < last.offset_data  # every cut falls inside the shard's samples, before the last one
     want, _ = _batches(_cfg(tok_dir, [str(root / "ds")], shuffle_buffer=0), 8)  # one epoch: 8 x 3 samples
     server.ranges, server.drops = ranges, {SHARD: list(cuts)}
-    with caplog.at_level(logging.WARNING, logger="data.remote"):
+    with caplog.at_level(logging.WARNING, logger="data.loading.remote"):
         got, loader = _batches(_cfg(tok_dir, [f"{_base(server)}/ds"], shuffle_buffer=0), 8)
     _same(got, want)  # the same samples in the same order: nothing lost or repeated
     assert sorted(k for b in got for k in b["keys"]) == sorted(k for k, _, _ in _raws(_local_paths(root)))
@@ -248,7 +248,7 @@ def test_pipe_commands_read_like_local_paths(root, tok_dir):
 
 def test_failing_pipe_is_retried_then_an_io_error_naming_the_command(root, monkeypatch):
     clock = _Clock()
-    monkeypatch.setattr(data.shard_reader, "time", clock)
+    monkeypatch.setattr(data.loading.shard_reader, "time", clock)
     missing = root / "ds" / "shard-000009.tar"
     (marker,) = list(read_shard(f"pipe:cat {missing}"))
     assert marker == {"__key__": "<unreadable shard>", "__url__": f"pipe:cat {missing}", "__reason__": "io_error",
@@ -282,7 +282,7 @@ f="{root}/${{3#gs://bucket/}}"
 exec cat "$f"
 """)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
-    monkeypatch.setattr(data.remote, "_fsspec_filesystem", lambda scheme: None)
+    monkeypatch.setattr(data.loading.remote, "_fsspec_filesystem", lambda scheme: None)
 
 
 @pytest.mark.parametrize("scheme", ["s3", "gs"])
@@ -294,12 +294,12 @@ def test_bucket_urls_through_the_cloud_clis(root, tok_dir, cloud_clis, scheme):
     with pytest.raises(ValueError) as error:
         resolve_shards([f"{scheme}://bucket/nowhere"])
     assert str(error.value) == (f"dataset folder '{scheme}://bucket/nowhere' has no index.json: expected the "
-                                "output of `python -m data.prepare`")
+                                "output of `python -m data.corpus.prepare`")
 
 
 def test_bucket_url_without_a_client_says_what_to_install(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
-    monkeypatch.setattr(data.remote, "_fsspec_filesystem", lambda scheme: None)
+    monkeypatch.setattr(data.loading.remote, "_fsspec_filesystem", lambda scheme: None)
     with pytest.raises(ValueError) as error:
         resolve_shards(["s3://bucket/ds/"])
     assert str(error.value) == ("shard location 's3://bucket/ds/': reading s3:// needs s3fs (`pip install s3fs`, "
@@ -342,11 +342,11 @@ def test_fsspec_reads_and_resumes_at_the_byte_reached(root, monkeypatch, caplog)
     objects = {f"s3://bucket/ds/{p.name}": p.read_bytes() for p in (root / "ds").iterdir()}
     url = "s3://bucket/ds/shard-000001.tar"
     bucket = _Bucket(objects, url, 20_000)
-    monkeypatch.setattr(data.remote, "_fsspec_filesystem", lambda scheme: bucket)
-    monkeypatch.setattr(data.remote, "time", _Clock())
+    monkeypatch.setattr(data.loading.remote, "_fsspec_filesystem", lambda scheme: bucket)
+    monkeypatch.setattr(data.loading.remote, "time", _Clock())
     urls = resolve_shards(["s3://bucket/ds"])
     assert shard_counts(urls) == [PER_SHARD] * NUM_SHARDS
-    with caplog.at_level(logging.WARNING, logger="data.remote"):
+    with caplog.at_level(logging.WARNING, logger="data.loading.remote"):
         assert _raws(urls) == _raws(_local_paths(root))
     reached = 20_480  # the first 4 KiB boundary past byte 20000
     assert bucket.seeks == [0, reached]
@@ -362,12 +362,12 @@ def test_missing_folder_or_shard_and_unreachable_server_are_named(server, monkey
     with pytest.raises(ValueError) as error:
         resolve_shards([f"{base}/nowhere/"])
     assert str(error.value) == (f"dataset folder '{base}/nowhere' has no index.json: expected the output of "
-                                "`python -m data.prepare`")
+                                "`python -m data.corpus.prepare`")
     with pytest.raises(ValueError, match="a URL cannot be globbed"):
         resolve_shards([f"{base}/ds/*.tar"])
     clock = _Clock()
-    monkeypatch.setattr(data.shard_reader, "time", clock)
-    monkeypatch.setattr(data.remote, "time", clock)
+    monkeypatch.setattr(data.loading.shard_reader, "time", clock)
+    monkeypatch.setattr(data.loading.remote, "time", clock)
     # A shard named alone: no index.json beside it, so it is counted by reading it, and it is not there.
     url = f"{base}/nowhere/shard-000000.tar"
     with pytest.raises(OSError) as error:

@@ -12,9 +12,9 @@ import torch
 import webdataset
 
 from data.features import SAMPLE_RATE, log_mel, mel_frames
-from data.loader import DataConfig, build_loader
-from data.samples import render_raw
-from data.shard_reader import read_shard
+from data.loading.loader import DataConfig, build_loader
+from data.loading.samples import render_raw
+from data.loading.shard_reader import read_shard
 from data.shards import INDEX_FORMAT
 from data.tasks.pieces import IGNORE_INDEX
 from data.text_tokenizer import build_text_tokenizer, extend_tokenizer, load_tokenizer, special_ids
@@ -72,7 +72,7 @@ def _text_pair(i):
 
 
 def _audio_pair(i, duration_s):
-    """A preference record heard as speech and answered in speech (codes as data.audio_codes writes them)."""
+    """A preference record heard as speech and answered in speech (codes as data.codes writes them)."""
     return (f"a{i}", {"turn0.flac": _flac(duration_s, 200 + 40 * i),
                       "chosen.codes.npy": _npy([i % 8, 3, 5, 7, 1]), "rejected.codes.npy": _npy([2, 4, (i + 3) % 8]),
                       "json": _json(task="preference", speaker=f"spk{i}", text=WORDS[i % 7],

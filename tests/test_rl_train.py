@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.batching import pad_mels
-from data.loader import iter_rendered
+from data.loading.batching import pad_mels
+from data.loading.loader import iter_rendered
 from data.text_tokenizer import load_tokenizer, special_ids
 from model.checkpoint import load_stepfun, save_stepfun
 from model.config import padded_vocab_size, preset_config
@@ -135,7 +135,7 @@ def pairs(espeak_data, tmp_path_factory) -> dict:
     """Separable preference pairs: the chosen answer says "yes ...", the rejected one "no ..."."""
     root = tmp_path_factory.mktemp("pairs")
     for name, n, seed in (("train", 48, 0), ("heldout", 16, 1)):
-        run_cli(PY, "-m", "data.prepare", "preferences", str(_pairs_file(root / f"{name}.jsonl", n, seed)),
+        run_cli(PY, "-m", "data.corpus.prepare", "preferences", str(_pairs_file(root / f"{name}.jsonl", n, seed)),
                 str(root / name), "--shard-size", "16")
     return {"train": root / "train", "heldout": root / "heldout", "tokenizer": espeak_data["tokenizer"]}
 

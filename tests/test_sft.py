@@ -1,4 +1,4 @@
-"""SFT conversations: JSONL -> shards (`python -m data.prepare conversations`) -> the "sft" template.
+"""SFT conversations: JSONL -> shards (`python -m data.corpus.prepare conversations`) -> the "sft" template.
 
 The golden conversation holds a system prompt, tool schemas, a user turn of text + audio, a tool call,
 the tool's result, a speech answer (TA4) and a second exchange; every assistant turn is labelled.
@@ -12,10 +12,10 @@ import pytest
 import soundfile as sf
 import webdataset as wds
 
-from data.conversations import read_conversations
-from data.prepare import main as prepare_main
-from data.prepare import prepare_conversations
-from data.samples import render_raw
+from data.corpus.conversations import read_conversations
+from data.corpus.prepare import main as prepare_main
+from data.corpus.prepare import prepare_conversations
+from data.loading.samples import render_raw
 from data.shards import shard_paths
 from data.tasks import TASKS, RenderOptions, Sample
 from data.text_tokenizer import build_text_tokenizer, extend_tokenizer, special_ids
@@ -116,7 +116,7 @@ def test_golden_render_labels_every_assistant_turn(golden_shards, tok_ids):
                                  RenderOptions(with_answer=False))
     assert prompt.input_ids == GOLDEN_IDS[:48]
 
-    # Through the loader's own decoding (mels from the stored FLAC), with codes as data.audio_codes adds them.
+    # Through the loader's own decoding (mels from the stored FLAC), with codes as data.codes adds them.
     buffer = io.BytesIO()
     np.save(buffer, np.array([1, 2, 3, 4, 5], dtype=np.int64))
     sample = render_raw({**raw, "turn4.codes.npy": buffer.getvalue()}, tok, ids, "", max_audio_s=30.0)

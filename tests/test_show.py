@@ -1,4 +1,4 @@
-"""`python -m data.show`: the exact report for one speech-to-speech sample, and its errors."""
+"""`python -m data.tools.show`: the exact report for one speech-to-speech sample, and its errors."""
 import io
 import json
 import math
@@ -9,7 +9,7 @@ import soundfile
 import webdataset
 
 from data.features import SAMPLE_RATE
-from data.show import main
+from data.tools.show import main
 from data.text_tokenizer import build_text_tokenizer, extend_tokenizer
 
 
@@ -86,4 +86,4 @@ def test_errors_name_the_sample(data, capsys):
     assert capsys.readouterr().err == f"error: no sample with key 'zz' in ['{tar}'] (2 samples searched)\n"
     assert main([tar, "a0", "--task", "tts", "--tokenizer", str(data / "tok")]) == 2
     assert capsys.readouterr().err == ("error: sample 'a0' cannot be rendered as task tts: missing_codes: no member "
-                                       "'codes.npy' (run data.audio_codes on the shards)\n")
+                                       "'codes.npy' (run data.codes on the shards)\n")

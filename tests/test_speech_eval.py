@@ -11,9 +11,9 @@ import pytest
 import soundfile as sf
 import torch
 
-import data.demo as demo
+import data.tools.demo as demo
 from data.audio import read_audio
-from data.audio_tokenizers import KMeansTokenizer, fit_kmeans, pooled_mel_NM
+from data.codes.tokenizers import KMeansTokenizer, fit_kmeans, pooled_mel_NM
 from data.text_tokenizer import build_text_tokenizer, extend_tokenizer, special_ids
 from model.config import padded_vocab_size, preset_config
 from model.lalm import StepAudio2ForCausalLM
@@ -66,7 +66,7 @@ def test_heldout_sentences_are_new_and_requests_cover_every_style(requests, tmp_
     assert len(new) == 24 and len(texts) == 8 and not texts & se.demo_sentences()
     assert {s: sum(r["style"] == s for r in new) for s in demo.STYLES} == {s: 8 for s in demo.STYLES}
     assert [r["text"] for r in new[:2]] == [r["text"] for r in requests[:2]]  # deterministic in the seed
-    # Asked as data.demo asks: its voices and speeds, its system prompt, its wording.
+    # Asked as data.tools.demo asks: its voices and speeds, its system prompt, its wording.
     assert all(r["request_text"] == demo.dialogue_request(r["text"], r["style"]) for r in new)
     assert {r["request_voice"] for r in new} == set(demo.VOICES)
     assert all(r["request_speed"] in demo.SPEEDS_WPM for r in new)

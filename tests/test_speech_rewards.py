@@ -9,9 +9,9 @@ import soundfile as sf
 import torch
 
 from data.audio import read_audio
-from data.audio_tokenizers import KMeansTokenizer, fit_kmeans, pooled_mel_NM
-from data.demo import STYLES as DEMO_STYLES
-from data.demo import speak
+from data.codes.tokenizers import KMeansTokenizer, fit_kmeans, pooled_mel_NM
+from data.tools.demo import STYLES as DEMO_STYLES
+from data.tools.demo import speak
 from data.text_tokenizer import build_text_tokenizer, extend_tokenizer, special_ids
 from model.checkpoint import save_stepfun
 from model.config import padded_vocab_size, preset_config

@@ -1,4 +1,4 @@
-"""python -m data.stats: counts and duration histogram read from the shards themselves."""
+"""python -m data.corpus.stats: counts and duration histogram read from the shards themselves."""
 import json
 import os
 import subprocess
@@ -10,9 +10,9 @@ import soundfile as sf
 import torch
 
 from data.audio import encode_flac
-from data.prepare import prepare_manifest
+from data.corpus.prepare import prepare_manifest
 from data.shards import ShardWriter
-from data.stats import BIN_LABELS, collect, duration_bin, main
+from data.corpus.stats import BIN_LABELS, collect, duration_bin, main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,7 +53,7 @@ def _hours(*durations_s):
 
 def test_stats_json_counts_every_dimension_and_matches_the_index(dataset):
     out, index = dataset
-    proc = subprocess.run([sys.executable, "-m", "data.stats", str(out / "shard-*.tar"), "--json"], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "data.corpus.stats", str(out / "shard-*.tar"), "--json"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     stats = json.loads(proc.stdout.strip().splitlines()[-1])

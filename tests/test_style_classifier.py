@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from data.audio import read_audio
-from data.audio_tokenizers import KMeansTokenizer, fit_kmeans, pooled_mel_NM
-from data.demo import make_sentences
+from data.codes.tokenizers import KMeansTokenizer, fit_kmeans, pooled_mel_NM
+from data.tools.demo import make_sentences
 from data.features import SAMPLE_RATE, log_mel
 from model.style import STYLES, StyleClassifier, style_features
 from train.rl import speech_rewards as sr

@@ -20,7 +20,7 @@ if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     os.environ.setdefault("STEPAUDIO_DEVICE", "cpu")
 
-from data.batching import collate, collate_packed  # noqa: E402
+from data.loading.batching import collate, collate_packed  # noqa: E402
 from tests.conftest import run_cli  # noqa: E402
 
 # (rank, micro-batch) -> rows of (dataset, prompt tokens, answer tokens); a row of several samples is packed.
@@ -51,7 +51,7 @@ def batch(where):
     rows = samples(where)
     packed = any(len(row) > 1 for row in rows)
     out = collate_packed(rows, pad_id=0) if packed else collate([row[0] for row in rows], pad_id=0)
-    out["datasets"] = [uid[0] for uid in out["uids"]]  # as data.streams adds them
+    out["datasets"] = [uid[0] for uid in out["uids"]]  # as data.loading.streams adds them
     return out
 
 
@@ -94,7 +94,7 @@ class Recorder:
 def rank_main(out: Path) -> None:
     from types import SimpleNamespace
 
-    from data.loader import DatasetConfig
+    from data.loading.loader import DatasetConfig
     from model.config import preset_config
     from model.lalm import StepAudio2ForCausalLM
     from train.config import TrainConfig

@@ -11,7 +11,7 @@ import torch
 import webdataset
 
 from data.features import SAMPLE_RATE, log_mel, mel_frames
-from data.loader import DataConfig, build_loader
+from data.loading.loader import DataConfig, build_loader
 from data.shards import INDEX_FORMAT
 from data.tasks import TASKS, RenderOptions, Sample
 from data.text_tokenizer import build_text_tokenizer, extend_tokenizer, load_tokenizer, special_ids

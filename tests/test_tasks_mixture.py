@@ -16,7 +16,7 @@ import soundfile
 import webdataset
 
 from data.features import SAMPLE_RATE, mel_frames
-from data.loader import DataConfig, build_loader
+from data.loading.loader import DataConfig, build_loader
 from data.shards import INDEX_FORMAT
 from data.tasks import TASKS, RenderOptions, Sample
 from data.tasks.pieces import TemplateError

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from data.loader import DataConfig, build_loader
+from data.loading.loader import DataConfig, build_loader
 from data.shards import shard_paths
 from tests.conftest import run_cli
 

@@ -1,12 +1,12 @@
 """Task "text": plain text as a base-format LM sequence (labels on every token, then <|endoftext|>), and a
-text-only manifest line going through data.prepare and the loader with no audio at all."""
+text-only manifest line going through data.corpus.prepare and the loader with no audio at all."""
 import json
 
 import pytest
 import webdataset as wds
 
-from data.loader import DataConfig, build_loader
-from data.prepare import prepare_manifest
+from data.loading.loader import DataConfig, build_loader
+from data.corpus.prepare import prepare_manifest
 from data.shards import shard_paths
 from data.tasks import TASKS, RenderOptions, Sample
 from data.tasks.pieces import TemplateError

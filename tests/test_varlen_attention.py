@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from data.batching import collate_packed, packed_cu_seq_lens
+from data.loading.batching import collate_packed, packed_cu_seq_lens
 from model.attention import VARLEN_KERNELS, VARLEN_SDPA, segment_lengths, varlen_layout, varlen_sdpa_forward
 from model.config import preset_config
 from model.lalm import StepAudio2ForCausalLM, packed_attention, resolve_attention

@@ -13,13 +13,13 @@ import soundfile as sf
 import torch
 
 from data.audio import read_audio
-from data.audio_tokenizers import KMeansTokenizer
-from data.demo import speak
+from data.codes.tokenizers import KMeansTokenizer
+from data.tools.demo import speak
 from data.features import mel_frames
-from data.formats import PrepareError, describe
+from data.corpus.formats import PrepareError, describe
 from data.shards import file_sha256
-from data.voice import main as voice_main
-from data.voice import prepare_voice, read_transcribed_folder, speaker_corpus, split_heldout, spoken_text
+from data.tools.voice import main as voice_main
+from data.tools.voice import prepare_voice, read_transcribed_folder, speaker_corpus, split_heldout, spoken_text
 from model.speaker import SpeakerEncoder, SpeakerNet
 from tests.conftest import REPO
 from train.evaluate import code_hits

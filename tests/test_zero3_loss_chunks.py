@@ -15,7 +15,7 @@ VOCAB = 128
 
 
 def _batch(rank: int) -> dict:
-    from data.batching import collate
+    from data.loading.batching import collate
 
     n = 2600 if rank == 0 else 40  # rank 0: 3 chunks of 1024; rank 1: one
     g = torch.Generator().manual_seed(rank)

@@ -13,7 +13,7 @@ import torch
 
 os.environ.setdefault("STEPAUDIO_DEVICE", "cpu")
 
-from data.batching import collate  # noqa: E402
+from data.loading.batching import collate  # noqa: E402
 from model.config import preset_config  # noqa: E402
 from model.lalm import StepAudio2ForCausalLM  # noqa: E402
 from train.config import TrainConfig  # noqa: E402

@@ -54,7 +54,7 @@ class Algorithm:
 
     `engines` are trained models besides the loop's own (PPO's critic): checkpointed and resumed with it.
     state_dict / load_state_dict: this rank's data position and random state (saved in loader.pt beside
-    every rank's), as data.loader's loader takes it."""
+    every rank's), as data.loading.loader's loader takes it."""
     loader: Any
 
     def engines(self) -> Dict[str, Engine]:

@@ -52,7 +52,7 @@ def _layout(folder: Path) -> Dict[str, Any]:
 
 
 def _complete(paths: Dict[str, Any]) -> bool:
-    from data.audio_codes import read_tokenizer_record
+    from data.codes.encode import read_tokenizer_record
 
     if not all((p / "index.json").is_file() for p in paths["shards"].values()):
         return False
@@ -64,9 +64,9 @@ def ensure_data(folder: str, num_samples: int, seed: int = 0) -> Dict[str, Any]:
     """The demo mixture's training shards (asr, tts with k-means codes, s2tt) and tokenizers under `folder`, laid
     out as `make demo-data` lays out runs/demo (which is used as it is). A folder this function built for another
     --num-samples or seed is rebuilt; espeak's wavs are reused."""
-    from data.demo import make_demo
-    from data.prepare import prepare_manifest
-    from data.audio_codes import fit_tokenizer, tokenize_shards
+    from data.tools.demo import make_demo
+    from data.corpus.prepare import prepare_manifest
+    from data.codes.encode import fit_tokenizer, tokenize_shards
     from data.text_tokenizer import build_text_tokenizer, extend_tokenizer
 
     root = Path(folder).resolve()
@@ -125,7 +125,7 @@ def prepare_inputs(cfg, world: int, steps: int, work: Path) -> Dict[str, Any]:
     sample in them rendered alone (written for HF): the same samples, found by uid in the same sample stream."""
     import dataclasses
 
-    from data.loader import build_loader
+    from data.loading.loader import build_loader
 
     packed_by_rank, samples = [], []
     for rank in range(world):
@@ -376,7 +376,7 @@ class TrainerModel(torch.nn.Module):
 def hf_worker(setup: Dict[str, Any], strategy: str) -> Dict[str, Any]:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from data.batching import collate
+    from data.loading.batching import collate
     from data.text_tokenizer import load_tokenizer, special_ids
 
     cfg, model, _ = _build(setup)

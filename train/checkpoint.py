@@ -356,7 +356,7 @@ class Checkpointer:
     def load(self, engine, folder: Path, tag: str,
              others: Optional[Dict[str, Any]] = None) -> Tuple[Dict[str, Any], Dict[str, Any]]:
         """Collective. Restores engine (and the `others` engines save wrote) and RNG; returns (train_state.json's content, the loader state:
-        {"ranks": [...]}, every rank's, as data.loader's load_state_dict takes it). Our files are read first,
+        {"ranks": [...]}, every rank's, as data.loading.loader's load_state_dict takes it). Our files are read first,
         and a rank that cannot read its own stops every rank with the same error before DeepSpeed loads."""
         step_dir = folder / tag
         state = json.loads((step_dir / "train_state.json").read_text(encoding="utf-8"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from data.loader import DataConfig
+from data.loading.loader import DataConfig
 
 # Parameter groups a recipe can train or freeze, by StepFun parameter-name prefix.
 PARAM_GROUPS = {

@@ -61,8 +61,8 @@ stages:
 def ensure_data(folder: Path) -> Dict[str, Path]:
     """24 sentences spoken by espeak-ng, a 300-token tokenizer and shards of 6 (as tests/conftest.py's
     espeak_data), built under `folder` once."""
-    from data.demo import make_demo
-    from data.prepare import prepare_manifest
+    from data.tools.demo import make_demo
+    from data.corpus.prepare import prepare_manifest
     from data.text_tokenizer import build_text_tokenizer, extend_tokenizer
 
     paths = {"train": folder / "train", "tokenizer": folder / "tokenizer"}

@@ -190,7 +190,7 @@ def compute_dtype(cfg: TrainConfig) -> torch.dtype:
     return torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float32
 
 
-# Batch tensors the model takes, and host-side facts passed as they are (data.batching's batch dict).
+# Batch tensors the model takes, and host-side facts passed as they are (data.loading.batching's batch dict).
 _TENSOR_INPUTS = ("input_ids", "attention_mask", "labels", "mels", "mel_lengths", "position_ids", "segment_ids",
                   "cu_seq_lens")
 _HOST_INPUTS = ("num_loss_tokens", "max_length")
@@ -292,7 +292,7 @@ class Engine:
         return compute_dtype(self.cfg)
 
     def forward(self, batch: Dict[str, Any], **kwargs: Any):
-        """The model's output on a loader batch (data.batching), moved to this engine's device first:
+        """The model's output on a loader batch (data.loading.batching), moved to this engine's device first:
         DeepSpeed does not move inputs. kwargs go to the model as they are (token_logprobs, temperature)."""
         return self.ds(**_forward_inputs(batch, self.device, self.compute_dtype, self.cfg), **kwargs)
 

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from data.audio import read_audio_bytes
-from data.samples import SkipSample, render_raw
-from data.shard_reader import read_shard, resolve_shards
+from data.loading.samples import SkipSample, render_raw
+from data.loading.shard_reader import read_shard, resolve_shards
 from data.tasks import AUDIO, CODES
 from data.tasks.speech import PARA_QUESTIONS, para_question
 from data.tasks.pieces import IGNORE_INDEX, TemplateError
@@ -158,7 +158,7 @@ def speaker_samples(shards, tok, ids: SpecialIds, instruction: str, max_samples:
         prompt = s["input_ids"][:start]
         why = ("its final answer is not speech" if not prompt or prompt[-1] != ids.tts_start else
                f"it has no audio clip ({AUDIO})" if AUDIO not in raw else
-               f"its clip has no codes ({CODES}: run data.audio_codes on eval.shards)" if CODES not in raw else None)
+               f"its clip has no codes ({CODES}: run data.codes on eval.shards)" if CODES not in raw else None)
         clip_codes = [] if why else np.load(io.BytesIO(raw[CODES]), allow_pickle=False).reshape(-1).tolist()
         if not why and len(clip_codes) < MIN_ANSWER_CODES:
             why = f"its clip has {len(clip_codes)} codes, under {MIN_ANSWER_CODES}: too short to tell its voice"
@@ -174,15 +174,15 @@ def speaker_samples(shards, tok, ids: SpecialIds, instruction: str, max_samples:
 
 
 def vocoder_spec(shards: List[str]) -> str:
-    """The codec that made the shards' codes, as data.audio_codes recorded it (tokenizer.json "spec")."""
+    """The codec that made the shards' codes, as data.codes recorded it (tokenizer.json "spec")."""
     from data.shards import local_shard_paths
-    from data.audio_codes import read_tokenizer_record
+    from data.codes.encode import read_tokenizer_record
     local_shard_paths(shards, "speaker_similarity", "reads its codec from the tokenizer.json beside the shards")
     folders = sorted({os.path.dirname(p) for p in resolve_shards(shards)})
     specs = {(read_tokenizer_record(f) or {}).get("spec") for f in folders}
     if len(specs) != 1 or not isinstance(next(iter(specs)), str):
         raise ValueError(f"eval.shards {shards}: their tokenizer.json files name the codecs {sorted(map(str, specs))}; "
-                         f"speaker_similarity needs the one codec that made their codes (run data.audio_codes on them, "
+                         f"speaker_similarity needs the one codec that made their codes (run data.codes on them, "
                          f"or pass vocoder=)")
     return specs.pop()
 
@@ -245,7 +245,7 @@ def speaker_summary(records: List[Dict[str, Any]], shards: List[str]) -> Dict[st
     clips of the other speakers (the chance level; None without "speaker" fields or measurable answers)."""
     if not records:
         raise ValueError(f"eval.shards {shards} hold no sample with a spoken final answer and an audio clip with "
-                         f"codes (e.g. task timbre_search after data.audio_codes)")
+                         f"codes (e.g. task timbre_search after data.codes)")
     def mean(values: List[float]) -> float:
         return sum(values) / len(values) if values else float("nan")
     others = []

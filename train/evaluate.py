@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data.batching import pad_mels
-from data.loader import iter_eval_samples, iter_rendered
+from data.loading.batching import pad_mels
+from data.loading.loader import iter_eval_samples, iter_rendered
 from data.tasks.pieces import IGNORE_INDEX
 from data.text_tokenizer import SpecialIds
 from model.generate import generate
@@ -192,7 +192,7 @@ def _summary(metric: str, records: List[Dict[str, Any]], shards: List[str]) -> D
         total = sum(r["total"] for r in records)
         if total == 0:
             raise ValueError(f"eval.shards {shards} hold no sample with audio codes in its answer (run "
-                             f"data.audio_codes on them, or pick another metric)")
+                             f"data.codes on them, or pick another metric)")
         return {"value": sum(r["correct"] for r in records) / total, "nll": sum(r["nll"] for r in records) / total,
                 "num_codes": total, "num_samples": len(records), "examples": examples}
     if not records:

@@ -199,7 +199,7 @@ def _labelled_tokens(batch: Dict[str, Any]) -> int:
 def flops_breakdown(config: StepAudio2Config, batch: Dict[str, Any], varlen: bool = False,
                     passes: Optional[Dict[str, int]] = None, lm_head: bool = True) -> Dict[str, float]:
     """{"decoder", "attention", "lm_head", "encoder"} training FLOPs of one loader micro-batch
-    (data.batching: input_ids, attention_mask, labels, optional segment_ids, num_loss_tokens, mel_lengths).
+    (data.loading.batching: input_ids, attention_mask, labels, optional segment_ids, num_loss_tokens, mel_lengths).
 
     Padding costs nothing here. varlen: the decoder's attention isolates packed samples (flash-attention 2
     through cu_seq_lens, or another variable-length path), so each sample's attention is counted at its own

@@ -72,17 +72,17 @@ def prepare_data(out: Path, num_train: int = 32, num_heldout: int = 8) -> Path:
             raise CheckFailed(f"python -m {' '.join(args)} exited {proc.returncode}: {proc.stderr[-2000:]}")
 
     corpus = out / "corpus"
-    cli("data.demo", str(corpus), "--num-train", str(num_train), "--num-heldout", str(num_heldout),
+    cli("data.tools.demo", str(corpus), "--num-train", str(num_train), "--num-heldout", str(num_heldout),
         "--tasks", ",".join(TASKS))
     cli("data.text_tokenizer", "build", "--manifest", str(corpus / "texts.jsonl"), "--out", str(out / "tokenizer"),
         "--vocab-size", "1024", "--num-audio-codes", "256")
     for task in TASKS:
         for split in ("train", "heldout"):
-            cli("data.prepare", "manifest", str(corpus / task / f"{split}.jsonl"), str(out / task / split),
+            cli("data.corpus.prepare", "manifest", str(corpus / task / f"{split}.jsonl"), str(out / task / split),
                 "--shard-size", "100", "--workers", "1", "--no-progress")
-    cli("data.audio_codes", "fit", str(out / "tts" / "train"), "--num-codes", "256", "--out", str(out / "kmeans.pt"),
+    cli("data.codes", "fit", str(out / "tts" / "train"), "--num-codes", "256", "--out", str(out / "kmeans.pt"),
         "--no-progress")
-    cli("data.audio_codes", str(out / "tts" / "train"), str(out / "tts" / "heldout"), "--tokenizer",
+    cli("data.codes", str(out / "tts" / "train"), str(out / "tts" / "heldout"), "--tokenizer",
         f"kmeans:{out / 'kmeans.pt'}", "--no-progress")
     shutil.rmtree(corpus / "wav", ignore_errors=True)  # the shards hold the audio; keep the folder small
     (out / "DONE").write_text("ok\n")
@@ -90,7 +90,7 @@ def prepare_data(out: Path, num_train: int = 32, num_heldout: int = 8) -> Path:
 
 
 def data_config(data: Path, batching: str, tasks=TASKS, **extra):
-    from data.loader import DataConfig, DatasetConfig
+    from data.loading.loader import DataConfig, DatasetConfig
 
     datasets = [DatasetConfig(name=t, shards=[str(data / t / "train")], task=t) for t in tasks]
     return DataConfig(datasets=datasets, tokenizer=str(data / "tokenizer"), batching=batching, batch_size=4,
@@ -99,7 +99,7 @@ def data_config(data: Path, batching: str, tasks=TASKS, **extra):
 
 
 def first_batch(cfg) -> Dict[str, Any]:
-    from data.loader import build_loader
+    from data.loading.loader import build_loader
 
     return next(iter(build_loader(cfg, rank=0, world_size=1, seed=0)))
 
@@ -222,7 +222,7 @@ def packed_vs_alone(model, batch: Dict[str, Any], device, dtype, patch_id: int) 
             require(need == 0, f"packed row {r} segment {segment}: audio chunks do not add up to its patch rows")
             alone = {"input_ids": sample_ids[None]}
             if mels:
-                from data.batching import pad_mels
+                from data.loading.batching import pad_mels
 
                 alone["mels"], alone["mel_lengths"] = pad_mels(mels)
             with torch.no_grad():
@@ -330,7 +330,7 @@ def _engine_config(data: Path, run_dir: Path, **overrides):
 def check_syncs(data: Path, out: Path, device: torch.device, stages=(0, 1, 2, 3)) -> Dict[str, Any]:
     """Host-device syncs of one bf16 training step (packed batch) under each ZeRO stage, by where they come
     from. This project's own code must cause none; DeepSpeed's are reported (they differ by stage)."""
-    from data.loader import build_loader
+    from data.loading.loader import build_loader
     from data.text_tokenizer import load_tokenizer
     from train.engine import Engine, init_distributed
     from train.loop import build_model
@@ -498,7 +498,7 @@ def check_perf(data: Path, out: Path, device: torch.device, layers: int = 4, pre
                vocab_size: int = 158720, row_tokens: int = 16384, steps: int = 4) -> Dict[str, Any]:
     """Training throughput of one packed row of row_tokens under ZeRO-3 (bf16 on a GPU), and KV-cache decoding
     speed with the parameters gathered once (train.engine.inference_model), on a preset cut to `layers`."""
-    from data.batching import packed_cu_seq_lens
+    from data.loading.batching import packed_cu_seq_lens
     from model.generate import generate
     from model.lalm import StepAudio2ForCausalLM, resolve_attention
     from train.engine import Engine, inference_model, init_distributed, model_init_context

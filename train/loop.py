@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from data.loader import build_loader
+from data.loading.loader import build_loader
 from data.tasks.pieces import IGNORE_INDEX
 from data.text_tokenizer import load_tokenizer, special_ids
 from model.checkpoint import load_stepfun, save_stepfun
@@ -234,7 +234,7 @@ class SFTStep(Algorithm):
     def step(self, step: int) -> StepResult:
         gas = self.cfg.engine.grad_accum_steps
         world = dist.get_world_size()
-        # (draws nothing from the global RNG: data.loader seeds its workers itself)
+        # (draws nothing from the global RNG: data.loading.loader seeds its workers itself)
         t0 = time.perf_counter()
         batches = [next(self.batches) for _ in range(gas)]
         data_wait_s = time.perf_counter() - t0

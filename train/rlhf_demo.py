@@ -36,7 +36,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from data.demo import STYLES, TTS_VOICE, speak
+from data.tools.demo import STYLES, TTS_VOICE, speak
 from data.files import atomic_write
 from train.rl.rollout import RolloutSample
 from train.rl.speech_eval import (Answer, answer, espeak_reference, heldout_requests, measure, summarize,
@@ -122,9 +122,9 @@ def preference_pairs(out: Path, paths: Dict[str, Any], limit: int, seed: int = 0
     jsonl = folder / "pairs.jsonl"
     jsonl.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
     py = sys.executable
-    _run([py, "-m", "data.prepare", "preferences", str(jsonl), str(shards), "--workers", "1", "--no-progress"],
+    _run([py, "-m", "data.corpus.prepare", "preferences", str(jsonl), str(shards), "--workers", "1", "--no-progress"],
          out / "logs" / "pairs_prepare.log")
-    _run([py, "-m", "data.audio_codes", str(shards), "--tokenizer", paths["codes"], "--workers", "1", "--no-progress"],
+    _run([py, "-m", "data.codes", str(shards), "--tokenizer", paths["codes"], "--workers", "1", "--no-progress"],
          out / "logs" / "pairs_tokenize.log")
     return shards
 

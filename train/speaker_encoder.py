@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from data.audio import read_audio
 from data.features import SAMPLE_RATE
-from data.voice import ESPEAK_VARIANTS, espeak_speakers, read_transcribed_folder, speak_voices
+from data.tools.voice import ESPEAK_VARIANTS, espeak_speakers, read_transcribed_folder, speak_voices
 from model.speaker import BAND_RATE, SpeakerEncoder, SpeakerNet, speaker_features
 
 # ---------------------------------------------------------------------------------------------- corpus

@@ -31,17 +31,17 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from data.demo import STYLES as DEMO_STYLES
-from data.demo import TTS_VOICE, espeak_binary, make_sentences
+from data.tools.demo import STYLES as DEMO_STYLES
+from data.tools.demo import TTS_VOICE, espeak_binary, make_sentences
 from data.files import atomic_path
-from data.voice import ESPEAK_ACCENTS, ESPEAK_VARIANTS
+from data.tools.voice import ESPEAK_ACCENTS, ESPEAK_VARIANTS
 from model.style import NUM_STATS, STYLES, StyleClassifier, StyleNet, batch_features, style_features
 
 HELDOUT_ACCENTS = ("en-gb-scotland", "en-029")
 HELDOUT_VARIANTS = tuple(ESPEAK_VARIANTS[-10:])  # as train.speaker_encoder holds them out
 FEMALE_VARIANTS = {"f1", "f2", "f3", "f4", "f5", "Alicia", "Andrea", "Annie", "aunty", "belinda", "grandma", "linda",
                    "steph", "steph2"}
-# The demo's dialogue styles (data.demo.STYLES) as classifier classes.
+# The demo's dialogue styles (data.tools.demo.STYLES) as classifier classes.
 DEMO_STYLE_CLASSES = {"slowly": "slow", "quickly": "fast", "in a high voice": "high"}
 _HELDOUT_TEXT_SEED = 900_001
 
@@ -245,7 +245,7 @@ def speech_span_s(wave_T: torch.Tensor, sample_rate: int = 16000, floor_db: floa
 
 
 def espeak_figures(sentences: Sequence[str], folder: str, vocoders: Dict[str, object], workers: int = 2) -> dict:
-    """The demo voice's own styles (data.demo.STYLES, plus normal) on `sentences`: speech seconds per word
+    """The demo voice's own styles (data.tools.demo.STYLES, plus normal) on `sentences`: speech seconds per word
     and median F0 per style, raw and through each vocoder ({name: Vocoder}); the slow/quick time ratio and
     the high/normal F0 ratio."""
     from data.audio import read_audio
@@ -279,7 +279,7 @@ def espeak_figures(sentences: Sequence[str], folder: str, vocoders: Dict[str, ob
 def _tokenizer(spec: Optional[str]):
     if not spec:
         return None
-    from data.audio_tokenizers import KMeansTokenizer
+    from data.codes.tokenizers import KMeansTokenizer
     kind, _, path = spec.partition(":")
     if kind != "kmeans" or not path:
         raise SystemExit(f"error: --codes {spec!r}: expected kmeans:FILE.pt (a k-means tokenizer, whose codes "
@@ -344,7 +344,7 @@ def _demo_utterances(texts: Sequence[str]) -> List[dict]:
 
 def _figures_main(args) -> int:
     from data.audio import read_audio
-    from data.audio_tokenizers import KMeansTokenizer, fit_kmeans, pooled_mel_NM
+    from data.codes.tokenizers import KMeansTokenizer, fit_kmeans, pooled_mel_NM
     from model.vocoder import KMeansVocoder
     torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -360,7 +360,7 @@ def _figures_main(args) -> int:
         else:  # the demo's answer voice in the demo's styles, each sentence in one of them
             settings = [{"speed": 175, "pitch": 50}, *DEMO_STYLES.values()]
             utts = [{"text": t, "voice": TTS_VOICE, **settings[i % len(settings)]} for i, t in enumerate(texts)]
-            corpus = f"{TTS_VOICE} in normal + data.demo.STYLES, {len(texts)} sentences"
+            corpus = f"{TTS_VOICE} in normal + data.tools.demo.STYLES, {len(texts)} sentences"
         records = render(os.path.join(args.work, "espeak_codec"), utts, args.workers)
         frames = torch.cat([pooled_mel_NM(read_audio(r["audio"])) for r in records])
         KMeansTokenizer(fit_kmeans(frames, args.num_codes, seed=args.seed), {"corpus": corpus}).save(args.fit_codes)

@@ -4,7 +4,7 @@ asterisk-core-sounds-en-wav ("Allison") and measure how close its speech comes t
     python -m train.voice_demo --base BASE_EXPORT --out runs/voice_demo [--audio-tokenizer kmeans:F.pt]
         [--speaker-model runs/speaker/speaker.pt] [dotted.key=value overrides for the LoRA run]
 
-Steps: the recordings -> tokenized shards (data.voice); TTS of the held-out transcripts with the base
+Steps: the recordings -> tokenized shards (data.tools.voice); TTS of the held-out transcripts with the base
 (model.generate + KMeansVocoder); `python -m train recipes/lora/custom_voice_demo.yaml` in a subprocess;
 the adapter merged; TTS again. Similarity is model.speaker's (trained on espeak voices only), shown beside
 references that say what its numbers mean; teacher-forced TTS code accuracy on the held-out recordings
@@ -27,14 +27,14 @@ import soundfile
 import torch
 
 from data.audio import decode_audio, read_audio
-from data.demo import VOICES, speak
+from data.tools.demo import VOICES, speak
 from data.features import SAMPLE_RATE
 from data.shards import local_shard_paths, read_samples
 from data.tasks import TASKS, RenderOptions, Sample
 from data.tasks.pieces import DEFAULT_ASR_INSTRUCTION
 from data.tasks.base import CODES
 from data.text_tokenizer import SpecialIds, load_tokenizer, special_ids
-from data.voice import prepare_voice
+from data.tools.voice import prepare_voice
 from model.checkpoint import load_stepfun
 from model.generate import generate, split_ta4
 from model.lalm import StepAudio2ForCausalLM
@@ -59,7 +59,7 @@ def read_records(folder: str, limit: Optional[int] = None) -> List[dict]:
             members.setdefault(key, {}).update(sample)
         for key, m in members.items():
             wave_T, rate = decode_audio(m["flac"], f"{path}:{key}")
-            assert rate == SAMPLE_RATE, "data.prepare writes 16 kHz"
+            assert rate == SAMPLE_RATE, "data.corpus.prepare writes 16 kHz"
             out.append({"key": key, "text": json.loads(m["json"])["text"], "wave": wave_T,
                         "codes": np.load(io.BytesIO(m[CODES]), allow_pickle=False)})
             if limit is not None and len(out) >= limit:

@@ -10,8 +10,8 @@ from transformers import PreTrainedTokenizerFast
 from data.tasks.pieces import DEFAULT_ASR_INSTRUCTION, Rendered, TemplateError
 from data.text_tokenizer import SpecialIds
 
-# Shard members (the part of a tar member's name after the sample key), as data.prepare and
-# data.audio_codes write them.
+# Shard members (the part of a tar member's name after the sample key), as data.corpus.prepare and
+# data.codes write them.
 AUDIO = "flac"
 TARGET_AUDIO = "target.flac"
 CODES = "codes.npy"

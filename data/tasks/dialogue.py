@@ -1,5 +1,5 @@
 """Multi-turn tasks from a record's "messages": styled or emotional spoken dialogue, tool calls, and SFT
-conversations (data.conversations), which train on every assistant turn."""
+conversations (data.corpus.conversations), which train on every assistant turn."""
 from __future__ import annotations
 
 from typing import Any, Dict, List
@@ -71,6 +71,6 @@ DIALOGUE_TASKS = [
          prompt_codes=lambda meta: prompt_members(tool_messages(meta))[1]),
     Task("sft", _sft, lambda meta: message_members(sft_messages(meta))[0],
          lambda meta: message_members(sft_messages(meta))[1],
-         doc="conversation (python -m data.prepare conversations): loss on every assistant turn",
+         doc="conversation (python -m data.corpus.prepare conversations): loss on every assistant turn",
          prompt_codes=lambda meta: prompt_members(sft_messages(meta), every_answer=True)[1]),
 ]

@@ -1,4 +1,4 @@
-"""Preference pairs (`python -m data.prepare preferences`): a conversation that ends with a human turn, and
+"""Preference pairs (`python -m data.corpus.prepare preferences`): a conversation that ends with a human turn, and
 a "chosen" and a "rejected" answer to it. One render is the conversation plus one answer, picked by
 RenderOptions.answer; the loader's pairs mode renders both (DPO, reward models)."""
 from __future__ import annotations
@@ -18,7 +18,7 @@ def answer_message(meta: Dict[str, Any], answer: str) -> Message:
         raise ValueError(f"RenderOptions.answer={answer!r}: expected one of {list(ANSWERS)}")
     if answer not in meta:
         raise TemplateError("not_a_pair", f"record has no {answer!r} answer: expected a preference pair "
-                                          f"(python -m data.prepare preferences)")
+                                          f"(python -m data.corpus.prepare preferences)")
     value = meta[answer]
     if not isinstance(value, dict):
         raise TemplateError("missing_field", f"record field {answer!r} is {value!r:.80}: expected "

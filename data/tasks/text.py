@@ -1,7 +1,7 @@
 """Plain text as a base-format LM sequence: the text-only shares of every training stage.
 
 No role tags and no audio: the record's "text", then `<|endoftext|>`, with loss on every token. A
-conversation of text-only turns (a "messages" record, data.conversations) is the "sft" task instead.
+conversation of text-only turns (a "messages" record, data.corpus.conversations) is the "sft" task instead.
 """
 from __future__ import annotations
 

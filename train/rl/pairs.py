@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from data.files import atomic_path
-from data.loader import build_loader
+from data.loading.loader import build_loader
 from model.score import last_token_scores
 from train.algorithm import Algorithm, StepResult
 from train.checkpoint import load_plain

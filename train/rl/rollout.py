@@ -6,7 +6,7 @@ temperature and top-p, stopping on <|EOT|>, or <|endoftext|> in the base format)
 the whole rollout under ZeRO-3 (train.engine.inference_model): no forward inside gathers anything, so no
 collective runs while ranks decode and a rank whose answers end early simply finishes first.
 The answers then become ordinary right-padded training rows (prompt + answer, labels on the answer and its
-stop token), collated by data.batching like any batch: the log-probabilities, values and losses of the
+stop token), collated by data.loading.batching like any batch: the log-probabilities, values and losses of the
 RL step are computed on them through the same engines as supervised training.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from data.batching import collate
+from data.loading.batching import collate
 from data.tasks.pieces import IGNORE_INDEX
 from model.generate import generate, split_ta4
 from train.engine import inference_model
@@ -132,7 +132,7 @@ def sample_answers(engine, prompts: List[Dict[str, Any]], ids, tok, num_generati
             chunks = [m for p in part for m in p["mels"]]
             mels = mel_lengths = None
             if chunks:
-                from data.batching import pad_mels
+                from data.loading.batching import pad_mels
 
                 mels, mel_lengths = pad_mels(chunks)
                 mels, mel_lengths = mels.to(device=device, dtype=dtype), mel_lengths.to(device)
@@ -154,5 +154,5 @@ def sample_answers(engine, prompts: List[Dict[str, Any]], ids, tok, num_generati
 
 
 def collate_rows(rows: List[Dict[str, Any]], pad_id: int) -> Dict[str, Any]:
-    """A training batch of rollout rows (data.batching.collate: right-padded, counts on the host)."""
+    """A training batch of rollout rows (data.loading.batching.collate: right-padded, counts on the host)."""
     return collate(rows, pad_id)

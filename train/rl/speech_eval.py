@@ -29,18 +29,18 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from data.audio import encode_flac, read_audio
-from data.batching import pad_mels
-from data.demo import (_HELDOUT_SEED_OFFSET, _TASK_SEEDS, DEFAULT_PITCH, STYLES, TTS_VOICE, _dialogue, _wav,
+from data.loading.batching import pad_mels
+from data.tools.demo import (_HELDOUT_SEED_OFFSET, _TASK_SEEDS, DEFAULT_PITCH, STYLES, TTS_VOICE, _dialogue, _wav,
                        make_sentences, speak)
 from data.files import atomic_write
-from data.samples import render_raw
+from data.loading.samples import render_raw
 from model.generate import generate, split_ta4
 from train.rl.rollout import AUDIO_CODES_PER_S, left_padded
 from train.rl.rule_rewards import _words, word_error_rate
 from train.rl.speech_rewards import _vocoder, codes_to_wave16k, transcribe
 from train.style_classifier import median_f0_hz, speech_span_s
 
-EVAL_SEED = 4_200_017  # none of data.demo's sentence seeds (0 + 101 ... 505, 1_000_003) nor style_classifier's
+EVAL_SEED = 4_200_017  # none of data.tools.demo's sentence seeds (0 + 101 ... 505, 1_000_003) nor style_classifier's
 NORMAL = {"speed": 175, "pitch": DEFAULT_PITCH}  # espeak's default delivery: the "normal" of the F0 ratio
 SLOW, QUICK, HIGH = "slowly", "quickly", "in a high voice"
 
@@ -48,9 +48,9 @@ SLOW, QUICK, HIGH = "slowly", "quickly", "in a high voice"
 # ------------------------------------------------------------------------------------------ requests
 
 def demo_sentences(num_train: int = 400, num_heldout: int = 40, seed: int = 0) -> frozenset:
-    """A superset of every sentence `python -m data.demo` (make_demo) trains or holds out with these
+    """A superset of every sentence `python -m data.tools.demo` (make_demo) trains or holds out with these
     arguments: the ASR and held-out sentences exactly as make_demo draws them, and for every task seed in
-    data.demo._TASK_SEEDS the first 2 x num_train sentences of that task's draw. make_sentences' output for n
+    data.tools.demo._TASK_SEEDS the first 2 x num_train sentences of that task's draw. make_sentences' output for n
     is a prefix of its output for any larger n, so this covers any task size up to twice num_train."""
     asr_train = make_sentences(num_train, seed)
     heldout = make_sentences(num_heldout, seed + _HELDOUT_SEED_OFFSET, exclude=frozenset(asr_train))
@@ -65,11 +65,11 @@ def heldout_requests(out_dir: str, num_sentences: int = 8, seed: int = EVAL_SEED
                      sentences: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     """Each of `num_sentences` new sentences asked for in each style: records {key, text, style, request_wav,
     request_text, request_voice, request_speed, espeak_wav (espeak's own answer: TTS_VOICE in the style's
-    settings), normal_wav (TTS_VOICE at its default), record (the conversation as data.demo writes it)}.
-    The requests are built by data.demo's own dialogue builder (its voices, speeds and wording); the sentences
+    settings), normal_wav (TTS_VOICE at its default), record (the conversation as data.tools.demo writes it)}.
+    The requests are built by data.tools.demo's own dialogue builder (its voices, speeds and wording); the sentences
     are none of `exclude` (default: demo_sentences() for make_demo's default sizes), or exactly `sentences`
     when given (e.g. training sentences in styles they were not trained in). WAVs are named by content under
-    out_dir as data.demo names them: a re-run reuses them."""
+    out_dir as data.tools.demo names them: a re-run reuses them."""
     unknown = [s for s in styles if s not in STYLES]
     if unknown or not styles:
         raise ValueError(f"styles {list(styles)}: expected some of {list(STYLES)}")
@@ -101,7 +101,7 @@ def heldout_requests(out_dir: str, num_sentences: int = 8, seed: int = EVAL_SEED
 
 
 def render_prompt(request: Dict[str, Any], tok, ids) -> Dict[str, Any]:
-    """The dialogue prompt of a request as the demo's dialogue stage renders it (data.prepare conversations
+    """The dialogue prompt of a request as the demo's dialogue stage renders it (data.corpus.prepare conversations
     -> a shard sample -> task dialogue, prompt only): {input_ids, mels (per 25 s chunk)}."""
     meta = {**request["record"], "messages": [
         {"role": "system", "text": request["record"]["messages"][0]["text"]},
@@ -111,7 +111,7 @@ def render_prompt(request: Dict[str, Any], tok, ids) -> Dict[str, Any]:
            "turn1.flac": encode_flac(read_audio(request["request_wav"]))}
     try:
         rendered = render_raw(raw, tok, ids, with_answer=False, force_task="dialogue")
-    except Exception as exc:  # data.samples.SkipSample's reasons, or whatever else fails
+    except Exception as exc:  # data.loading.samples.SkipSample's reasons, or whatever else fails
         raise ValueError(f"request {request['key']!r}: its prompt does not render ({exc})") from None
     return {"input_ids": rendered["input_ids"], "mels": rendered["mels"]}
 

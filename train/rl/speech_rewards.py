@@ -19,7 +19,7 @@ import torch
 from train.rl.rule_rewards import word_error_rate
 from train.rl.rollout import AUDIO_CODES_PER_S
 
-# Requested styles as the classifier's classes (model.style.STYLES); data.demo.STYLES' strings included.
+# Requested styles as the classifier's classes (model.style.STYLES); data.tools.demo.STYLES' strings included.
 STYLE_CLASSES = {"normal": "normal", "neutral": "normal", "slow": "slow", "slowly": "slow", "fast": "fast",
                  "quick": "fast", "quickly": "fast", "high": "high", "in a high voice": "high", "high pitch": "high",
                  "low": "low", "in a low voice": "low", "low pitch": "low", "whisper": "whisper",
@@ -166,7 +166,7 @@ def transcribe(waves: Sequence[torch.Tensor], asr_model: str, device: str = "cpu
                batch_size: int = 8, instruction: Optional[str] = None) -> List[str]:
     """Greedy transcripts of 16 kHz waveforms by an ASR export (StepFun layout, tokenizer inside), prompted as
     train.evaluate prompts ASR: instruction, one audio span per 25 s chunk, then the transcript."""
-    from data.batching import pad_mels
+    from data.loading.batching import pad_mels
     from data.features import log_mel, num_audio_tokens, split_chunks
     from data.tasks.pieces import DEFAULT_ASR_INSTRUCTION, render_asr
     from model.generate import generate

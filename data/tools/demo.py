@@ -1,6 +1,6 @@
-"""A tiny real-speech corpus spoken by espeak-ng for the demo curriculum: `python -m data.demo OUT_DIR`
+"""A tiny real-speech corpus spoken by espeak-ng for the demo curriculum: `python -m data.tools.demo OUT_DIR`
 -> OUT_DIR/wav/ and OUT_DIR/<task>/{train,heldout}.jsonl for ASR, TTS, S2TT (English speech -> German
-text), styled spoken dialogue (conversations for `data.prepare conversations`) and paralinguistic
+text), styled spoken dialogue (conversations for `data.corpus.prepare conversations`) and paralinguistic
 questions (the voice's gender, speed and pitch), plus texts.jsonl, every text the templates will write, for
 `data.text_tokenizer build`. OUT_DIR/{train,heldout}.jsonl repeat the ASR manifests. On request (`--tasks
 timbre`): speech in a retrieved voice (task timbre_search: the found clip and the answer in one voice).
@@ -331,13 +331,13 @@ def make_demo(out_dir: str, num_train: int = 400, num_heldout: int = 40, seed: i
                              [{**r, "audio": r["audio"][len("../"):]} for r in records])
     _write_jsonl(os.path.join(out_dir, "texts.jsonl"), [{"text": t} for t in dict.fromkeys(texts)])
     counts = ", ".join(f"{task} {len(s['train'])}+{len(s['heldout'])}" for task, s in splits.items())
-    print(f"data.demo: {counts} train+held-out, {len(VOICES)} voices, {len(todo)} spoken, "
+    print(f"data.tools.demo: {counts} train+held-out, {len(VOICES)} voices, {len(todo)} spoken, "
           f"{len(wavs) - len(todo)} reused -> {out_dir}", file=sys.stderr)
     return splits
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m data.tools.demo", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", help="folder for wav/, <task>/{train,heldout}.jsonl and texts.jsonl")
     parser.add_argument("--num-train", type=int, default=400, help="ASR training sentences")
     parser.add_argument("--num-heldout", type=int, default=40, help="held-out sentences (every task)")

@@ -1,14 +1,14 @@
 """One speaker's recordings -> tokenized TTS shards for a custom-voice LoRA, and an espeak corpus of many
 voices for training a speaker embedding:
 
-    python -m data.voice DIR OUT_DIR --speaker NAME --audio-tokenizer kmeans:F.pt [--transcripts FILE]
+    python -m data.tools.voice DIR OUT_DIR --speaker NAME --audio-tokenizer kmeans:F.pt [--transcripts FILE]
         [--heldout N]
 
-DIR holds audio files with a .txt/.lab transcript beside each (as `data.prepare folder`), or the
+DIR holds audio files with a .txt/.lab transcript beside each (as `data.corpus.prepare folder`), or the
 transcripts come from one file of `name: text` lines (the asterisk-core-sounds form; `;` starts a comment,
 a name may hold a subfolder like `digits/1`, gzip is read as such; a bad line is rejected by itself, named).
-OUT_DIR gets raw/{train,heldout} (data.prepare's shards, 16 kHz FLAC) and train/ and heldout/ (the same with
-audio codes, data.audio_codes's output), so a killed run resumes where either left off. voice.json sums up
+OUT_DIR gets raw/{train,heldout} (data.corpus.prepare's shards, 16 kHz FLAC) and train/ and heldout/ (the same with
+audio codes, data.codes's output), so a killed run resumes where either left off. voice.json sums up
 counts and rejects.
 """
 from __future__ import annotations
@@ -25,12 +25,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Dict, List, Optional, Tuple
 
-from data.demo import espeak_binary, make_sentences
+from data.tools.demo import espeak_binary, make_sentences
 from data.files import atomic_path, atomic_write
-from data.formats import AUDIO_EXTENSIONS, Candidate, Corpus, PrepareError, Reject, read_folder, read_lines
-from data.prepare import prepare
+from data.corpus.formats import AUDIO_EXTENSIONS, Candidate, Corpus, PrepareError, Reject, read_folder, read_lines
+from data.corpus.prepare import prepare
 from data.shards import sanitize_key
-from data.audio_codes import tokenize_shards
+from data.codes.encode import tokenize_shards
 
 SUMMARY_NAME = "voice.json"
 # "[ascending tones]", "at [@]", "(1 second of silence)": descriptions of the sound, not words spoken.
@@ -163,11 +163,11 @@ def prepare_voice(root: str, out_dir: str, speaker: str, audio_tokenizer: str, t
         summary["splits"][split] = {"shards": split_dir, "num_samples": tokenized["index"]["num_samples"],
                                     "duration_s": tokenized["index"]["total_duration_s"],
                                     "keys": [c.key for c in part.candidates] if split == "heldout" else None,
-                                    # data.audio_codes's index keeps prepare's rejects and adds its own
+                                    # data.codes's index keeps prepare's rejects and adds its own
                                     "rejects": tokenized["index"]["rejects"]}
     summary["num_rejects"] = sum(len(s["rejects"]) for s in summary["splits"].values())
     atomic_write(os.path.join(out_dir, SUMMARY_NAME), json.dumps(summary, indent=1, ensure_ascii=False))
-    print(f"data.voice: {speaker}: " + ", ".join(f"{s} {v['num_samples']} samples ({v['duration_s']:.0f} s)"
+    print(f"data.tools.voice: {speaker}: " + ", ".join(f"{s} {v['num_samples']} samples ({v['duration_s']:.0f} s)"
                                                 for s, v in summary["splits"].items())
           + f"; {summary['num_rejects']} rejected (listed in {os.path.join(out_dir, SUMMARY_NAME)})", file=sys.stderr)
     return summary
@@ -219,7 +219,7 @@ def speak_voices(out_dir: str, speakers: List[dict], per_speaker: int, seed: int
 
 
 def _speak_pitched(record: dict) -> None:
-    # data.demo.speak has no pitch; a speaker's pitch is part of who it is here.
+    # data.tools.demo.speak has no pitch; a speaker's pitch is part of who it is here.
     with atomic_path(record["audio"], suffix=".tmp.wav") as tmp:  # espeak-ng wants a .wav name
         proc = subprocess.run([espeak_binary(), "-v", record["voice"], "-p", str(record["pitch"]), "-s",
                                str(record["speed"]), "-w", tmp, record["text"]], capture_output=True, text=True,
@@ -231,7 +231,7 @@ def _speak_pitched(record: dict) -> None:
 # ----------------------------------------------------------------------------------------------- CLI
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data.voice", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m data.tools.voice", description=__doc__.splitlines()[0])
     parser.add_argument("dir", help="folder of one speaker's audio files (searched recursively)")
     parser.add_argument("out_dir", help="folder for raw/, train/, heldout/ and voice.json")
     parser.add_argument("--speaker", required=True, help="the speaker's name, stored in every record")

@@ -76,7 +76,7 @@ def _decode_member(raw: Dict[str, Any], member: str, max_audio_s: Optional[float
 def _read_codes(raw: Dict[str, Any], member: str) -> np.ndarray:
     """The 1-D integer audio codes in a `.npy` member; missing -> "missing_codes", unreadable -> "bad_codes"."""
     if member not in raw:
-        raise SkipSample("missing_codes", f"no member {member!r} (run data.audio_codes on the shards)")
+        raise SkipSample("missing_codes", f"no member {member!r} (run data.codes on the shards)")
     try:
         codes = np.load(io.BytesIO(raw[member]), allow_pickle=False)
     except Exception:  # any broken .npy costs one sample
@@ -122,7 +122,7 @@ def _inputs(raw: Dict[str, Any], meta: Dict[str, Any], task, code_members: List[
     duration_s = meta.get("duration_s")
     if audio_members and isinstance(duration_s, (int, float)) and duration_s < min_audio_s:
         raise SkipSample("too_short")  # by the metadata, before paying for the decode
-    # Codes first: a record waiting for data.audio_codes is skipped without decoding its audio.
+    # Codes first: a record waiting for data.codes is skipped without decoding its audio.
     sample.codes = {m: _read_codes(raw, m) for m in code_members}
     waves = {m: _decode_member(raw, m, max_audio_s) for m in audio_members}
     num_audio_s = sum(len(wave_T) for wave_T in waves.values()) / SAMPLE_RATE

@@ -1,8 +1,8 @@
 """Hours and samples per task, language, speaker and style, and a duration histogram, of shards.
 
-`python -m data.stats SHARDS... [--json]` reads the shards themselves, not their index.json.
+`python -m data.corpus.stats SHARDS... [--json]` reads the shards themselves, not their index.json.
 
-`Counts` is also what data.prepare writes into index.json, so both always count the same way.
+`Counts` is also what data.corpus.prepare writes into index.json, so both always count the same way.
 """
 from __future__ import annotations
 
@@ -135,13 +135,13 @@ def format_report(stats: dict) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data.stats", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m data.corpus.stats", description=__doc__.splitlines()[0])
     parser.add_argument("shards", nargs="+", help="dataset folders, index.json, tar files, globs or brace "
                                                    "patterns")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     args = parser.parse_args(argv)
     try:
-        paths = local_shard_paths(args.shards, "data.stats")
+        paths = local_shard_paths(args.shards, "data.corpus.stats")
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,9 +1,9 @@
-"""Corpus readers for data.prepare: a JSONL manifest, a Kaldi data folder, a CSV/TSV manifest (Common Voice's
+"""Corpus readers for data.corpus.prepare: a JSONL manifest, a Kaldi data folder, a CSV/TSV manifest (Common Voice's
 layout), a folder of audio files with transcripts (beside each, or LibriSpeech's *.trans.txt), a Hugging Face
 dataset (save_to_disk folder or parquet), of transcribed audio or of paired source and target speech -> one
 list of candidate samples.
 
-Readers only look at text and file names; audio is decoded later, in data.prepare's worker processes.
+Readers only look at text and file names; audio is decoded later, in data.corpus.prepare's worker processes.
 A problem with one sample is a Reject with a reason; a problem with the whole corpus is a PrepareError.
 A bad line or row (not UTF-8, a missing value, a repeated id) is a Reject of its own, never the file's.
 """
@@ -205,7 +205,7 @@ def read_manifest(manifest: str) -> Corpus:
             rejects.append(Reject(line_no, where, audio, f"field 'task' is {task!r}: expected one of "
                                                          f"{sorted(TASKS)}", "unknown task"))
             continue
-        if text_only:  # no audio member at all; data.prepare writes just the .json
+        if text_only:  # no audio member at all; data.corpus.prepare writes just the .json
             candidates.append(Candidate(line_no, where, _file_key(record, f"text-{line_no:08d}"), record, "", "",
                                         members={}))
             continue
@@ -359,7 +359,7 @@ def read_kaldi(data_dir: str, root: Optional[str] = None) -> Corpus:
 
 # ----------------------------------------------------------------------------------------------- csv
 
-# Columns of Common Voice's TSVs stored under the names the rest of the framework reads (data.stats counts
+# Columns of Common Voice's TSVs stored under the names the rest of the framework reads (data.corpus.stats counts
 # speakers and languages); a column already called by the new name wins over the renamed one.
 CSV_RENAMES = {"client_id": "speaker", "locale": "language"}
 CSV_DELIMITERS = {"auto": None, ",": ",", "\\t": "\t", "\t": "\t"}
@@ -739,7 +739,7 @@ def read_hf_pairs(path: str, source_audio_column: str = "source_audio", target_a
     its column is named), the languages and `task` written into every record.
 
     The source audio becomes the sample's `flac`, the target its `target.flac`; a row whose audio is
-    missing or undecodable is rejected by data.prepare when it decodes it, named by its row.
+    missing or undecodable is rejected by data.corpus.prepare when it decodes it, named by its row.
     """
     if task not in TASKS:
         raise PrepareError(f"task {task!r} is not a registered task: expected one of {sorted(TASKS)}")

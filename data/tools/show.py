@@ -1,4 +1,4 @@
-"""`python -m data.show SHARDS KEY [--task T] --tokenizer DIR`: one sample rendered as the model sees it.
+"""`python -m data.tools.show SHARDS KEY [--task T] --tokenizer DIR`: one sample rendered as the model sees it.
 
 One line per piece: text runs, audio spans collapsed (`<audio_patch>x13`), TA4 groups (`'the' | 1 2 3 4`);
 lines marked `L` carry loss. The record's metadata and members come first. A preference pair shows its
@@ -12,8 +12,8 @@ import os
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
-from data.samples import SkipSample, render_pair, render_raw
-from data.shard_reader import read_shard, resolve_shards
+from data.loading.samples import SkipSample, render_pair, render_raw
+from data.loading.shard_reader import read_shard, resolve_shards
 from data.tasks import TASKS
 from data.tasks.pieces import AUDIO_PER_GROUP, DEFAULT_ASR_INSTRUCTION, IGNORE_INDEX, TEXT_PER_GROUP
 from data.text_tokenizer import SpecialIds, load_tokenizer, special_ids
@@ -79,7 +79,7 @@ def _pieces(input_ids: List[int], labels: List[int], tok, ids: SpecialIds) -> Li
 
 def show(shards: List[str], key: str, tokenizer: str, task: Optional[str] = None,
          asr_instruction: str = DEFAULT_ASR_INSTRUCTION) -> str:
-    """The report `python -m data.show` prints; ValueError when the sample is absent or unusable."""
+    """The report `python -m data.tools.show` prints; ValueError when the sample is absent or unusable."""
     if task is not None and task not in TASKS:
         raise ValueError(f"--task {task!r}: expected one of {sorted(TASKS)}")
     tok = load_tokenizer(tokenizer)
@@ -133,7 +133,7 @@ def _first_labelled(labels: List[int]) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     tasks = "\n".join(f"  {name:<26}{task.doc}" for name, task in TASKS.items())
-    parser = argparse.ArgumentParser(prog="python -m data.show", description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(prog="python -m data.tools.show", description=__doc__.splitlines()[0],
                                      epilog=f"tasks:\n{tasks}", formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("shards", help="dataset folder, tar path, glob or brace pattern")
     parser.add_argument("key", help="sample key")

@@ -1,4 +1,4 @@
-"""`python -m data.bench`: our shard loader (packed batches) against a naive per-file baseline on the same
+"""`python -m data.tools.bench`: our shard loader (packed batches) against a naive per-file baseline on the same
 espeak mixture; prints audio seconds per second per worker, the packing efficiency of both and how full our
 batches fill their token budget.
 
@@ -24,11 +24,11 @@ import torch
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from data.audio import decode_audio
-from data.batching import budget_fill, collate, collate_packed, packing_efficiency
-from data.demo import VOICES, make_sentences, speak
+from data.loading.batching import budget_fill, collate, collate_packed, packing_efficiency
+from data.tools.demo import VOICES, make_sentences, speak
 from data.features import SAMPLE_RATE, log_mel, split_chunks
-from data.loader import DataConfig, build_loader
-from data.prepare import prepare_manifest
+from data.loading.loader import DataConfig, build_loader
+from data.corpus.prepare import prepare_manifest
 from data.shards import shard_paths
 from data.tasks import TASKS, RenderOptions, Sample
 from data.tasks.speech import PARA_CAPTION_SYSTEM, PARA_QA_SYSTEM, PARA_QUESTIONS
@@ -237,7 +237,7 @@ def _measure(paths: Dict[str, str], args: argparse.Namespace) -> Dict[str, Any]:
 
 def print_report(r: Dict[str, Any]) -> None:
     ours, base, goals = r["ours"], r["baseline"], r["goals"]
-    print(f"data.bench: {r['samples']} samples ({r['audio_hours'] * 60:.1f} audio min) per side, "
+    print(f"data.tools.bench: {r['samples']} samples ({r['audio_hours'] * 60:.1f} audio min) per side, "
           f"our loader with {r['workers']} worker(s), the baseline in one process")
     print(f"  ours      {ours['rt_per_worker']:8.1f}x real time per worker  ({ours['audio_s']:.0f} s audio in "
           f"{ours['wall_s']:.2f} s warm; the first batch, after {r['ours_startup_s']:.2f} s of start-up, "
@@ -257,7 +257,7 @@ def print_report(r: Dict[str, Any]) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m data.tools.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="also print the figures as one JSON object, last line")
     parser.add_argument("--samples", type=int, default=400, help="utterances in the mixture")
     parser.add_argument("--epochs", type=int, default=2, help="passes over the mixture each side measures")

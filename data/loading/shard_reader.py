@@ -1,6 +1,6 @@
 """Reading shards: the shard list a config names, the sequential tar reader (retries on I/O errors, a marker
 sample where a tar breaks), per-shard sample counts (index.json or a header scan), and the audio-tokenizer
-check of the shards' folders. Local files, URLs and pipe: commands alike (data.remote).
+check of the shards' folders. Local files, URLs and pipe: commands alike (data.loading.remote).
 """
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from webdataset.tariterators import base_plus_ext
 
-from data import remote
-from data.audio_tokenizers import audio_tokenizer_hash
+from data.loading import remote
+from data.codes.tokenizers import audio_tokenizer_hash
 from data.shards import INDEX_NAME, MissingIndexError, read_index, shard_paths
-from data.audio_codes import TOKENIZER_NAME, read_tokenizer_record
+from data.codes.encode import TOKENIZER_NAME, read_tokenizer_record
 
 logger = logging.getLogger(__name__)
 
@@ -54,14 +54,14 @@ def check_audio_tokenizer(paths: List[str], expected: Optional[str]) -> None:
         elif not found.startswith(want):
             raise ValueError(f"dataset folder {folder!r} has audio codes from tokenizer {found} "
                              f"({record.get('name')}), but data.audio_tokenizer names {want}; re-run "
-                             "`python -m data.audio_codes` on it with that tokenizer")
+                             "`python -m data.codes` on it with that tokenizer")
         elif not record.get("complete", True):
-            raise ValueError(f"dataset folder {folder!r}: data.audio_codes with tokenizer {found} has not finished "
+            raise ValueError(f"dataset folder {folder!r}: data.codes with tokenizer {found} has not finished "
                              "(tokenizer.json says complete=false); re-run it to tokenize the remaining shards")
 
 
 def _tokenizer_record(folder: str) -> Optional[Dict[str, Any]]:
-    """The folder's tokenizer.json (data.audio_codes.read_tokenizer_record), the folder a path or a URL."""
+    """The folder's tokenizer.json (data.codes.encode.read_tokenizer_record), the folder a path or a URL."""
     if not remote.is_url(folder):
         return read_tokenizer_record(folder)
     url = remote.join(folder, TOKENIZER_NAME)
@@ -73,7 +73,7 @@ def _tokenizer_record(folder: str) -> Optional[Dict[str, Any]]:
         record = None
     if not isinstance(record, dict) or not isinstance(record.get("hash"), str):
         raise ValueError(f"{url} is not an audio tokenizer record: expected JSON with a 'hash' "
-                         "(written by `python -m data.audio_codes`)")
+                         "(written by `python -m data.codes`)")
     return record
 
 
@@ -84,12 +84,12 @@ already delivered, so none comes out twice or is lost. When they are spent, the 
 skipped for the epoch and counted once as "io_error" (named like a "bad_shard"), with the path and the
 error logged: as with bad input, one shard's fault does not stop the run, and the metrics say it happened.
 A corrupt tar (tarfile's errors, EOFError) is not retried: it would fail the same way again. A URL's stream
-resumes a dropped connection at the byte reached on its own (data.remote, the same waits), so only a fault
+resumes a dropped connection at the byte reached on its own (data.loading.remote, the same waits), so only a fault
 that outlasts those resumes comes here."""
 
 
 def open_shard(path: str):
-    """The shard opened for reading: a local file, or a URL's or pipe: command's stream (data.remote); the one
+    """The shard opened for reading: a local file, or a URL's or pipe: command's stream (data.loading.remote); the one
     place the loader opens shards (tests inject faults here)."""
     if remote.is_remote(path):
         return remote.open_stream(path, IO_RETRY_DELAYS_S)

@@ -1,4 +1,4 @@
-"""Corpus -> WebDataset shards + index.json: `python -m data.prepare {manifest,kaldi,csv,folder,hf,s2st,
+"""Corpus -> WebDataset shards + index.json: `python -m data.corpus.prepare {manifest,kaldi,csv,folder,hf,s2st,
 conversations,preferences} ... OUT_DIR`.
 
 Bad samples are rejected with a reason in index.json, never fatal; only a corpus with no usable sample
@@ -18,15 +18,15 @@ import sys
 from typing import List, Optional, Tuple
 
 from data.audio import AudioError, encode_flac, read_audio, read_audio_bytes
-from data.conversations import read_conversations
+from data.corpus.conversations import read_conversations
 from data.features import SAMPLE_RATE
 from data.files import atomic_write
-from data.formats import (CSV_DELIMITERS, Blob, Candidate, Corpus, PrepareError, Reject, describe, read_csv,
+from data.corpus.formats import (CSV_DELIMITERS, Blob, Candidate, Corpus, PrepareError, Reject, describe, read_csv,
                           read_folder, read_hf, read_hf_pairs, read_kaldi, read_manifest)
 from data.pool import map_in_processes
-from data.preferences import read_preferences
+from data.corpus.preferences import read_preferences
 from data.shards import INDEX_FORMAT, INDEX_NAME, ShardWriter, file_sha256, write_index
-from data.stats import Counts
+from data.corpus.stats import Counts
 
 STATE_NAME = "prepare_state.json"
 # Bump when the bytes written for the same input change, so old shards are not taken for current ones.
@@ -268,13 +268,13 @@ def _build_index(corpus: Corpus, state: dict, early_rejects: List[Reject]) -> Tu
         "source": corpus.source,
         "input_format": corpus.kind,
         "counts": counts.to_json(),
-        "created_by": "data.prepare",
+        "created_by": "data.corpus.prepare",
     }, rejects
 
 
 def prepare(corpus: Corpus, out_dir: str, shard_size: int = 1000, workers: int = 2,
             progress: bool = True) -> dict:
-    """Write the shards and index.json of a corpus read by data.formats; returns the index.
+    """Write the shards and index.json of a corpus read by data.corpus.formats; returns the index.
 
     Shards a previous run of the same inputs and shard size left intact are kept; only missing or
     damaged shards and the unwritten rest are written.
@@ -314,14 +314,14 @@ def prepare(corpus: Corpus, out_dir: str, shard_size: int = 1000, workers: int =
     if not unchanged:
         write_index(out_dir, index)
     if written == 0 and unchanged:
-        print(f"data.prepare: {out_dir} is up to date ({len(index['shards'])} shards); nothing written",
+        print(f"data.corpus.prepare: {out_dir} is up to date ({len(index['shards'])} shards); nothing written",
               file=sys.stderr)
     elif written < len(index["shards"]):
-        print(f"data.prepare: kept {len(index['shards']) - written} shards of the previous run, wrote "
+        print(f"data.corpus.prepare: kept {len(index['shards']) - written} shards of the previous run, wrote "
               f"{written}", file=sys.stderr)
     kinds = collections.Counter(r.kind for r in rejects)
     detail = f" ({', '.join(f'{n} {kind}' for kind, n in sorted(kinds.items()))})" if kinds else ""
-    print(f"data.prepare: {index['num_samples']} samples, {index['total_duration_s']:.1f} s "
+    print(f"data.corpus.prepare: {index['num_samples']} samples, {index['total_duration_s']:.1f} s "
           f"({index['total_duration_s'] / 3600:.2f} h) in {len(index['shards'])} shards -> {out_dir}; "
           f"{len(rejects)} rejected{detail}", file=sys.stderr)
     return index
@@ -335,18 +335,18 @@ def prepare_manifest(manifest: str, out_dir: str, shard_size: int = 1000, worker
 
 def prepare_conversations(path: str, out_dir: str, shard_size: int = 1000, workers: int = 2,
                           progress: bool = True) -> dict:
-    """Write the shards and index.json for a JSONL file of conversations (data.conversations)."""
+    """Write the shards and index.json for a JSONL file of conversations (data.corpus.conversations)."""
     return prepare(read_conversations(path), out_dir, shard_size, workers, progress)
 
 
 def prepare_preferences(path: str, out_dir: str, shard_size: int = 1000, workers: int = 2,
                         progress: bool = True) -> dict:
-    """Write the shards and index.json for a JSONL file of preference pairs (data.preferences)."""
+    """Write the shards and index.json for a JSONL file of preference pairs (data.corpus.preferences)."""
     return prepare(read_preferences(path), out_dir, shard_size, workers, progress)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m data.corpus.prepare", description=__doc__.splitlines()[0])
     formats = parser.add_subparsers(dest="format", required=True, metavar="FORMAT")
     p_manifest = formats.add_parser("manifest", help="JSONL lines of {'audio': path, 'text': str, ...}, or "
                                     "{'text': str, 'task': 'text'} (plain text, no audio)")
@@ -424,7 +424,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             corpus = read_preferences(args.preferences)
         elif args.format == "s2st":
             if args.task in ("s2st", "s2tt") and args.target_text_column is None:
-                print(f"data.prepare: warning: no --target-text-column: task {args.task!r} reads the record's "
+                print(f"data.corpus.prepare: warning: no --target-text-column: task {args.task!r} reads the record's "
                       f"'translation' and skips records without one", file=sys.stderr)
             corpus = read_hf_pairs(args.path, args.source_audio_column, args.target_audio_column,
                                    args.source_text_column, args.target_text_column, args.split,

@@ -27,7 +27,7 @@ _LEN_MULTIPLE = 8
 
 def sample_rows(sample: Dict[str, Any]) -> List[Dict[str, Any]]:
     """The sequences a sample puts into a batch: itself, or a pair's chosen and rejected renders
-    (data.samples.render_pair: {"pair": [chosen, rejected], ...})."""
+    (data.loading.samples.render_pair: {"pair": [chosen, rejected], ...})."""
     return sample["pair"] if "pair" in sample else [sample]
 
 

@@ -33,7 +33,7 @@ _HEX_RE = re.compile(r"[0-9a-f]{12,64}")
 
 
 class AudioTokenizer:
-    """What data.audio_codes needs of a tokenizer; subclasses set the four attributes."""
+    """What data.codes needs of a tokenizer; subclasses set the four attributes."""
     name: str
     sample_rate: int = SAMPLE_RATE
     frame_rate_hz: float
@@ -151,7 +151,7 @@ class KMeansTokenizer(AudioTokenizer):
 
     @classmethod
     def load(cls, path: str) -> "KMeansTokenizer":
-        blob = load_versioned(path, KMEANS_FORMAT, KMEANS_VERSION, "k-means tokenizer", "python -m data.audio_codes fit")
+        blob = load_versioned(path, KMEANS_FORMAT, KMEANS_VERSION, "k-means tokenizer", "python -m data.codes fit")
         return cls(blob["centroids_KM"], blob.get("config"))
 
     def save(self, path: str) -> None:

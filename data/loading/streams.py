@@ -1,6 +1,6 @@
 """The streams of raw samples behind the loader: a dataset's epochs read in each (rank, worker) slot's share
-and buffer-shuffled order (data.epochs decides which positions, in what order), and a slot's stream that mixes
-its datasets by weight, renders each sample (data.samples) and batches them (data.batching), carrying the
+and buffer-shuffled order (data.loading.epochs decides which positions, in what order), and a slot's stream that mixes
+its datasets by weight, renders each sample (data.loading.samples) and batches them (data.loading.batching), carrying the
 state a resume needs in every batch.
 """
 from __future__ import annotations
@@ -15,10 +15,10 @@ from typing import Any, Dict, Iterator, List, Tuple
 
 from torch.utils.data import IterableDataset, get_worker_info
 
-from data import epochs, remote
-from data.batching import Batcher
-from data.samples import SkipSample, render_pair, render_raw, sample_name
-from data.shard_reader import read_shard
+from data.loading import epochs, remote
+from data.loading.batching import Batcher
+from data.loading.samples import SkipSample, render_pair, render_raw, sample_name
+from data.loading.shard_reader import read_shard
 from data.text_tokenizer import load_tokenizer, special_ids
 
 MAX_SKIPPED_KEYS = 20
@@ -165,7 +165,7 @@ def new_slot_state(datasets: List[DatasetShards], buffer: int) -> Dict[str, Any]
 
 class _SlotStream:
     """The batches of one (rank, worker) slot: mixture -> dataset streams -> render -> batcher. `cfg` is the
-    loader's data.loader.DataConfig (not imported here: data.loader imports this module)."""
+    loader's data.loading.loader.DataConfig (not imported here: data.loading.loader imports this module)."""
 
     def __init__(self, cfg, datasets: List[DatasetShards], rank: int, worker: int, num_workers: int,
                  world_size: int, seed: int, generation: int, state: Dict[str, Any]):

@@ -1,10 +1,10 @@
 """Conversations for SFT from JSONL, one {"messages": [...], "tools": [...], ...} per line, read into
-candidates for data.prepare: every audio part becomes a member ("turn2.flac") that the messages name.
+candidates for data.corpus.prepare: every audio part becomes a member ("turn2.flac") that the messages name.
 
 A turn is {"role", "content": str | [{"type": "text", "text"} | {"type": "audio", "audio": PATH}]}, or
 uses the shortcuts "text" / "audio"; an assistant turn may carry "tool_call": {"name", "arguments"}.
 An assistant turn with audio is a speech answer: its text is what the audio says, and the template
-reads its codes ("turn2.codes.npy", written by data.audio_codes) rather than the audio.
+reads its codes ("turn2.codes.npy", written by data.codes) rather than the audio.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import json
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
-from data.formats import Candidate, Corpus, Reject, _file_key, read_jsonl
+from data.corpus.formats import Candidate, Corpus, Reject, _file_key, read_jsonl
 from data.tasks import TASKS
 from data.tasks.chat import parse_messages
 from data.tasks.pieces import TemplateError
@@ -31,7 +31,7 @@ def audio_member(turn: int) -> str:
 
 
 def codes_member(turn: int) -> str:
-    """The member data.audio_codes writes beside audio_member(turn): the speech answer's codes."""
+    """The member data.codes writes beside audio_member(turn): the speech answer's codes."""
     return f"turn{turn}.codes.npy"
 
 

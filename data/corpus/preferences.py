@@ -1,9 +1,9 @@
 """Preference pairs from JSONL, one {"messages": [...], "chosen": {...}, "rejected": {...}, ...} per line, read
-into candidates for data.prepare (task "preference", data/tasks/preference.py).
+into candidates for data.corpus.prepare (task "preference", data/tasks/preference.py).
 
-"messages" are turns as in data.conversations; the last is the human turn both answers reply to. An answer
+"messages" are turns as in data.corpus.conversations; the last is the human turn both answers reply to. An answer
 is {"text": str, "audio": optional path of the spoken answer}; its audio becomes the member "chosen.flac" or
-"rejected.flac", and the record names the codes data.audio_codes writes beside it ("chosen.codes.npy"), which
+"rejected.flac", and the record names the codes data.codes writes beside it ("chosen.codes.npy"), which
 the template reads as a TA4 speech answer. Every other field ("style", "speaker", a reference "text", ...)
 is kept as the record's metadata, for rewards and filters.
 """
@@ -13,8 +13,8 @@ import json
 import os
 from typing import Any, Dict, Tuple
 
-from data.conversations import _Bad, _turn
-from data.formats import Candidate, Corpus, Reject, _file_key, read_jsonl
+from data.corpus.conversations import _Bad, _turn
+from data.corpus.formats import Candidate, Corpus, Reject, _file_key, read_jsonl
 from data.tasks.chat import parse_messages
 from data.tasks import ANSWERS
 from data.tasks.pieces import TemplateError
@@ -29,7 +29,7 @@ def answer_audio_member(answer: str) -> str:
 
 
 def answer_codes_member(answer: str) -> str:
-    """The member data.audio_codes writes beside answer_audio_member(answer)."""
+    """The member data.codes writes beside answer_audio_member(answer)."""
     return f"{answer}.codes.npy"
 
 

@@ -2,10 +2,10 @@
 -> task template -> batcher -> batches; infinite, exactly resumable, re-splittable to another world size.
 
 Every slot's stream is a pure function of (seed, slot, its state): which positions of an epoch it reads and
-in which order comes from data.epochs, so a state is a few counters plus the batcher's held samples, and a
+in which order comes from data.loading.epochs, so a state is a few counters plus the batcher's held samples, and a
 resume re-reads only what the shuffle buffer and the batcher held, decoding only the latter.
 
-Its parts: data.shard_reader reads the tars, data.samples decodes and renders one sample, data.streams runs
+Its parts: data.loading.shard_reader reads the tars, data.loading.samples decodes and renders one sample, data.loading.streams runs
 a slot's stream. Here are the config, the loader (the slots in DataLoader workers, their state for resuming
 or re-splitting), and the in-process iterators of held-out samples for evaluation.
 """
@@ -23,11 +23,11 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch.utils.data import DataLoader
 
-from data import epochs
-from data.batching import BATCHING_MODES, pad_mels
-from data.samples import SkipSample, render_raw, sample_name
-from data.shard_reader import check_audio_tokenizer, read_shard, resolve_shards, shard_counts
-from data.streams import MAX_SKIPPED_KEYS, DatasetShards, WorkerStreams, new_slot_state
+from data.loading import epochs
+from data.loading.batching import BATCHING_MODES, pad_mels
+from data.loading.samples import SkipSample, render_raw, sample_name
+from data.loading.shard_reader import check_audio_tokenizer, read_shard, resolve_shards, shard_counts
+from data.loading.streams import MAX_SKIPPED_KEYS, DatasetShards, WorkerStreams, new_slot_state
 from data.tasks import DEFAULT_TASK, TASKS
 from data.tasks.pieces import DEFAULT_ASR_INSTRUCTION
 from data.text_tokenizer import SpecialIds, load_tokenizer, special_ids
@@ -57,7 +57,7 @@ class DataConfig:
     """Where training samples come from and how they are batched.
 
     Faults while reading: an OSError opening or reading a shard is retried after the waits of
-    data.shard_reader.IO_RETRY_DELAYS_S (0.5, 1, 2, 4 s), going on after the samples already delivered; if it
+    data.loading.shard_reader.IO_RETRY_DELAYS_S (0.5, 1, 2, 4 s), going on after the samples already delivered; if it
     persists, the rest of that shard is skipped for the epoch and counted once as "io_error" (the run goes
     on, as with bad input; the metrics and the log name the shard and the error). A corrupt tar keeps its
     complete samples and is counted as "bad_shard" without retries. A damaged index.json is warned about and
@@ -65,7 +65,7 @@ class DataConfig:
     while counting stops the loader, since ranks with different counts would get overlapping shares."""
     shards: List[str] = field(default_factory=list)
     """Dataset folders holding index.json, tar paths, globs (`d/*.tar`) or brace patterns (`d/s-{0..9}.tar`);
-    the folders and tars may be http(s)://, s3:// or gs:// URLs, or `pipe:CMD` (data.remote), streamed.
+    the folders and tars may be http(s)://, s3:// or gs:// URLs, or `pipe:CMD` (data.loading.remote), streamed.
     One dataset; leave empty when data.datasets is set."""
     datasets: List[DatasetConfig] = field(default_factory=list)
     """Several datasets mixed by weight; empty = the one dataset data.shards names."""

@@ -1,5 +1,5 @@
-"""Audio codes into shards: `python -m data.audio_codes SHARDS... --tokenizer kmeans:F.pt|s3:F.onnx [--out DIR]`,
-and fitting a k-means tokenizer: `python -m data.audio_codes fit SHARDS... --num-codes 256 --out F.pt`.
+"""Audio codes into shards: `python -m data.codes SHARDS... --tokenizer kmeans:F.pt|s3:F.onnx [--out DIR]`,
+and fitting a k-means tokenizer: `python -m data.codes fit SHARDS... --num-codes 256 --out F.pt`.
 
 Each audio member gains its codes beside it: `codes.npy` for `flac`, `target.codes.npy` for `target.flac`,
 `turn2.codes.npy` for a conversation's `turn2.flac`, `chosen.codes.npy` for a preference's `chosen.flac`.
@@ -22,12 +22,12 @@ import torch
 from tqdm import tqdm
 
 from data.audio import AudioError, read_audio_bytes
-from data.audio_tokenizers import AudioTokenizer, KMeansTokenizer, fit_kmeans, load_audio_tokenizer, pooled_mel_NM
+from data.codes.tokenizers import AudioTokenizer, KMeansTokenizer, fit_kmeans, load_audio_tokenizer, pooled_mel_NM
 from data.files import atomic_write
 from data.pool import WorkerError, map_in_processes
 from data.shards import (INDEX_FORMAT, INDEX_NAME, file_sha256, local_shard_paths, read_index, read_samples,
                          tar_writer, write_index, write_sample)
-from data.stats import categories
+from data.corpus.stats import categories
 
 STATE_NAME = "tokenize_state.json"
 TOKENIZER_NAME = "tokenizer.json"
@@ -123,7 +123,7 @@ def read_tokenizer_record(folder: str) -> Optional[dict]:
     record = _read_json(path)
     if not isinstance(record, dict) or not isinstance(record.get("hash"), str):
         raise ValueError(f"{path} is not an audio tokenizer record: expected JSON with a 'hash' "
-                         "(written by `python -m data.audio_codes`)")
+                         "(written by `python -m data.codes`)")
     return record
 
 
@@ -142,7 +142,7 @@ def _build_index(base: Optional[dict], names: List[str], done: Dict[str, dict]) 
     """`base` (the input's index, or a bare one) with tokenized shards' entries, rejects and counts."""
     index = json.loads(json.dumps(base)) if base else {
         "format": INDEX_FORMAT, "shards": [{"name": n, "num_samples": 0, "duration_s": 0.0, "sha256": ""}
-                                           for n in names], "rejects": [], "created_by": "data.audio_codes"}
+                                           for n in names], "rejects": [], "created_by": "data.codes"}
     for i, shard in enumerate(index["shards"]):
         if shard["name"] in done:
             index["shards"][i] = {k: done[shard["name"]][k] for k in ("name", "num_samples", "duration_s", "sha256")}
@@ -204,7 +204,7 @@ def _tokenize_folder(in_dir: str, names: List[str], out_dir: str, tok: AudioToke
         write_index(out_dir, index)
     _write_json(os.path.join(out_dir, TOKENIZER_NAME), {**record, "complete": complete})
     rejects = sum(len(done[n]["rejects"]) for n in done)
-    print(f"data.audio_codes: {out_dir}: {len(todo)} shards tokenized, {len(names) - len(todo)} already done, "
+    print(f"data.codes: {out_dir}: {len(todo)} shards tokenized, {len(names) - len(todo)} already done, "
           f"{len(done)}/{len(all_names)} complete; {rejects} samples dropped (undecodable audio)", file=sys.stderr)
     return {"out_dir": out_dir, "tokenized": todo, "skipped": [n for n in names if n not in todo],
             "complete": complete, "rejects": rejects, "index": index}
@@ -218,7 +218,7 @@ def tokenize_shards(specs: List[str], tokenizer: str, out_dir: Optional[str] = N
     all shards must come from one folder). `audio_tokenizer` injects an already built tokenizer (it
     then runs in this process only). Returns one summary per folder.
     """
-    paths = local_shard_paths(list(specs), "data.audio_codes", "writes next to its shards")
+    paths = local_shard_paths(list(specs), "data.codes", "writes next to its shards")
     tok = audio_tokenizer or load_audio_tokenizer(tokenizer)  # fail here, not in a worker
     spec = tokenizer if audio_tokenizer is None else audio_tokenizer
     folders: Dict[str, List[str]] = {}
@@ -242,7 +242,7 @@ def fit_tokenizer(specs: List[str], num_codes: int, out: str, seed: int = 0, ite
     Every member counts because the codes must cover all the speech they will encode: a codec fitted on one
     voice at its default pitch maps a high-pitched answer onto low-pitched codes (the pitch is lost)."""
     feats, total, bad = [], 0, 0
-    paths = local_shard_paths(list(specs), "data.audio_codes fit")
+    paths = local_shard_paths(list(specs), "data.codes fit")
     with tqdm(total=max_frames, desc="read frames", unit="frame", file=sys.stderr, disable=not progress) as bar:
         for path in paths:
             for key, members in read_samples(path):
@@ -271,7 +271,7 @@ def fit_tokenizer(specs: List[str], num_codes: int, out: str, seed: int = 0, ite
         centroids_KM = fit_kmeans(features_NM, num_codes, seed, iterations, report)
     tok = KMeansTokenizer(centroids_KM, {"seed": seed, "iterations": iterations, "num_frames": total})
     tok.save(out)
-    print(f"data.audio_codes fit: {num_codes} codes from {total} frames ({total / tok.frame_rate_hz:.0f} s of audio, "
+    print(f"data.codes fit: {num_codes} codes from {total} frames ({total / tok.frame_rate_hz:.0f} s of audio, "
           f"{bad} undecodable members) -> {out}; hash {tok.hash()[:16]}", file=sys.stderr)
     return tok
 
@@ -280,7 +280,7 @@ def fit_tokenizer(specs: List[str], num_codes: int, out: str, seed: int = 0, ite
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    prog = "python -m data.audio_codes"
+    prog = "python -m data.codes"
     if argv[:1] == ["fit"]:
         parser = argparse.ArgumentParser(prog=f"{prog} fit", description="Fit a k-means audio tokenizer on shards.")
         parser.add_argument("shards", nargs="+", help="dataset folders, tar paths, globs or brace patterns")

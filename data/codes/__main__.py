@@ -1,0 +1,3 @@
+from data.codes.encode import main
+
+raise SystemExit(main())
