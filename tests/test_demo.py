@@ -143,7 +143,7 @@ def test_demo_corpus_end_to_end(tmp_path, capsys):
 
 
 def test_paralinguistic_and_timbre_records(tmp_path):
-    from data.tools.demo import PARA_PITCHES, PARA_SPEEDS, VOICE_GENDERS, _wav, voice_description
+    from data.tools.demo import PARA_PITCHES, PARA_SPEEDS, VOICE_GENDERS, spoken_wav, voice_description
     from data.loading.samples import render_raw
     from data.text_tokenizer import build_text_tokenizer, extend_tokenizer, special_ids
 
@@ -156,7 +156,7 @@ def test_paralinguistic_and_timbre_records(tmp_path):
     assert [r["ask"] for r in para] == ["gender", "speed", "pitch"] * 2
     for r in para:
         assert r["task"] == "para_qa" and r["gender"] == VOICE_GENDERS[r["speaker"]]
-        spoken = _wav(r["text"], r["speaker"], PARA_SPEEDS[r["speed"]], PARA_PITCHES[r["pitch"]])
+        spoken = spoken_wav(r["text"], r["speaker"], PARA_SPEEDS[r["speed"]], PARA_PITCHES[r["pitch"]])
         assert r["audio"] == "../" + spoken["path"] and (out / spoken["path"]).is_file()
     assert [r["speaker"] for r in para[::3]] == demo.VOICES[:2]
     assert _jsonl(out / "para" / "heldout.jsonl") == splits["para"]["heldout"] and len(splits["para"]["heldout"]) == 6
@@ -166,8 +166,8 @@ def test_paralinguistic_and_timbre_records(tmp_path):
     assert [r["speaker"] for r in timbre] == demo.VOICES[:3]
     for i, r in enumerate(timbre):
         assert r["task"] == "timbre_search" and r["query"] == voice_description(r["speaker"])
-        assert r["target_audio"] == "../" + _wav(r["text"], r["speaker"], 175)["path"]
-        assert r["audio"] == "../" + _wav(timbre[(i + 1) % 3]["text"], r["speaker"], 175)["path"]
+        assert r["target_audio"] == "../" + spoken_wav(r["text"], r["speaker"], 175)["path"]
+        assert r["audio"] == "../" + spoken_wav(timbre[(i + 1) % 3]["text"], r["speaker"], 175)["path"]
     assert voice_description("en-us+m3") == "the American male voice m3"
     assert voice_description("en+f2") == "the British female voice f2"
     texts = {r["text"] for r in _jsonl(out / "texts.jsonl")}

@@ -51,6 +51,7 @@ def test_plain_run(tmp_path):
     run = tmp_path / "run"
     lines = _train_lines(40, 100, 8.0, 1000.0, eval_metric="wer", eval_start=1.2, eval_end=0.25, mfu=0.125)
     lines.insert(2, {"step": 15, "time": 1015.0, "reward": 0.5, "kl": 0.01})  # an RL line
+    lines[-2]["eval/wer_num_codes_end"] = 412  # a count beside the metric: not a figure to plot
     _write_metrics(run, lines)
     (run / "metrics.jsonl").open("a").write('{"step": 41, "loss": 1.0')  # a line cut off by a kill
     out = tmp_path / "out"
@@ -61,6 +62,8 @@ def test_plain_run(tmp_path):
     text = (out / "REPORT.md").read_text()
     # steps 40, tokens 4,000, wall 46 s, tokens/s mean of 1010..1040, MFU 12.5%, final loss 8 / 40
     assert "| run | done | 40 | 4,000 | 46 s | 1,025 | 12.5% | 0.2000 | wer 1.2 -> 0.25 |" in text
+    assert not (out / "eval_wer_num_codes.png").exists()
+    assert report.eval_values(report.load_run(run)[0][0]) == {"wer": {"start": 1.2, "end": 0.25}}
     assert not (run / "REPORT.md").exists()
 
 

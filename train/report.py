@@ -21,6 +21,8 @@ CURRICULUM_NAME = "curriculum.json"  # train.curriculum.SUMMARY_NAME (not import
 METRICS_NAME = "metrics.jsonl"
 REPORT_NAME = "REPORT.md"
 _EVAL_KEY = re.compile(r"^eval/(.+)_(start|end|step\d+)$")
+# Evaluation extras that count rather than measure (code_accuracy's num_codes): neither plotted nor reported.
+_COUNT = re.compile(r"(^|_)num_[a-z]+$")
 _STAGE_DIR = re.compile(r"^(\d+)-(.+)$")
 
 
@@ -114,7 +116,7 @@ def eval_values(stage: Stage) -> Dict[str, Dict[str, float]]:
     for record in stage.records:
         for key, value in record.items():
             match = _EVAL_KEY.match(key)
-            if match and isinstance(value, (int, float)):
+            if match and isinstance(value, (int, float)) and not _COUNT.search(match.group(1)):
                 out.setdefault(match.group(1), {})[match.group(2)] = float(value)
     metric = stage.summary.get("metric")
     if not out and metric:

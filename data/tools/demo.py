@@ -40,7 +40,7 @@ SLOTS = (NUMBERS, ADJECTIVES, NOUNS, VERBS, COLOURS, OBJECTS)
 VOICES = ["en-us+m3", "en+f2", "en-us+m1", "en+f4", "en-gb+m2"]
 SPEEDS_WPM = range(150, 191)  # espeak's default is 175 words per minute
 DEFAULT_PITCH = 50  # espeak's
-_HELDOUT_SEED_OFFSET = 1_000_003
+HELDOUT_SEED_OFFSET = 1_000_003
 
 
 def make_sentences(n: int, seed: int, exclude: AbstractSet[str] = frozenset()) -> list[str]:
@@ -147,7 +147,7 @@ DIALOGUE_SYSTEM = "Say what you are asked to say, in the way you are asked to sa
 TARGET_LANGUAGE = "German"
 TASK_NAMES = ("asr", "tts", "s2tt", "dialogue", "para", "timbre")
 DEFAULT_TASKS = TASK_NAMES[:-1]  # what the demo curriculum trains; timbre on request
-_TASK_SEEDS = {"tts": 101, "s2tt": 202, "dialogue": 303, "para": 404, "timbre": 505}  # own training sentences
+TASK_SEEDS = {"tts": 101, "s2tt": 202, "dialogue": 303, "para": 404, "timbre": 505}  # own training sentences
 # Paralinguistic labels the demo can produce: a voice's gender (from espeak's variant), and speed and pitch
 # as espeak settings (pitch relative to the voice's own).
 VOICE_GENDERS = {voice: "male" if "+m" in voice else "female" for voice in VOICES}
@@ -156,7 +156,7 @@ PARA_PITCHES = {"low": 20, "normal": DEFAULT_PITCH, "high": 85}
 PARA_ATTRIBUTES = ("gender", "speed", "pitch")
 
 
-def _wav(text: str, voice: str, speed: int, pitch: int = DEFAULT_PITCH) -> dict:
+def spoken_wav(text: str, voice: str, speed: int, pitch: int = DEFAULT_PITCH) -> dict:
     """An utterance to speak. Named by content (ASR names as in earlier versions), so a re-run with other
     arguments never reuses a wav that says something else."""
     spec = f"{voice}|{speed}|{text}" if pitch == DEFAULT_PITCH else f"{voice}|{speed}|{pitch}|{text}"
@@ -170,7 +170,7 @@ def _asr(split: str, sentences: List[str], seed: int) -> Tuple[List[dict], List[
     rng = random.Random(f"{split}-{seed}")
     records, wavs = [], []
     for i, text in enumerate(sentences):
-        wav = _wav(text, VOICES[i % len(VOICES)], rng.choice(SPEEDS_WPM))
+        wav = spoken_wav(text, VOICES[i % len(VOICES)], rng.choice(SPEEDS_WPM))
         records.append({"id": f"{split}-{i:05d}", "audio": "../" + wav["path"], "text": text,
                         "speaker": wav["voice"], "language": "en", "speed": wav["speed"]})
         wavs.append(wav)
@@ -178,13 +178,13 @@ def _asr(split: str, sentences: List[str], seed: int) -> Tuple[List[dict], List[
 
 
 def _tts(split: str, sentences: List[str], seed: int) -> Tuple[List[dict], List[dict]]:
-    wavs = [_wav(text, TTS_VOICE, 175) for text in sentences]
+    wavs = [spoken_wav(text, TTS_VOICE, 175) for text in sentences]
     return [{"id": f"tts-{split}-{i:05d}", "audio": "../" + wav["path"], "text": wav["text"], "speaker": TTS_VOICE,
              "language": "en", "task": "tts"} for i, wav in enumerate(wavs)], wavs
 
 
 def _s2tt(split: str, sentences: List[str], seed: int) -> Tuple[List[dict], List[dict]]:
-    records, wavs = _asr(split, sentences, seed + _TASK_SEEDS["s2tt"])
+    records, wavs = _asr(split, sentences, seed + TASK_SEEDS["s2tt"])
     return [{**r, "id": f"s2tt-{r['id']}", "translation": translate_to_german(r["text"]),
              "target_language": TARGET_LANGUAGE, "task": "s2tt"} for r in records], wavs
 
@@ -193,7 +193,7 @@ def dialogue_request(sentence: str, style: str) -> str:
     return f"say {sentence} {style}"
 
 
-def _dialogue(split: str, sentences: List[str], seed: int) -> Tuple[List[dict], List[dict]]:
+def dialogue_records(split: str, sentences: List[str], seed: int) -> Tuple[List[dict], List[dict]]:
     """Conversations: a spoken request in one of the demo voices, a speech answer in TTS_VOICE delivered
     as asked. The style stays out of the system prompt: the model must hear it in the request."""
     rng = random.Random(f"dialogue-{split}-{seed}")
@@ -201,8 +201,8 @@ def _dialogue(split: str, sentences: List[str], seed: int) -> Tuple[List[dict], 
     records, wavs = [], []
     for i, text in enumerate(sentences):
         style = styles[i % len(styles)]
-        request = _wav(dialogue_request(text, style), VOICES[i % len(VOICES)], rng.choice(SPEEDS_WPM))
-        answer = _wav(text, TTS_VOICE, **STYLES[style])
+        request = spoken_wav(dialogue_request(text, style), VOICES[i % len(VOICES)], rng.choice(SPEEDS_WPM))
+        answer = spoken_wav(text, TTS_VOICE, **STYLES[style])
         records.append({"id": f"dialogue-{split}-{i:05d}", "style": style, "language": "en", "messages": [
             {"role": "system", "text": DIALOGUE_SYSTEM},
             {"role": "user", "audio": "../" + request["path"]},
@@ -218,7 +218,7 @@ def _para(split: str, sentences: List[str], seed: int) -> Tuple[List[dict], List
     records, wavs = [], []
     for i, text in enumerate(sentences):
         voice, speed, pitch = VOICES[i % len(VOICES)], rng.choice(list(PARA_SPEEDS)), rng.choice(list(PARA_PITCHES))
-        wav = _wav(text, voice, PARA_SPEEDS[speed], PARA_PITCHES[pitch])
+        wav = spoken_wav(text, voice, PARA_SPEEDS[speed], PARA_PITCHES[pitch])
         labels = {"gender": VOICE_GENDERS[voice], "speed": speed, "pitch": pitch}
         records += [{"id": f"para-{split}-{i:05d}-{ask}", "audio": "../" + wav["path"], "text": text, "speaker": voice,
                      "language": "en", "task": "para_qa", **labels, "ask": ask} for ask in PARA_ATTRIBUTES]
@@ -239,7 +239,7 @@ def _timbre(split: str, sentences: List[str], seed: int) -> Tuple[List[dict], Li
     records, wavs = [], []
     for i, text in enumerate(sentences):
         voice = VOICES[i % len(VOICES)]
-        clip, answer = _wav(sentences[(i + 1) % len(sentences)], voice, 175), _wav(text, voice, 175)
+        clip, answer = spoken_wav(sentences[(i + 1) % len(sentences)], voice, 175), spoken_wav(text, voice, 175)
         records.append({"id": f"timbre-{split}-{i:05d}", "audio": "../" + clip["path"],
                         "target_audio": "../" + answer["path"], "text": text, "query": voice_description(voice),
                         "speaker": voice, "language": "en", "task": "timbre_search"})
@@ -247,7 +247,7 @@ def _timbre(split: str, sentences: List[str], seed: int) -> Tuple[List[dict], Li
     return records, wavs
 
 
-_BUILDERS = {"asr": _asr, "tts": _tts, "s2tt": _s2tt, "dialogue": _dialogue, "para": _para, "timbre": _timbre}
+_BUILDERS = {"asr": _asr, "tts": _tts, "s2tt": _s2tt, "dialogue": dialogue_records, "para": _para, "timbre": _timbre}
 
 
 def _template_texts(tasks: Sequence[str]) -> List[str]:
@@ -301,14 +301,14 @@ def make_demo(out_dir: str, num_train: int = 400, num_heldout: int = 40, seed: i
              "para": num_train // 4, "timbre": num_train // 2, **(num_task_train or {})}
     espeak_binary()
     asr_train = make_sentences(num_train, seed)
-    heldout = make_sentences(num_heldout, seed + _HELDOUT_SEED_OFFSET, exclude=frozenset(asr_train))
+    heldout = make_sentences(num_heldout, seed + HELDOUT_SEED_OFFSET, exclude=frozenset(asr_train))
     splits: Dict[str, Dict[str, List[dict]]] = {}
     wavs: Dict[str, dict] = {}
     texts = _template_texts(tasks)
     for task in TASK_NAMES:
         if task not in tasks:
             continue
-        train = asr_train if task == "asr" else make_sentences(sizes[task], seed + _TASK_SEEDS[task],
+        train = asr_train if task == "asr" else make_sentences(sizes[task], seed + TASK_SEEDS[task],
                                                                exclude=frozenset(heldout))
         splits[task] = {}
         for split, sentences in (("train", train), ("heldout", heldout)):

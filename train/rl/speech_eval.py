@@ -30,8 +30,8 @@ import torch
 
 from data.audio import encode_flac, read_audio
 from data.loading.batching import pad_mels
-from data.tools.demo import (_HELDOUT_SEED_OFFSET, _TASK_SEEDS, DEFAULT_PITCH, STYLES, TTS_VOICE, _dialogue, _wav,
-                       make_sentences, speak)
+from data.tools.demo import (DEFAULT_PITCH, HELDOUT_SEED_OFFSET, STYLES, TASK_SEEDS, TTS_VOICE, dialogue_records,
+                             make_sentences, speak, spoken_wav)
 from data.files import atomic_write
 from data.loading.samples import render_raw
 from model.generate import generate, split_ta4
@@ -50,12 +50,12 @@ SLOW, QUICK, HIGH = "slowly", "quickly", "in a high voice"
 def demo_sentences(num_train: int = 400, num_heldout: int = 40, seed: int = 0) -> frozenset:
     """A superset of every sentence `python -m data.tools.demo` (make_demo) trains or holds out with these
     arguments: the ASR and held-out sentences exactly as make_demo draws them, and for every task seed in
-    data.tools.demo._TASK_SEEDS the first 2 x num_train sentences of that task's draw. make_sentences' output for n
+    data.tools.demo.TASK_SEEDS the first 2 x num_train sentences of that task's draw. make_sentences' output for n
     is a prefix of its output for any larger n, so this covers any task size up to twice num_train."""
     asr_train = make_sentences(num_train, seed)
-    heldout = make_sentences(num_heldout, seed + _HELDOUT_SEED_OFFSET, exclude=frozenset(asr_train))
+    heldout = make_sentences(num_heldout, seed + HELDOUT_SEED_OFFSET, exclude=frozenset(asr_train))
     out = set(asr_train) | set(heldout)
-    for task_seed in _TASK_SEEDS.values():
+    for task_seed in TASK_SEEDS.values():
         out.update(make_sentences(2 * num_train, seed + task_seed, exclude=frozenset(heldout)))
     return frozenset(out)
 
@@ -77,17 +77,17 @@ def heldout_requests(out_dir: str, num_sentences: int = 8, seed: int = EVAL_SEED
         raise ValueError(f"num_sentences={num_sentences}: expected at least 1")
     if sentences is None:
         sentences = make_sentences(num_sentences, seed, exclude=demo_sentences() if exclude is None else exclude)
-    # _dialogue gives sample i the style STYLES[i % 3]: each sentence repeated once per style asks for all three.
+    # dialogue_records gives sample i the style STYLES[i % 3]: each sentence repeated once per style asks for all three.
     repeated = [s for s in sentences for _ in STYLES]
-    records, wavs = _dialogue("eval", repeated, seed)
-    normal = {s: _wav(s, TTS_VOICE, **NORMAL) for s in sentences}
+    records, wavs = dialogue_records("eval", repeated, seed)
+    normal = {s: spoken_wav(s, TTS_VOICE, **NORMAL) for s in sentences}
     todo = {w["path"]: w for w in [*wavs, *normal.values()] if not os.path.isfile(os.path.join(out_dir, w["path"]))}
     os.makedirs(os.path.join(out_dir, "wav"), exist_ok=True)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # each thread waits on one espeak process
         list(pool.map(lambda w: speak(w["text"], w["voice"], os.path.join(out_dir, w["path"]), w["speed"],
                                       w["pitch"]), todo.values()))
     out = []
-    for r, spoken in zip(records, wavs[::2]):  # _dialogue lists each record's request, then its answer
+    for r, spoken in zip(records, wavs[::2]):  # dialogue_records lists each record's request, then its answer
         if r["style"] not in styles:
             continue
         user, assistant = r["messages"][1], r["messages"][2]
