@@ -134,7 +134,8 @@ def special_ids(tok: PreTrainedTokenizerFast) -> SpecialIds:
 
     def lookup(name: str) -> int:
         if name not in table:
-            raise ValueError(f"tokenizer has no token {name!r}: was it built with data.text_tokenizer.extend_tokenizer?")
+            raise ValueError(f"tokenizer has no token {name!r}: was it built with "
+                             "data.text_tokenizer.extend_tokenizer?")
         return table[name]
 
     named = dict(

@@ -230,7 +230,8 @@ def test_resume_skips_without_decoding(tmp_path, tok_dir, monkeypatch):
 
     decoded = []
     real_decode = data.loading.samples.decode_audio
-    monkeypatch.setattr(data.loading.samples, "decode_audio", lambda b, name: decoded.append(name) or real_decode(b, name))
+    monkeypatch.setattr(data.loading.samples, "decode_audio",
+                        lambda b, name: decoded.append(name) or real_decode(b, name))
     resumed = build_loader(cfg, 0, 1, seed=1)
     resumed.load_state_dict(state)
     assert next(resumed)["keys"] == next(first)["keys"]

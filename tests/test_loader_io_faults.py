@@ -1,4 +1,5 @@
-"""I/O faults while reading shards and their index: injected at the loader's one open (data.loading.shard_reader.open_shard).
+"""I/O faults while reading shards and their index: injected at the loader's one open
+(data.loading.shard_reader.open_shard).
 
 A transient OSError (open or read) is retried after IO_RETRY_DELAYS_S and loses or repeats no sample; one
 that outlasts the retries skips the rest of that shard counted as "io_error"; a corrupt tar is not retried;
@@ -290,7 +291,8 @@ def test_scan_count_of_a_corrupt_tar_stops_without_retrying(folder, monkeypatch,
 def _counts_with_scans(monkeypatch, folder):
     scanned = []
     real = data.loading.shard_reader.scan_sample_count
-    monkeypatch.setattr(data.loading.shard_reader, "scan_sample_count", lambda p: scanned.append(os.path.basename(p)) or real(p))
+    monkeypatch.setattr(data.loading.shard_reader, "scan_sample_count",
+                        lambda p: scanned.append(os.path.basename(p)) or real(p))
     paths = [str(folder / "shard-000000.tar"), str(folder / "shard-000001.tar")]
     return shard_counts(paths), scanned
 

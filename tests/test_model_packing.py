@@ -47,7 +47,8 @@ def _mel_batch(mels: list):
 
 
 def _pack(rows: list, length: int) -> dict:
-    """rows: lists of sample names packed left to right and padded to `length`, as data.loading.batching lays them out."""
+    """rows: lists of sample names packed left to right and padded to `length`, as data.loading.batching lays
+    them out."""
     B = len(rows)
     batch = {"input_ids": torch.full((B, length), PAD), "labels": torch.full((B, length), -100),
              "segment_ids": torch.zeros(B, length, dtype=torch.long),

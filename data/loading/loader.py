@@ -5,8 +5,8 @@ Every slot's stream is a pure function of (seed, slot, its state): which positio
 in which order comes from data.loading.epochs, so a state is a few counters plus the batcher's held samples, and a
 resume re-reads only what the shuffle buffer and the batcher held, decoding only the latter.
 
-Its parts: data.loading.shard_reader reads the tars, data.loading.samples decodes and renders one sample, data.loading.streams runs
-a slot's stream. Here are the config, the loader (the slots in DataLoader workers, their state for resuming
+Its parts: data.loading.shard_reader reads the tars, data.loading.samples decodes and renders one sample,
+data.loading.streams runs a slot's stream. Here are the config, the loader (the slots in DataLoader workers, their state for resuming
 or re-splitting), and the in-process iterators of held-out samples for evaluation.
 """
 from __future__ import annotations

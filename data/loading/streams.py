@@ -1,7 +1,7 @@
 """The streams of raw samples behind the loader: a dataset's epochs read in each (rank, worker) slot's share
-and buffer-shuffled order (data.loading.epochs decides which positions, in what order), and a slot's stream that mixes
-its datasets by weight, renders each sample (data.loading.samples) and batches them (data.loading.batching), carrying the
-state a resume needs in every batch.
+and buffer-shuffled order (data.loading.epochs decides which positions, in what order), and a slot's stream
+that mixes its datasets by weight, renders each sample (data.loading.samples) and batches them
+(data.loading.batching), carrying the state a resume needs in every batch.
 """
 from __future__ import annotations
 
