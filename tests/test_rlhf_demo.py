@@ -4,12 +4,15 @@ in `make rlhf-demo`, minutes on two cores: not in the suite.)"""
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import pytest
 
 from train.recipe import load_config
-from train.rlhf_demo import RECIPE, check_demo, demo_paths, format_report, planned_runs, rewards_override
+from train.rl.speech_eval import Answer
+from train.rlhf_demo import (RECIPE, check_demo, demo_paths, format_report, planned_runs, reward_scores,
+                             reward_specs, rewards_override)
 from tests.conftest import REPO
 
 
@@ -22,17 +25,19 @@ def test_every_planned_run_loads_with_the_reward_it_builds(tmp_path):
     paths = demo_paths(tmp_path / "demo")
     common = [f"model.init_from={paths['sft']}", f"data.tokenizer={paths['sft']}",
               f"data.shards=[{paths['prompts']}]", f"data.audio_tokenizer={paths['codes']}",
-              rewards_override(paths, tmp_path / "out" / "style.pt")]
+              rewards_override(reward_specs(paths, tmp_path / "out" / "style.pt"))]
     runs = planned_runs(_args(), tmp_path / "pairs")
     assert list(runs) == ["grpo-seed0", "grpo-seed1", "grpo-seed2", "grpo-placebo", "ppo", "dpo"]
     kinds = {}
     for name, overrides in runs.items():
         cfg = load_config(str(REPO / RECIPE), [f"run_dir={tmp_path / name}", *common, *overrides])
         kinds[name] = (cfg.kind, cfg.seed, cfg.max_steps, cfg.rl.placebo, cfg.data.render)
-        assert [(r.name, r.weight) for r in cfg.rl.rewards] == [("style", 1.0), ("words", 1.0), ("guard", 0.5)]
+        assert [(r.name, r.weight) for r in cfg.rl.rewards] == [("style", 1.0), ("rate", 1.0), ("words", 1.0),
+                                                                 ("guard", 0.5)]
         assert cfg.rl.rewards[0].args == {"classifier": str(tmp_path / "out" / "style.pt"),
                                           "codes": f"kmeans:{tmp_path / 'demo' / 'kmeans.pt'}"}
-        assert cfg.rl.rewards[1].args["asr_model"] == str(tmp_path / "demo/curriculum/stages/0-asr/export")
+        assert cfg.rl.rewards[2].args == {"asr_model": str(tmp_path / "demo/curriculum/stages/0-asr/export"),
+                                          "codes": f"kmeans:{tmp_path / 'demo' / 'kmeans.pt'}", "sharpness": 1.0}
         assert cfg.model.init_from == str(tmp_path / "demo/curriculum/stages/3-dialogue/export")
     assert kinds == {"grpo-seed0": ("grpo", 0, 30, False, "prompt"), "grpo-seed1": ("grpo", 1, 30, False, "prompt"),
                      "grpo-seed2": ("grpo", 2, 30, False, "prompt"), "grpo-placebo": ("grpo", 0, 30, True, "prompt"),
@@ -64,3 +69,23 @@ def test_the_recipe_is_the_demo_run(tmp_path):
     assert (cfg.kind, cfg.model.trainable, cfg.rl.kl_coef, cfg.rl.truncated_reward) == \
         ("grpo", ["decoder", "lm_head"], 0.05, 0.0)
     assert Path(cfg.model.init_from) == Path("runs/demo/curriculum/stages/3-dialogue/export")
+
+
+def test_held_out_answers_are_scored_with_the_runs_reward_specs():
+    # 7 words past the slow target (0.34 x 1.4 s a word, 25 codes a second): rate 1; a 25-code quick answer
+    # that never ended: its parts are scored, its total is 0 (rl.truncated_reward); the guard wants 10 codes.
+    specs = [{"name": "rate", "weight": 1.0, "function": "train.rl.speech_rewards:speaking_rate", "args": {}},
+             {"name": "guard", "weight": 0.5, "function": "train.rl.speech_rewards:audio_guard", "args": {}}]
+    slow = list(range(84))  # 84 codes = 3.36 s = 0.48 s a word
+    answers = [Answer(key="a", style="slowly", text_asked="", prompt_ids=[], answer_ids=[], stopped=True, text="",
+                      audio_codes=slow),
+               Answer(key="b", style="quickly", text_asked="", prompt_ids=[], answer_ids=[], stopped=False,
+                      text="", audio_codes=list(range(25))),
+               Answer(key="a", style="slowly", text_asked="", prompt_ids=[], answer_ids=[], stopped=True, text="",
+                      audio_codes=[3] * 5)]
+    requests = [{"key": "a", "text": "one two three four five six seven"}, {"key": "b", "text": "one two three"}]
+    got = reward_scores(answers, requests, specs)
+    assert got["rate"][0] == 1.0 and got["guard"] == [1.0, 1.0, 0.0]
+    assert got["total"] == [1.5, 0.0, got["rate"][2]]
+    # 25 codes for 3 words: 0.333 s a word; quick is at most 0.34 / 1.4 = 0.243, nothing from 1.5x that.
+    assert got["rate"][1] == pytest.approx(1 - math.log(1 / 3 / (0.34 / 1.4)) / math.log(1.5))

@@ -132,6 +132,20 @@ def test_word_hits_and_wer_from_transcripts(requests, codec, monkeypatch):
     assert out["summary"]["all"]["words_asked"] == 21 and out["summary"]["all"]["word_hit_rate"] == round(10 / 21, 4)
     assert se.word_hits("two two cats", "two cats two dogs") == 3
 
+    # espeak's own answers heard by the ASR: the ceiling of the words measure, raw and through the codes.
+    spoken = {}
+
+    def hears_the_first_word_wrong(waves, asr_model, device, max_new_tokens, batch_size):
+        spoken.setdefault("calls", []).append(len(waves))
+        return ["zebra " + " ".join(r["text"].split()[1:]) for r in requests[:len(waves)]]
+    monkeypatch.setattr(se, "transcribe", hears_the_first_word_wrong)
+    reference = se.espeak_reference(requests, codec, asr_model="unused")
+    assert spoken["calls"] == [6, 6]  # the styled answers, raw then through the codes; not the normal ones
+    for name in ("espeak", "espeak_through_codes"):
+        assert reference[name]["all"]["word_hit_rate"] == round(6 * 6 / (6 * 7), 4)
+        assert reference[name]["all"]["wer"] == round(1 / 7, 4)
+    assert "wer" not in se.espeak_reference(requests[:1])["espeak"]["all"]
+
 
 def test_write_wavs(requests, codec, tmp_path):
     answers = se.espeak_answers(requests, codec)

@@ -1,27 +1,31 @@
 """`make rlhf-demo`: RLHF on the demo's styled spoken dialogue, shown on held-out requests.
 
-    python -m train.rlhf_demo [--demo runs/demo] [--out runs/rlhf_demo] [--seeds 3] [--steps 30]
-        [--ppo-steps 15] [--dpo-steps 30] [--best-of 4] [--runs grpo,placebo,ppo,dpo] [key=value ...]
+    python -m train.rlhf_demo [--demo runs/demo] [--out runs/rlhf_demo] [--seeds 3] [--steps 40]
+        [--ppo-steps 15] [--dpo-steps 30] [--best-of 4] [--samples 2] [--jobs 2] [--runs grpo,placebo,ppo,dpo]
+        [key=value ...]
 
 After `make demo`. The policy is the demo curriculum's styled-dialogue export; its requests are spoken
 ("say SENTENCE slowly / quickly / in a high voice") and its answers are speech (k-means codes). Steps, each
 skipped when its result exists (a rerun continues where the last one stopped):
 
 1. The style reward's classifier (train.style_classifier fit, trained through the demo's codec) -> OUT/style.pt.
-2. Training runs of recipes/demo/rlhf.yaml (python -m train, one process each): GRPO with seeds 0..S-1; a
-   placebo (seed 0, rl.placebo=true: the same rewards dealt to the wrong answers); PPO (seed 0, fewer steps);
-   DPO (seed 0) on preference pairs of the training requests (chosen: espeak's answer in the requested style,
-   rejected: the same words in another style), tokenized with the demo's codec. Extra key=value arguments
-   override the recipe in every run.
-3. The held-out measurement (train.rl.speech_eval) of: the SFT model (greedy); best-of-N from it (N sampled
-   answers per request, the one the reward scores highest kept: what RL must beat without training); every
-   run's export (greedy). Requests: new sentences in each style, and training sentences in a style they were
-   never trained in (an unseen combination). Beside each: the reward and its components, the KL per token to
-   the SFT model, the ASR export's transcript, and WAVs of five requests before (SFT) and after (GRPO seed 0).
+2. Training runs of recipes/demo/rlhf.yaml (python -m train, one process each, --jobs at once): GRPO with
+   seeds 0..S-1; a placebo (seed 0, rl.placebo=true: the same rewards dealt to the wrong answers); PPO (seed 0,
+   fewer steps); DPO (seed 0) on preference pairs of the training requests (chosen: espeak's answer in the
+   requested style, rejected: the same words in another style), tokenized with the demo's codec. The reward
+   (reward_specs) is the same in every run. Extra key=value arguments override the recipe in every run.
+3. The held-out measurement (train.rl.speech_eval) of: the SFT model; best-of-N from it (N sampled answers per
+   request, the one the reward scores highest kept: what RL must beat without training); every run's export.
+   Each model answers greedily, and --samples times per new request at the runs' temperature (1): the
+   policy RL trained, which greedy decoding shows only by its most likely answer. Requests: new sentences in
+   each style, and training sentences in a style they were never trained in (an unseen combination). Beside
+   each: the reward and its components, the KL per token to the SFT model, the ASR export's transcript, and
+   WAVs of five requests before (SFT) and after (GRPO seed 0). espeak's own answers are measured the same
+   way, raw and through the codec: what a model taught by them can reach.
 4. OUT/report.json, and OUT/report.md with the figures side by side.
 
 The measures of step 3 are not the reward: time per word comes from the energy of the decoded wave and F0
-from a pitch tracker, where the reward uses a classifier and an ASR model.
+from a pitch tracker, where the reward uses a classifier, the count of codes and an ASR model.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ import random
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -43,7 +48,9 @@ from train.rl.speech_eval import (Answer, answer, espeak_reference, heldout_requ
                                   write_wavs)
 
 RECIPE = "recipes/demo/rlhf.yaml"
-REWARD_WEIGHTS = {"style": 1.0, "words": 1.0, "guard": 0.5}  # as in RECIPE; rewards_override() writes them
+# 1 - tanh(WORDS_SHARPNESS x WER): CosyVoice 2's 3 is flat where the demo's SFT answers sit (WER ~0.8: 0.02 +- 0.015,
+# no signal for GRPO's group baseline); 1 keeps a slope there (0.34 at WER 0.8, 0.46 at 0.6).
+WORDS_SHARPNESS = 1.0
 
 
 def demo_paths(demo: Path) -> Dict[str, Any]:
@@ -60,15 +67,22 @@ def check_demo(paths: Dict[str, Any]) -> None:
                          f"the demo curriculum's styled-dialogue export)")
 
 
-def rewards_override(paths: Dict[str, Any], style_model: Path) -> str:
+def reward_specs(paths: Dict[str, Any], style_model: Path) -> List[Dict[str, Any]]:
+    """The demo's reward, as rl.rewards entries (name, weight, function, args): every run trains on it and
+    reward_scores() scores the held-out answers with it."""
     codes = paths["codes"]
-    parts = [f'{{name: style, weight: {REWARD_WEIGHTS["style"]}, function: "train.rl.speech_rewards:style", '
-             f'args: {{classifier: "{style_model}", codes: "{codes}"}}}}',
-             f'{{name: words, weight: {REWARD_WEIGHTS["words"]}, function: "train.rl.speech_rewards:intelligibility", '
-             f'args: {{asr_model: "{paths["asr"]}", codes: "{codes}"}}}}',
-             f'{{name: guard, weight: {REWARD_WEIGHTS["guard"]}, function: "train.rl.speech_rewards:audio_guard", '
-             f'args: {{codes: "{codes}"}}}}']
-    return "rl.rewards=[" + ", ".join(parts) + "]"
+    return [{"name": "style", "weight": 1.0, "function": "train.rl.speech_rewards:style",
+             "args": {"classifier": str(style_model), "codes": codes}},
+            {"name": "rate", "weight": 1.0, "function": "train.rl.speech_rewards:speaking_rate", "args": {}},
+            {"name": "words", "weight": 1.0, "function": "train.rl.speech_rewards:intelligibility",
+             "args": {"asr_model": str(paths["asr"]), "codes": codes, "sharpness": WORDS_SHARPNESS}},
+            {"name": "guard", "weight": 0.5, "function": "train.rl.speech_rewards:audio_guard",
+             "args": {"codes": codes}}]
+
+
+def rewards_override(specs: Sequence[Dict[str, Any]]) -> str:
+    """`rl.rewards=[...]` for the command line (JSON is YAML flow syntax)."""
+    return "rl.rewards=" + json.dumps(list(specs))
 
 
 def _run(cmd: List[str], log: Path) -> None:
@@ -81,7 +95,7 @@ def _run(cmd: List[str], log: Path) -> None:
     if proc.returncode != 0:
         tail = log.read_text(encoding="utf-8", errors="replace")[-3000:]
         raise SystemExit(f"error: step failed (exit {proc.returncode}): {' '.join(cmd)}\n--- {log} (end)\n{tail}")
-    print(f"[rlhf-demo]   done in {time.time() - t0:.0f} s", flush=True)
+    print(f"[rlhf-demo]   {log.stem} done in {time.time() - t0:.0f} s", flush=True)
 
 
 def fit_style(out: Path, paths: Dict[str, Any], voices: int, steps: int) -> Path:
@@ -143,7 +157,7 @@ def planned_runs(args: argparse.Namespace, pairs: Optional[Path]) -> Dict[str, L
     if "ppo" in wanted:
         runs["ppo"] = ["seed=0", "kind=ppo", f"max_steps={args.ppo_steps}", "rl.num_generations=1",
                        "data.batch_size=8", "rl.epochs=2", "rl.num_minibatches=2", "rl.critic_lr=1e-4",
-                       "rl.critic_warmup_steps=2", "rl.kl_in_reward=true"]
+                       "rl.critic_warmup_steps=2", "rl.kl_in_reward=true", "optim.lr=2e-5"]  # 4 updates a step
     if "dpo" in wanted and pairs is not None:
         runs["dpo"] = ["seed=0", "kind=dpo", f"max_steps={args.dpo_steps}", f"data.shards=[{pairs}]",
                        "data.task=preference", "rl.beta=0.1", "optim.lr=5e-6"]
@@ -173,25 +187,25 @@ def unseen_combinations(out_dir: Path, paths: Dict[str, Any], num: int) -> List[
     return [{**r, "key": f"unseen-{r['key']}"} for r in requests if trained[r["text"]] != r["style"]]
 
 
-def reward_scores(answers: Sequence[Answer], requests: Sequence[Dict[str, Any]], paths: Dict[str, Any],
-                  style_model: Path) -> Dict[str, List[float]]:
+def reward_scores(answers: Sequence[Answer], requests: Sequence[Dict[str, Any]],
+                  specs: Sequence[Dict[str, Any]]) -> Dict[str, List[float]]:
     """The training reward of each answer (components and the weighted total), as the runs computed it."""
-    from train.rl import speech_rewards as R
+    from train.rl.rewards import import_function
 
     by_key = {r["key"]: r for r in requests}
     samples = [RolloutSample(key=a.key, meta={"style": a.style, "text": by_key[a.key]["text"]},
                              prompt_ids=a.prompt_ids, answer_ids=a.answer_ids, finished=a.stopped,
                              audio_codes=a.audio_codes, text=a.text) for a in answers]
-    parts = {"style": R.style(samples, classifier=str(style_model), codes=paths["codes"]),
-             "words": R.intelligibility(samples, asr_model=str(paths["asr"]), codes=paths["codes"]),
-             "guard": R.audio_guard(samples, codes=paths["codes"])}
-    total = [sum(REWARD_WEIGHTS[k] * parts[k][i] for k in parts) if samples[i].finished else 0.0
+    parts = {spec["name"]: [float(v) for v in import_function(spec["function"])(samples, **spec["args"])]
+             for spec in specs}
+    weights = {spec["name"]: spec["weight"] for spec in specs}
+    total = [sum(weights[k] * parts[k][i] for k in parts) if samples[i].finished else 0.0
              for i in range(len(samples))]  # rl.truncated_reward: 0 for an answer that never ended
     return {**parts, "total": total}
 
 
 def evaluate(name: str, model_dir: Path, requests: Sequence[Dict[str, Any]], paths: Dict[str, Any],
-             style_model: Path, reference, tok, ids, args: argparse.Namespace, out: Path,
+             specs: Sequence[Dict[str, Any]], reference, tok, ids, args: argparse.Namespace, out: Path,
              best_of: int = 1) -> Dict[str, Any]:
     """The held-out figures of one model (best_of > 1: the best of that many sampled answers per request by
     the reward, from this model)."""
@@ -201,14 +215,14 @@ def evaluate(name: str, model_dir: Path, requests: Sequence[Dict[str, Any]], pat
     if best_of > 1:
         sampled = answer(model, tok, ids, requests, args.max_new_tokens, temperature=1.0, seed=args.sample_seed,
                          num_samples=best_of, batch_size=args.batch_size, keep_logprobs=True)
-        scored = reward_scores(sampled, requests, paths, style_model)
+        scored = reward_scores(sampled, requests, specs)
         best = [max(range(k, k + best_of), key=lambda i: scored["total"][i]) for k in range(0, len(sampled), best_of)]
         answers = [sampled[i] for i in best]
         rewards = {name: [values[i] for i in best] for name, values in scored.items()}  # not scored again
     else:
         answers = answer(model, tok, ids, requests, args.max_new_tokens, batch_size=args.batch_size,
                          keep_logprobs=True)
-        rewards = reward_scores(answers, requests, paths, style_model)
+        rewards = reward_scores(answers, requests, specs)
     del model
     measured = measure(answers, requests, paths["codes"], str(paths["asr"]), reference, batch_size=args.batch_size)
     summary = measured["summary"]
@@ -218,12 +232,31 @@ def evaluate(name: str, model_dir: Path, requests: Sequence[Dict[str, Any]], pat
                 if a.key.startswith("unseen-") == (group == "unseen")]
         if rows:
             summary[group] = summarize(rows)
+    if args.samples > 0 and best_of == 1:
+        summary["sampled"] = sampled_figures(model_dir, [r for r in requests if not r["key"].startswith("unseen-")],
+                                             paths, specs, tok, ids, args)
     wavs = write_wavs([a for a in answers if not a.key.startswith("unseen-")], str(out / "wavs" / name),
                       paths["codes"], limit=args.wavs)
     for i, row in enumerate(measured["answers"]):
         row.update({f"reward_{k}": round(v[i], 4) for k, v in rewards.items()})
     return {"model": str(model_dir), "best_of": best_of, "summary": summary, "answers": measured["answers"],
             "wavs": wavs}
+
+
+def sampled_figures(model_dir: Path, requests: Sequence[Dict[str, Any]], paths: Dict[str, Any],
+                    specs: Sequence[Dict[str, Any]], tok, ids, args: argparse.Namespace) -> Dict[str, Any]:
+    """The held-out figures of `args.samples` answers per request sampled at the runs' temperature (1): the
+    policy RL trained, where greedy decoding shows only its most likely answer. Same seed for every model."""
+    from model.checkpoint import load_stepfun
+
+    model = load_stepfun(model_dir).float().eval()
+    answers = answer(model, tok, ids, requests, args.max_new_tokens, temperature=1.0, seed=args.sample_seed + 1,
+                     num_samples=args.samples, batch_size=args.batch_size)
+    del model
+    rewards = reward_scores(answers, requests, specs)
+    summary = measure(answers, requests, paths["codes"], str(paths["asr"]), batch_size=args.batch_size)["summary"]
+    summary["reward"] = {k: round(sum(v) / len(v), 4) for k, v in rewards.items()}
+    return summary
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -237,8 +270,18 @@ _HEADLINE = [("slow/quick s per word", ("heldout", "slow_over_quick_s_per_word")
              ("KL/token to SFT", ("all", "kl_per_token"), ""),
              ("reward", ("reward", "total"), ""),
              ("  style", ("reward", "style"), ""),
+             ("  rate", ("reward", "rate"), ""),
              ("  words", ("reward", "words"), ""),
              ("  guard", ("reward", "guard"), ""),
+             ("sampled: slow/quick s per word", ("sampled", "slow_over_quick_s_per_word"), ""),
+             ("sampled: high/(slow,quick) F0", ("sampled", "high_over_slow_quick_f0"), ""),
+             ("sampled: stop rate", ("sampled", "all", "stop_rate"), ""),
+             ("sampled: word hit rate", ("sampled", "all", "word_hit_rate"), ""),
+             ("sampled: distinct codes share", ("sampled", "all", "distinct_codes_share"), ""),
+             ("sampled: reward", ("sampled", "reward", "total"), ""),
+             ("sampled:   style", ("sampled", "reward", "style"), ""),
+             ("sampled:   rate", ("sampled", "reward", "rate"), ""),
+             ("sampled:   words", ("sampled", "reward", "words"), ""),
              ("unseen: slow/quick", ("unseen", "slow_over_quick_s_per_word"), ""),
              ("unseen: high/(slow,quick)", ("unseen", "high_over_slow_quick_f0"), "")]
 
@@ -251,19 +294,25 @@ def _get(summary: Dict[str, Any], path: Sequence[str]) -> Any:
 
 
 def format_report(report: Dict[str, Any]) -> str:
-    """A markdown table: the headline figures of every model beside espeak's own answers and the goals."""
+    """A markdown table: the headline figures of every model beside espeak's own answers (raw, and through
+    the demo's codec when measured) and the goals."""
     models = report["models"]
     names = list(models)
-    espeak = report.get("espeak", {}).get("espeak", {})
+    refs = [(label, report.get("espeak", {}).get(key)) for label, key in
+            (("espeak", "espeak"), ("espeak via codes", "espeak_through_codes"))]
+    refs = [(label, summary) for label, summary in refs if summary is not None] or [("espeak", {})]
     fmt = lambda v: "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
-    lines = ["| measure | " + " | ".join(names) + " | espeak | goal |", "|---" * (len(names) + 3) + "|"]
+    lines = ["| measure | " + " | ".join(names + [label for label, _ in refs]) + " | goal |",
+             "|---" * (len(names) + len(refs) + 2) + "|"]
     for label, path, goal in _HEADLINE:
         cells = [_get(models[n]["summary"], path) for n in names]
         if all(c is None for c in cells):
             continue
         # espeak's summary is of the held-out requests only: its figures sit at the top level.
-        ref = _get(espeak, path[1:] if path[0] == "heldout" else path) if path[0] in ("heldout", "all") else None
-        lines.append(f"| {label} | " + " | ".join(fmt(c) for c in cells) + f" | {fmt(ref)} | {goal} |")
+        for _, espeak in refs:
+            cells.append(_get(espeak, path[1:] if path[0] == "heldout" else path)
+                         if path[0] in ("heldout", "all") else None)
+        lines.append(f"| {label} | " + " | ".join(fmt(c) for c in cells) + f" | {goal} |")
     return "\n".join(lines)
 
 
@@ -274,7 +323,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--out", default="runs/rlhf_demo")
     parser.add_argument("--runs", default="grpo,placebo,ppo,dpo", help="which runs (comma-separated)")
     parser.add_argument("--seeds", type=int, default=3, help="GRPO seeds")
-    parser.add_argument("--steps", type=int, default=30, help="GRPO (and placebo) steps")
+    parser.add_argument("--steps", type=int, default=40, help="GRPO (and placebo) steps")
     parser.add_argument("--ppo-steps", type=int, default=15)
     parser.add_argument("--dpo-steps", type=int, default=30)
     parser.add_argument("--pairs", type=int, default=120, help="preference pairs for DPO")
@@ -284,6 +333,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=12)
     parser.add_argument("--sample-seed", type=int, default=0)
+    parser.add_argument("--samples", type=int, default=2,
+                        help="answers per held-out request sampled at temperature 1 from each model (0: greedy only)")
+    parser.add_argument("--jobs", type=int, default=2, help="training runs at once (each one process)")
     parser.add_argument("--wavs", type=int, default=5)
     parser.add_argument("--style-voices", type=int, default=40, help="espeak voices the style classifier learns")
     parser.add_argument("--style-steps", type=int, default=400)
@@ -294,12 +346,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     check_demo(paths)
     out.mkdir(parents=True, exist_ok=True)
     style_model = fit_style(out, paths, args.style_voices, args.style_steps)
+    specs = reward_specs(paths, style_model)
     pairs = preference_pairs(out, paths, args.pairs) if "dpo" in args.runs.split(",") else None
     common = [f"model.init_from={paths['sft']}", f"data.tokenizer={paths['sft']}",
               f"data.shards=[{paths['prompts']}]", f"data.audio_tokenizer={paths['codes']}",
-              rewards_override(paths, style_model), *args.overrides]
-    exports = {name: train_run(name, overrides, out, common)
-               for name, overrides in planned_runs(args, pairs).items()}
+              rewards_override(specs), *args.overrides]
+    runs = planned_runs(args, pairs)
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:  # each thread waits on one training process
+        futures = {name: pool.submit(train_run, name, overrides, out, common) for name, overrides in runs.items()}
+        exports = {name: future.result() for name, future in futures.items()}
     t_train = time.time() - t0
 
     from data.text_tokenizer import load_tokenizer, special_ids
@@ -317,13 +372,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                                          if args.best_of > 1 else []) + [(n, e, 1) for n, e in exports.items()]
     for name, folder, best_of in plan:
         t = time.time()
-        models[name] = evaluate(name, Path(folder), requests, paths, style_model, reference, tok, ids, args, out,
+        models[name] = evaluate(name, Path(folder), requests, paths, specs, reference, tok, ids, args, out,
                                 best_of=best_of)
         print(f"[rlhf-demo] measured {name} in {time.time() - t:.0f} s", flush=True)
     report = {"models": models, "espeak": espeak_reference([r for r in requests if not r["key"].startswith("unseen-")],
-                                                           paths["codes"]),
+                                                           paths["codes"], str(paths["asr"])),
               "requests": [{k: r[k] for k in ("key", "text", "style")} for r in requests],
-              "settings": {**{k: v for k, v in vars(args).items()}, "recipe": RECIPE, "rewards": REWARD_WEIGHTS},
+              "settings": {**{k: v for k, v in vars(args).items()}, "recipe": RECIPE, "rewards": specs},
               "seconds": {"training": round(t_train, 1), "total": round(time.time() - t0, 1)}}
     atomic_write(out / "report.json", json.dumps(report, indent=1))
     table = format_report(report)

@@ -357,15 +357,17 @@ def espeak_answers(requests: Sequence[Dict[str, Any]], codes_spec: Optional[str]
     return out
 
 
-def espeak_reference(requests: Sequence[Dict[str, Any]], codes_spec: Optional[str] = None) -> Dict[str, Any]:
+def espeak_reference(requests: Sequence[Dict[str, Any]], codes_spec: Optional[str] = None,
+                     asr_model: Optional[str] = None) -> Dict[str, Any]:
     """summarize() of espeak's own answers, plus high_over_normal_f0 (against espeak's default delivery of
-    the same sentences, the issue's "normal"): raw, and through the codes when codes_spec is given."""
+    the same sentences, the issue's "normal"): raw, and through the codes when codes_spec is given. With
+    `asr_model` also what it hears of them (WER, word hit rate): the most a model's answers can score there."""
     unique = list({r["text"]: r for r in requests}.values())
     out = {}
     for name, spec in (("espeak", None), ("espeak_through_codes", codes_spec)):
         if name != "espeak" and spec is None:
             continue
-        summary = measure(espeak_answers(requests, spec), requests, spec)["summary"]
+        summary = measure(espeak_answers(requests, spec), requests, spec, asr_model)["summary"]
         normal = measure(espeak_answers(unique, spec, normal=True), unique, spec)["summary"]["all"]
         summary["normal_median_f0_hz"] = normal["median_f0_hz"]
         summary["high_over_normal_f0"] = _ratio(summary["styles"].get(HIGH, {}).get("median_f0_hz"),
@@ -461,7 +463,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     del model
     reference = load_stepfun(args.reference).float().to(args.device).eval() if args.reference else None
     measured = measure(answers, requests, args.codes, args.asr, reference, args.device, batch_size=args.batch_size)
-    report = {"model": measured["summary"], "espeak": espeak_reference(requests, args.codes),
+    report = {"model": measured["summary"], "espeak": espeak_reference(requests, args.codes, args.asr),
               "settings": {"model_dir": args.model, "codes": args.codes, "asr": args.asr, "reference": args.reference,
                            "sentences": args.sentences, "seed": args.seed, "max_new_tokens": args.max_new_tokens,
                            "temperature": args.temperature, "num_samples": args.num_samples,
