@@ -89,3 +89,19 @@ def test_held_out_answers_are_scored_with_the_runs_reward_specs():
     assert got["total"] == [1.5, 0.0, got["rate"][2]]
     # 25 codes for 3 words: 0.333 s a word; quick is at most 0.34 / 1.4 = 0.243, nothing from 1.5x that.
     assert got["rate"][1] == pytest.approx(1 - math.log(1 / 3 / (0.34 / 1.4)) / math.log(1.5))
+
+
+def test_parallel_runs_share_the_cores_unless_the_caller_chose(tmp_path, monkeypatch):
+    import sys
+
+    from train.rlhf_demo import _run
+    probe = [sys.executable, "-c", "import os; print('threads', os.environ.get('OMP_NUM_THREADS'))"]
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    _run(probe, tmp_path / "a.log", threads=3)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    _run(probe, tmp_path / "b.log", threads=3)
+    assert (tmp_path / "a.log").read_text().split() == ["threads", "3"]
+    assert (tmp_path / "b.log").read_text().split() == ["threads", "1"]
+    failing = [sys.executable, "-c", "import sys; print('bad key'); sys.exit(3)"]
+    with pytest.raises(SystemExit, match=r"(?s)step failed \(exit 3\).*bad key"):
+        _run(failing, tmp_path / "c.log")

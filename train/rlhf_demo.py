@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import subprocess
 import sys
@@ -85,13 +86,17 @@ def rewards_override(specs: Sequence[Dict[str, Any]]) -> str:
     return "rl.rewards=" + json.dumps(list(specs))
 
 
-def _run(cmd: List[str], log: Path) -> None:
-    """A step as its own process (its threads and memory end with it); its output goes to `log`."""
+def _run(cmd: List[str], log: Path, threads: Optional[int] = None) -> None:
+    """A step as its own process (its threads and memory end with it); its output goes to `log`. `threads`:
+    its OMP_NUM_THREADS, unless the caller's environment sets one."""
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     print(f"[rlhf-demo] {' '.join(cmd[1:])[:160]} ... (log: {log})", flush=True)
+    env = dict(os.environ)
+    if threads is not None:
+        env.setdefault("OMP_NUM_THREADS", str(threads))
     with open(log, "w", encoding="utf-8") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
         tail = log.read_text(encoding="utf-8", errors="replace")[-3000:]
         raise SystemExit(f"error: step failed (exit {proc.returncode}): {' '.join(cmd)}\n--- {log} (end)\n{tail}")
@@ -164,12 +169,12 @@ def planned_runs(args: argparse.Namespace, pairs: Optional[Path]) -> Dict[str, L
     return runs
 
 
-def train_run(name: str, overrides: List[str], out: Path, common: List[str]) -> Path:
+def train_run(name: str, overrides: List[str], out: Path, common: List[str], threads: Optional[int] = None) -> Path:
     run_dir = out / name
     export = run_dir / "export"
     if not (export / "config.json").is_file():
         _run([sys.executable, "-m", "train", RECIPE, f"run_dir={run_dir}", *common, *overrides],
-             out / "logs" / f"{name}.log")
+             out / "logs" / f"{name}.log", threads)
     return export
 
 
@@ -353,7 +358,9 @@ def main(argv: Optional[List[str]] = None) -> int:
               rewards_override(specs), *args.overrides]
     runs = planned_runs(args, pairs)
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:  # each thread waits on one training process
-        futures = {name: pool.submit(train_run, name, overrides, out, common) for name, overrides in runs.items()}
+        threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))  # the cores shared out, not oversubscribed
+        futures = {name: pool.submit(train_run, name, overrides, out, common, threads)
+                   for name, overrides in runs.items()}
         exports = {name: future.result() for name, future in futures.items()}
     t_train = time.time() - t0
 
