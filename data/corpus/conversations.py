@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from data.corpus.formats import Candidate, Corpus, Reject, _file_key, read_jsonl
 from data.tasks import TASKS
@@ -134,21 +134,27 @@ def _conversation(record: Any, base_dir: str) -> Tuple[dict, Dict[str, Tuple[str
     return meta, members
 
 
-def read_conversations(path: str) -> Corpus:
-    """A JSONL file of conversations; relative audio paths resolve against its folder."""
+def read_records(path: str, parse: Callable[[Dict[str, Any], str], Tuple[Dict[str, Any], Dict[str, Tuple[str, str]]]],
+                 kind: str, key_prefix: str) -> Corpus:
+    """A JSONL file whose records `parse(record, base_dir)` turns into (meta, audio members) or rejects with
+    _Bad; relative audio paths resolve against the file's folder. Rejects are named by line."""
     base_dir = os.path.dirname(os.path.abspath(path))
     lines, rejects = read_jsonl(path)
     candidates = []
     for line_no, record in lines:
         where = {"line": line_no}
         try:
-            meta, members = _conversation(record, base_dir)
+            meta, members = parse(record, base_dir)
         except _Bad as bad:
             rejects.append(Reject(line_no, where, bad.audio, str(bad), bad.kind))
             continue
         sources = [given for given, _ in members.values()]
-        candidates.append(Candidate(
-            line_no, where, _file_key(record, f"conv-{line_no:08d}"), meta, ", ".join(sources), "", members=members))
+        candidates.append(Candidate(line_no, where, _file_key(record, f"{key_prefix}-{line_no:08d}"), meta,
+                                    ", ".join(sources), "", members=members))
     rejects.sort(key=lambda r: r.order)
-    return Corpus("conversations", path, candidates, rejects, unit="line")
+    return Corpus(kind, path, candidates, rejects, unit="line")
 
+
+def read_conversations(path: str) -> Corpus:
+    """A JSONL file of conversations; relative audio paths resolve against its folder."""
+    return read_records(path, _conversation, "conversations", "conv")

@@ -13,8 +13,8 @@ import json
 import os
 from typing import Any, Dict, Tuple
 
-from data.corpus.conversations import _Bad, _turn
-from data.corpus.formats import Candidate, Corpus, Reject, _file_key, read_jsonl
+from data.corpus.conversations import _Bad, _turn, read_records
+from data.corpus.formats import Corpus
 from data.tasks.chat import parse_messages
 from data.tasks import ANSWERS
 from data.tasks.pieces import TemplateError
@@ -93,18 +93,4 @@ def _preference(record: Any, base_dir: str) -> Tuple[dict, Dict[str, Tuple[str, 
 
 def read_preferences(path: str) -> Corpus:
     """A JSONL file of preference pairs; relative audio paths resolve against its folder."""
-    base_dir = os.path.dirname(os.path.abspath(path))
-    lines, rejects = read_jsonl(path)
-    candidates = []
-    for line_no, record in lines:
-        where = {"line": line_no}
-        try:
-            meta, members = _preference(record, base_dir)
-        except _Bad as bad:
-            rejects.append(Reject(line_no, where, bad.audio, str(bad), bad.kind))
-            continue
-        sources = [given for given, _ in members.values()]
-        candidates.append(Candidate(
-            line_no, where, _file_key(record, f"pref-{line_no:08d}"), meta, ", ".join(sources), "", members=members))
-    rejects.sort(key=lambda r: r.order)
-    return Corpus("preferences", path, candidates, rejects, unit="line")
+    return read_records(path, _preference, "preferences", "pref")
