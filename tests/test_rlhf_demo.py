@@ -105,3 +105,29 @@ def test_parallel_runs_share_the_cores_unless_the_caller_chose(tmp_path, monkeyp
     failing = [sys.executable, "-c", "import sys; print('bad key'); sys.exit(3)"]
     with pytest.raises(SystemExit, match=r"(?s)step failed \(exit 3\).*bad key"):
         _run(failing, tmp_path / "c.log")
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_failed_run_stops_the_runs_not_yet_started(tmp_path, monkeypatch, jobs):
+    import threading
+    import time
+
+    import train.rlhf_demo as demo
+    started, lock = [], threading.Lock()
+
+    def fake_run(name, overrides, out, common, threads):
+        with lock:
+            started.append((name, threads))
+        if name == "b":
+            raise SystemExit(f"error: step failed: {name}")
+        time.sleep(0.2)  # a run takes a while: the failure is seen while the queue still waits
+        return out / name / "export"
+    monkeypatch.setattr(demo, "train_run", fake_run)
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 4)
+    assert demo.train_all({"a": [], "c": []}, tmp_path, [], jobs) == {"a": tmp_path / "a" / "export",
+                                                                       "c": tmp_path / "c" / "export"}
+    assert sorted(started) == [("a", 4 // jobs), ("c", 4 // jobs)]
+    started.clear()
+    with pytest.raises(SystemExit, match="step failed: b"):
+        demo.train_all({name: [] for name in "abcdef"}, tmp_path, [], jobs)
+    assert len(started) <= jobs + 2 and ("f", 4 // jobs) not in started  # the queue behind the failure never ran

@@ -36,7 +36,7 @@ import random
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -176,6 +176,23 @@ def train_run(name: str, overrides: List[str], out: Path, common: List[str], thr
         _run([sys.executable, "-m", "train", RECIPE, f"run_dir={run_dir}", *common, *overrides],
              out / "logs" / f"{name}.log", threads)
     return export
+
+
+def train_all(runs: Dict[str, List[str]], out: Path, common: List[str], jobs: int) -> Dict[str, Path]:
+    """Every run, `jobs` at a time, the cores shared out among them: {name: export}. The first failure stops
+    the runs not yet started and is raised (a run already going finishes; a rerun skips what is done)."""
+    threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:  # each thread waits on one training process
+        futures = {name: pool.submit(train_run, name, overrides, out, common, threads)
+                   for name, overrides in runs.items()}
+        try:
+            for future in as_completed(futures.values()):
+                future.result()
+        except BaseException:
+            for future in futures.values():
+                future.cancel()
+            raise
+    return {name: future.result() for name, future in futures.items()}
 
 
 # --------------------------------------------------------------------------------------------- measuring
@@ -356,12 +373,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     common = [f"model.init_from={paths['sft']}", f"data.tokenizer={paths['sft']}",
               f"data.shards=[{paths['prompts']}]", f"data.audio_tokenizer={paths['codes']}",
               rewards_override(specs), *args.overrides]
-    runs = planned_runs(args, pairs)
-    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:  # each thread waits on one training process
-        threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))  # the cores shared out, not oversubscribed
-        futures = {name: pool.submit(train_run, name, overrides, out, common, threads)
-                   for name, overrides in runs.items()}
-        exports = {name: future.result() for name, future in futures.items()}
+    exports = train_all(planned_runs(args, pairs), out, common, args.jobs)
     t_train = time.time() - t0
 
     from data.text_tokenizer import load_tokenizer, special_ids
