@@ -75,3 +75,16 @@ def test_perf_probe_on_cpu_trains_and_decodes_under_zero3(check_data, tmp_path):
     assert perf["ok"] and perf["row_tokens"] == 1024 and perf["layers"] == 1
     assert perf["tokens_per_s"] > 0 and perf["ms_per_generated_token_batch4"] > 0
     assert 0 < perf["loss"] < 20
+
+
+def test_rl_part_on_cpu(check_data, tmp_path):
+    """GRPO and PPO from a saved model through train.loop.run: the first update's ratio 1 and KL 0, finite
+    losses, exports."""
+    figures = gpu_check.check_rl(check_data, tmp_path, torch.device("cpu"), steps=3, preset="tiny")
+    assert set(figures) == {"grpo", "ppo"}
+    for kind in ("grpo", "ppo"):
+        assert figures[kind]["first_ratio"] == pytest.approx(1.0, abs=1e-6)
+        assert figures[kind]["first_kl"] == pytest.approx(0.0, abs=1e-6)
+        assert 0.0 <= min(figures[kind]["reward"]) and max(figures[kind]["reward"]) <= 1.0
+        assert figures[kind]["generation_tokens_per_s"] > 0
+        assert (tmp_path / "rl" / kind / "export" / "config.json").is_file()

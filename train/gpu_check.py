@@ -9,6 +9,10 @@ Parts, in order; the first failure stops the check (`--keep-going` runs the rest
                host-device syncs, by where they come from (this project's own code must cause none)
   train        `train.loop.run` in this process, three stages back to back (ASR with WER, TTS with
                code accuracy, translation with BLEU evaluation), GPU memory back to its baseline after each
+  rl           GRPO and PPO (`train.loop.run`, ZeRO-2) from a saved demo-size model on the ASR prompts with a
+               text reward: KV-cache rollouts on the device in the training dtype, the reference, the
+               critic; the first step's ratio 1 and KL 0, finite losses, an export, GPU memory back to its
+               baseline after each
   ranks        with 2+ GPUs: ZeRO-2 and ZeRO-3 on two ranks through `python -m launch` with packed batches,
                gradient checkpointing, evaluation at the start, checkpoint, SIGUSR1 to one rank (exit 75),
                resume, export
@@ -38,7 +42,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-PARTS = ("environment", "kernels", "syncs", "train", "ranks", "perf")
+PARTS = ("environment", "kernels", "syncs", "train", "rl", "ranks", "perf")
 # Dense bf16 peak of the GPUs MFU is reported against (vendor datasheets, SXM parts), TFLOP/s.
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
                     "B200": 2250.0}
@@ -359,7 +363,8 @@ def check_syncs(data: Path, out: Path, device: torch.device, stages=(0, 1, 2, 3)
             counts[site] = counts.get(site, 0) + 1
         ours = {k: v for k, v in counts.items() if k.startswith("ours")}
         ours_anywhere.update(ours)
-        figures[f"zero{stage}"] = {"syncs_per_step": len(sites), "in_forward": forward_syncs, "ours": sum(ours.values()),
+        figures[f"zero{stage}"] = {"syncs_per_step": len(sites), "in_forward": forward_syncs,
+                                   "ours": sum(ours.values()),
                                    "top_sites": dict(sorted(counts.items(), key=lambda kv: -kv[1])[:4])}
     require(not ours_anywhere, f"this project's code syncs with the host in a training step: {ours_anywhere}; "
                                f"all: {figures}")
@@ -409,6 +414,70 @@ def check_train(data: Path, out: Path, device: torch.device, steps: int = 20) ->
             torch.cuda.reset_peak_memory_stats()
             require(left <= 64 * 2**20, f"{name}: {left / 2**20:.0f} MiB of GPU memory still held after the run "
                                         "(the next stage would start with less)")
+    return figures
+
+
+# ---------------------------------------------------------------------------------------------------- rl
+
+def check_rl(data: Path, out: Path, device: torch.device, steps: int = 4, preset: str = "demo") -> Dict[str, Any]:
+    """GRPO, then PPO with its critic, in this process from one saved model: RL has its own device path
+    (batched KV-cache sampling with a device generator, the reference's and the critic's engines)."""
+    from data.text_tokenizer import load_tokenizer, special_ids
+    from model.checkpoint import save_stepfun
+    from model.config import padded_vocab_size, preset_config
+    from model.lalm import StepAudio2ForCausalLM
+    from train.loop import run
+
+    tok = load_tokenizer(str(data / "tokenizer"))
+    ids = special_ids(tok)
+    torch.manual_seed(0)
+    config = preset_config(preset, vocab_size=padded_vocab_size(len(tok)), audio_patch_token_id=ids.audio_patch)
+    base = out / "rl" / "base"
+    shutil.rmtree(base, ignore_errors=True)
+    save_stepfun(StepAudio2ForCausalLM(config).state_dict(), config, base, tokenizer=tok)
+    # The answer's text against the transcript (1 - tanh(3 x WER)): a random model's answers differ a little,
+    # which is all GRPO's group-normalised advantages need to give the policy a gradient.
+    reward = '[{name: words, function: "train.rl.rule_rewards:text_match", args: {field: text}}]'
+    kinds = {"grpo": {"rl.num_generations": 4, "data.batch_size": 2},
+             "ppo": {"rl.num_generations": 1, "data.batch_size": 4, "rl.critic_warmup_steps": 1}}
+    cuda = device.type == "cuda"
+    figures: Dict[str, Any] = {}
+    if cuda:
+        torch.cuda.synchronize()
+        baseline = torch.cuda.memory_allocated()
+    for kind, extra in kinds.items():
+        run_dir = out / "rl" / kind
+        shutil.rmtree(run_dir, ignore_errors=True)
+        cfg = _engine_config(data, run_dir, kind=kind, max_steps=steps, **extra, **{
+            "model.init_from": str(base), "data.datasets": "[]", "data.shards": f"[{data / 'asr' / 'train'}]",
+            "data.task": "asr", "data.batching": "fixed", "rl.max_new_tokens": 24, "rl.rewards": reward,
+            "rl.kl_coef": 0.05,
+            "engine.zero_stage": 2, "eval.shards": "[]", "checkpoint.every_steps": 0, "metrics.log_every": 1,
+            "optim.lr": "1e-4", "optim.warmup_steps": 0, **({} if cuda else {"engine.precision": "fp32"})})
+        t0 = time.perf_counter()
+        run(cfg)
+        logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        rows = [x for x in logged if "policy_loss" in x or "value_loss" in x]
+        require(len(rows) == steps, f"{kind}: {len(rows)} logged steps of {steps}")
+        first = next(x for x in rows if "ratio" in x)  # PPO's critic warm-up steps train no policy
+        # The rollout's log-probabilities and the first update's come from the same weights: the ratio is
+        # 1 and the KL to the reference 0, up to the dtype's reduction order.
+        tolerance = 1e-2 if cuda else 1e-5
+        require(abs(first["ratio"] - 1.0) <= tolerance and abs(first["kl"]) <= tolerance,
+                f"{kind}: first update's ratio {first['ratio']} and KL {first['kl']}: expected 1 and 0")
+        values = [v for x in rows for k, v in x.items() if k in ("policy_loss", "value_loss", "kl", "reward")]
+        require(all(v == v and abs(v) != float("inf") for v in values), f"{kind}: a loss or reward is not finite")
+        require((run_dir / "export" / "config.json").is_file(), f"{kind}: no export in {run_dir / 'export'}")
+        figures[kind] = {"seconds": round(time.perf_counter() - t0, 1), "first_ratio": first["ratio"],
+                         "first_kl": first["kl"], "reward": [round(rows[0]["reward"], 4), round(rows[-1]["reward"], 4)],
+                         "generation_tokens_per_s": round(rows[-1]["generation_tokens_per_s"], 1)}
+        if cuda:
+            torch.cuda.synchronize()
+            left = torch.cuda.memory_allocated() - baseline
+            figures[kind]["memory_left_mib"] = round(left / 2**20, 1)
+            figures[kind]["peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+            torch.cuda.reset_peak_memory_stats()
+            require(left <= 64 * 2**20, f"{kind}: {left / 2**20:.0f} MiB of GPU memory still held after the run")
     return figures
 
 
@@ -643,6 +712,7 @@ def main(argv: Optional[List[str]] = None) -> int:
              "kernels": lambda: check_kernels(data, device, dtype),
              "syncs": lambda: check_syncs(data, out, device),
              "train": lambda: check_train(data, out, device),
+             "rl": lambda: check_rl(data, out, device),
              "ranks": lambda: check_ranks(data, out, 2),
              "perf": lambda: check_perf(data, out, device, layers=args.perf_layers, preset=args.perf_preset,
                                         vocab_size=args.perf_vocab, row_tokens=args.perf_tokens)}
