@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -79,8 +80,15 @@ def test_perf_probe_on_cpu_trains_and_decodes_under_zero3(check_data, tmp_path):
 
 def test_rl_part_on_cpu(check_data, tmp_path):
     """GRPO and PPO from a saved model through train.loop.run: the first update's ratio 1 and KL 0, finite
-    losses, exports."""
-    figures = gpu_check.check_rl(check_data, tmp_path, torch.device("cpu"), steps=3, preset="tiny")
+    losses, exports. In a process of its own: the runs leave a one-rank process group and its environment."""
+    code = ("import json, sys, torch; from pathlib import Path; from train import gpu_check; "
+            "f = gpu_check.check_rl(Path(sys.argv[1]), Path(sys.argv[2]), torch.device('cpu'), steps=3, "
+            "preset='tiny'); print(json.dumps(f))")
+    env = {k: v for k, v in os.environ.items() if k not in gpu_check._GROUP_ENV}
+    proc = subprocess.run([sys.executable, "-c", code, str(check_data), str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600, env={**env, "WANDB_MODE": "offline"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    figures = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(figures) == {"grpo", "ppo"}
     for kind in ("grpo", "ppo"):
         assert figures[kind]["first_ratio"] == pytest.approx(1.0, abs=1e-6)
@@ -88,3 +96,21 @@ def test_rl_part_on_cpu(check_data, tmp_path):
         assert 0.0 <= min(figures[kind]["reward"]) and max(figures[kind]["reward"]) <= 1.0
         assert figures[kind]["generation_tokens_per_s"] > 0
         assert (tmp_path / "rl" / kind / "export" / "config.json").is_file()
+    assert "RANK" not in os.environ and "MASTER_PORT" not in os.environ  # this process is left as it was
+
+
+def test_ranks_part_does_not_hand_this_processs_group_to_its_launcher(tmp_path, monkeypatch):
+    # After the train and rl parts this process holds a one-rank group: RANK, WORLD_SIZE, MASTER_PORT, ...
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "43995", "SOME_USER_SETTING": "kept"}.items():
+        monkeypatch.setenv(key, value)
+    seen = {}
+
+    def launch(args, env, timeout_s):
+        seen.update(env)
+        raise gpu_check.CheckFailed("stop here")
+    monkeypatch.setattr(gpu_check, "_launch", launch)
+    with pytest.raises(gpu_check.CheckFailed, match="stop here"):
+        gpu_check.check_ranks(tmp_path / "data", tmp_path, 2)
+    assert not set(gpu_check._GROUP_ENV) & set(seen)
+    assert seen["SOME_USER_SETTING"] == "kept" and seen["OMP_NUM_THREADS"] == "1"

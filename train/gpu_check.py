@@ -483,6 +483,11 @@ def check_rl(data: Path, out: Path, device: torch.device, steps: int = 4, preset
 
 # ----------------------------------------------------------------------------------------------- ranks
 
+# What a run in this process (train, rl) leaves in os.environ for its one-rank group; a launcher's ranks must
+# not inherit it (the port is still this process's).
+_GROUP_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 def _launch(args: List[str], env: Dict[str, str], timeout_s: float) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "launch", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout_s)
@@ -503,7 +508,8 @@ def check_ranks(data: Path, out: Path, ranks: int, steps: int = 8, timeout_s: fl
     for stage in (2, 3):
         precision = "bf16" if torch.cuda.is_available() else "fp32"
         common = [f"engine.zero_stage={stage}", f"engine.precision={precision}", f"max_steps={steps}"]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+        env = {**{k: v for k, v in os.environ.items() if k not in _GROUP_ENV}, "OMP_NUM_THREADS": "1",
+               "WANDB_MODE": "offline"}
         whole, cut = out / f"zero{stage}_whole", out / f"zero{stage}_cut"
         for d in (whole, cut):
             shutil.rmtree(d, ignore_errors=True)
