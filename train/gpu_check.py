@@ -373,6 +373,19 @@ def check_syncs(data: Path, out: Path, device: torch.device, stages=(0, 1, 2, 3)
 
 # ----------------------------------------------------------------------------------------------- train
 
+def memory_after_run(name: str, baseline: int) -> Dict[str, float]:
+    """After an in-process run on the GPU: the memory it left above `baseline` (at most 64 MiB, or the next run
+    starts with less) and its peak; the peak counter is reset for the next run."""
+    torch.cuda.synchronize()
+    left = torch.cuda.memory_allocated() - baseline
+    figures = {"memory_left_mib": round(left / 2**20, 1),
+               "peak_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
+    torch.cuda.reset_peak_memory_stats()
+    require(left <= 64 * 2**20, f"{name}: {left / 2**20:.0f} MiB of GPU memory still held after the run "
+                                "(the next run would start with less)")
+    return figures
+
+
 def check_train(data: Path, out: Path, device: torch.device, steps: int = 20) -> Dict[str, Any]:
     """Three runs of train.loop.run back to back in this process, as a curriculum runs its stages."""
     from train.loop import run
@@ -407,13 +420,7 @@ def check_train(data: Path, out: Path, device: torch.device, steps: int = 20) ->
         figures[name]["loss"] = [round(losses[0], 3), round(losses[-1], 3)]
         require((run_dir / "export" / "config.json").is_file(), f"{name}: no export in {run_dir / 'export'}")
         if cuda:
-            torch.cuda.synchronize()
-            left = torch.cuda.memory_allocated() - baseline
-            figures[name]["memory_left_mib"] = round(left / 2**20, 1)
-            figures[name]["peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-            torch.cuda.reset_peak_memory_stats()
-            require(left <= 64 * 2**20, f"{name}: {left / 2**20:.0f} MiB of GPU memory still held after the run "
-                                        "(the next stage would start with less)")
+            figures[name].update(memory_after_run(name, baseline))
     return figures
 
 
@@ -472,12 +479,7 @@ def check_rl(data: Path, out: Path, device: torch.device, steps: int = 4, preset
                          "first_kl": first["kl"], "reward": [round(rows[0]["reward"], 4), round(rows[-1]["reward"], 4)],
                          "generation_tokens_per_s": round(rows[-1]["generation_tokens_per_s"], 1)}
         if cuda:
-            torch.cuda.synchronize()
-            left = torch.cuda.memory_allocated() - baseline
-            figures[kind]["memory_left_mib"] = round(left / 2**20, 1)
-            figures[kind]["peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-            torch.cuda.reset_peak_memory_stats()
-            require(left <= 64 * 2**20, f"{kind}: {left / 2**20:.0f} MiB of GPU memory still held after the run")
+            figures[kind].update(memory_after_run(kind, baseline))
     return figures
 
 

@@ -245,6 +245,10 @@ def evaluate(name: str, model_dir: Path, requests: Sequence[Dict[str, Any]], pat
         answers = answer(model, tok, ids, requests, args.max_new_tokens, batch_size=args.batch_size,
                          keep_logprobs=True)
         rewards = reward_scores(answers, requests, specs)
+    sampled = None
+    if args.samples > 0 and best_of == 1:
+        sampled = sampled_figures(model, [r for r in requests if not r["key"].startswith("unseen-")], paths,
+                                  specs, tok, ids, args)
     del model
     measured = measure(answers, requests, paths["codes"], str(paths["asr"]), reference, batch_size=args.batch_size)
     summary = measured["summary"]
@@ -254,9 +258,8 @@ def evaluate(name: str, model_dir: Path, requests: Sequence[Dict[str, Any]], pat
                 if a.key.startswith("unseen-") == (group == "unseen")]
         if rows:
             summary[group] = summarize(rows)
-    if args.samples > 0 and best_of == 1:
-        summary["sampled"] = sampled_figures(model_dir, [r for r in requests if not r["key"].startswith("unseen-")],
-                                             paths, specs, tok, ids, args)
+    if sampled is not None:
+        summary["sampled"] = sampled
     wavs = write_wavs([a for a in answers if not a.key.startswith("unseen-")], str(out / "wavs" / name),
                       paths["codes"], limit=args.wavs)
     for i, row in enumerate(measured["answers"]):
@@ -265,16 +268,12 @@ def evaluate(name: str, model_dir: Path, requests: Sequence[Dict[str, Any]], pat
             "wavs": wavs}
 
 
-def sampled_figures(model_dir: Path, requests: Sequence[Dict[str, Any]], paths: Dict[str, Any],
+def sampled_figures(model, requests: Sequence[Dict[str, Any]], paths: Dict[str, Any],
                     specs: Sequence[Dict[str, Any]], tok, ids, args: argparse.Namespace) -> Dict[str, Any]:
     """The held-out figures of `args.samples` answers per request sampled at the runs' temperature (1): the
     policy RL trained, where greedy decoding shows only its most likely answer. Same seed for every model."""
-    from model.checkpoint import load_stepfun
-
-    model = load_stepfun(model_dir).float().eval()
     answers = answer(model, tok, ids, requests, args.max_new_tokens, temperature=1.0, seed=args.sample_seed + 1,
                      num_samples=args.samples, batch_size=args.batch_size)
-    del model
     rewards = reward_scores(answers, requests, specs)
     summary = measure(answers, requests, paths["codes"], str(paths["asr"]), batch_size=args.batch_size)["summary"]
     summary["reward"] = {k: round(sum(v) / len(v), 4) for k, v in rewards.items()}
